@@ -1,0 +1,381 @@
+"""Torch twins of every unipruning kernel: the CPU fallback and the oracle of the fused kernels.
+
+Pure compute: tensors in, tensors out (or updated in place, trailing underscore). No nn.Module, no
+transformers, no autograd. The fused Triton kernels keep these signatures exactly.
+
+Maths (SPEC sections 3-5), for one prunable matrix W (out, in) and one calibration step:
+    n_j        = E_tokens[x_j^2]                        activation statistics of the step
+    S_ij       = |W_ij| * g_j                            magnitude (g = 1/mean), wanda (g = sqrt(n)/mean)
+    S_ij       = (|W_ij| * (ir_i + ic_j)) * g_j          ria / stochria (ir = 1/row sum, ic = 1/col sum,
+                                                         g = n^p / mean)
+    z         <- z + kappa * (S - max(z - t, 0))         mirror step, Gamma = max(z - t, 0) implicit
+    t         <- m-th smallest z, m = max(1, floor(lam * numel))
+
+Arithmetic contract, so that every backend agrees bit for bit: the small vectors (ir, ic, g) are
+computed once per step in float64 by `step_vectors` (shared code, every backend calls it) and cast to
+float32; the elementwise update uses only correctly rounded float32 operations in the order written in
+`mirror_update_` (no fused multiply-add: each product is rounded before it is added).
+
+Masks rank entries by a total order: z descending, then |W| descending, then flat index ascending
+(`rank_keys` packs the first two into one int64; ties on it go to the lower index).
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "MASK32",
+    "mix32",
+    "derive_key",
+    "keyed_permutation",
+    "keyed_permutation_inverse",
+    "stochastic_subset_sums",
+    "act_sqsum_",
+    "step_vectors",
+    "mirror_update_",
+    "kth_smallest",
+    "rank_keys",
+    "topk_mask",
+    "row_topk_mask",
+    "nm_mask",
+    "global_keep_counts",
+]
+
+MASK32 = 0xFFFFFFFF
+# Multipliers below 2**31, so that a 32-bit value times one of them fits in int64 without overflow and
+# torch (int64) and Triton (uint32, wrapping) compute the same low 32 bits.
+_M1 = 0x21F0AAAD
+_M2 = 0x735A2D97
+_GOLDEN = 0x9E3779B9
+_ROUNDS = 4
+
+METRICS = ("magnitude", "wanda", "ria", "stochria")
+RIA_EXPONENT = 0.25  # n_j ** (a / 2) with a = 0.5
+STOCHRIA_EXPONENT = 0.35
+STOCHRIA_BETA = 0.2
+SUM_FLOOR = 1e-12
+
+
+# --------------------------------------------------------------------------------------------------
+# Keyed permutation (stochria subsets)
+# --------------------------------------------------------------------------------------------------
+def mix32(x: torch.Tensor | int) -> torch.Tensor | int:
+    """A 32-bit integer hash (xorshift-multiply). Works on Python ints and int64 tensors alike."""
+    x = x ^ (x >> 16)
+    x = (x * _M1) & MASK32
+    x = x ^ (x >> 15)
+    x = (x * _M2) & MASK32
+    x = x ^ (x >> 15)
+    return x
+
+
+def derive_key(*parts: int) -> int:
+    """Fold a tuple of non-negative integers (seed, matrix id, step, axis...) into one 32-bit key."""
+    key = 0x6A09E667
+    for part in parts:
+        part = int(part)
+        if part < 0:
+            raise ValueError(f"key parts must be non-negative, got {part}")
+        while True:  # fold arbitrarily large ints 32 bits at a time
+            key = mix32(key ^ mix32((part & MASK32) ^ _GOLDEN))
+            part >>= 32
+            if part == 0:
+                break
+    return key
+
+
+def _domain_bits(n: int) -> int:
+    bits = max(2, (n - 1).bit_length())
+    return bits + (bits & 1)  # balanced Feistel halves
+
+
+def _round_keys(keys: torch.Tensor) -> list[torch.Tensor]:
+    return [mix32(keys ^ ((r * _GOLDEN) & MASK32)) for r in range(1, _ROUNDS + 1)]
+
+
+def _feistel(x: torch.Tensor, rkeys: list[torch.Tensor], half: int, inverse: bool) -> torch.Tensor:
+    hmask = (1 << half) - 1
+    left, right = x >> half, x & hmask
+    if not inverse:
+        for k in rkeys:
+            left, right = right, left ^ (mix32(right ^ k) & hmask)
+    else:
+        for k in reversed(rkeys):
+            left, right = right ^ (mix32(left ^ k) & hmask), left
+    return (left << half) | right
+
+
+def _cycle_walk(x: torch.Tensor, keys: torch.Tensor, n: int, inverse: bool) -> torch.Tensor:
+    half = _domain_bits(n) // 2
+    keys = keys.expand_as(x)
+    rkeys = _round_keys(keys)
+    y = _feistel(x, rkeys, half, inverse)
+    # Cycle walking: a value that leaves [0, n) is permuted again; the cycle through a start below n
+    # returns below n, so this ends, after fewer than 4 rounds on average (domain < 4n).
+    out = y >= n
+    while bool(out.any()):
+        idx = out.nonzero(as_tuple=True)
+        y[idx] = _feistel(y[idx], [k[idx] for k in rkeys], half, inverse)
+        out = y >= n
+    return y
+
+
+def keyed_permutation(x: torch.Tensor, keys: torch.Tensor, n: int) -> torch.Tensor:
+    """pi_key(x) for x in [0, n): a bijection of [0, n) per key. x, keys: int64, broadcastable."""
+    return _cycle_walk(x.to(torch.int64), keys.to(torch.int64), n, inverse=False)
+
+
+def keyed_permutation_inverse(y: torch.Tensor, keys: torch.Tensor, n: int) -> torch.Tensor:
+    """pi_key^-1(y): the inverse of `keyed_permutation` for the same key."""
+    return _cycle_walk(y.to(torch.int64), keys.to(torch.int64), n, inverse=True)
+
+
+def subset_keys(base: int, axis: int, count: int, device: torch.device) -> torch.Tensor:
+    """Per-row (axis 0) or per-column (axis 1) keys for the stochria subsets of one matrix and step."""
+    axis_key = derive_key(base, axis)
+    idx = torch.arange(count, dtype=torch.int64, device=device)
+    return mix32(mix32(idx ^ axis_key) ^ _GOLDEN)
+
+
+def stochastic_subset_sums(
+    weight_abs: torch.Tensor, base_key: int, tau: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column sums of |W| over the keyed subsets of exactly `tau` entries (float64).
+
+    Column j is in row i's subset iff pi_{key(i)}(j) < tau, i.e. the subset is pi^-1([0, tau)):
+    evaluating the inverse permutation on [0, tau) costs tau hashes per row instead of `in`.
+    """
+    rows, cols = weight_abs.shape
+    dev = weight_abs.device
+    t = torch.arange(tau, dtype=torch.int64, device=dev)
+    row_keys = subset_keys(base_key, 0, rows, dev)[:, None]  # (out, 1)
+    col_idx = keyed_permutation_inverse(t[None, :].expand(rows, tau).clone(), row_keys, cols)
+    row_sums = weight_abs.gather(1, col_idx).sum(dim=1, dtype=torch.float64)
+    col_keys = subset_keys(base_key, 1, cols, dev)[None, :]  # (1, in)
+    row_idx = keyed_permutation_inverse(t[:, None].expand(tau, cols).clone(), col_keys, rows)
+    col_sums = weight_abs.gather(0, row_idx).sum(dim=0, dtype=torch.float64)
+    return row_sums, col_sums
+
+
+def stochria_tau(rows: int, cols: int, beta: float = STOCHRIA_BETA) -> int:
+    return max(1, int(beta * min(rows, cols)))
+
+
+# --------------------------------------------------------------------------------------------------
+# Activation statistics and the per-step small vectors
+# --------------------------------------------------------------------------------------------------
+def act_sqsum_(sqsum: torch.Tensor, x: torch.Tensor) -> int:
+    """sqsum (in,) float64 += sum over tokens of x^2; x: (..., in). Returns the number of tokens.
+
+    float64 accumulation: x^2 of an fp16/bf16/fp32 value is exact in float64, so the sum carries
+    almost no rounding and backends that add in another order still agree after the cast to float32.
+    """
+    x2 = x.reshape(-1, x.shape[-1])
+    sqsum += x2.to(torch.float64).square().sum(dim=0)
+    return x2.shape[0]
+
+
+def step_vectors(
+    weight: torch.Tensor,
+    act_sqsum: torch.Tensor | None,
+    tokens: int,
+    metric: str,
+    base_key: int = 0,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+    """The small vectors of one step for one matrix, computed in float64 and returned in float32.
+
+    weight: (out, in); act_sqsum: (in,) sum of x^2 over the step's `tokens` tokens (unused by
+    magnitude). Returns (row_inv (out,) | None, col_inv (in,) | None, col_scale (in,)) such that
+    S = |W| * col_scale (magnitude, wanda) or S = (|W| * (row_inv + col_inv)) * col_scale (ria,
+    stochria), normalised to mean 1 (mean taken in float64 from the same vectors).
+    """
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
+    rows, cols = weight.shape
+    wabs = weight.abs()
+    col_abs = wabs.sum(dim=0, dtype=torch.float64)  # (in,)
+    if metric == "magnitude":
+        factor = torch.ones(cols, dtype=torch.float64, device=weight.device)
+    else:
+        if act_sqsum is None or tokens <= 0:
+            raise ValueError(f"metric {metric!r} needs activation statistics")
+        n = act_sqsum.to(torch.float64) / tokens
+        exponent = {"wanda": 0.5, "ria": RIA_EXPONENT, "stochria": STOCHRIA_EXPONENT}[metric]
+        factor = n.pow(exponent)
+    row_inv = col_inv = None
+    if metric in ("magnitude", "wanda"):
+        total = (factor * col_abs).sum()
+    else:
+        if metric == "ria":
+            row_sum, col_sum = wabs.sum(dim=1, dtype=torch.float64), col_abs
+        else:
+            row_sum, col_sum = stochastic_subset_sums(wabs, base_key, stochria_tau(rows, cols))
+        row_inv64 = 1.0 / row_sum.clamp_min(SUM_FLOOR)
+        col_inv64 = 1.0 / col_sum.clamp_min(SUM_FLOOR)
+        # sum_ij |W_ij| (ir_i + ic_j) f_j = sum_j f_j ic_j colabs_j + ir . (|W| f)
+        weighted_rows = (wabs.to(torch.float64) @ factor)  # (out,)
+        total = (factor * col_inv64 * col_abs).sum() + (row_inv64 * weighted_rows).sum()
+        row_inv, col_inv = row_inv64.to(torch.float32), col_inv64.to(torch.float32)
+    mean = float(total) / (rows * cols)
+    col_scale = (factor / mean if mean > 0 else torch.zeros_like(factor)).to(torch.float32)
+    return row_inv, col_inv, col_scale
+
+
+# --------------------------------------------------------------------------------------------------
+# The fused mirror step (elementwise)
+# --------------------------------------------------------------------------------------------------
+def local_score(
+    weight: torch.Tensor,
+    row_inv: torch.Tensor | None,
+    col_inv: torch.Tensor | None,
+    col_scale: torch.Tensor,
+) -> torch.Tensor:
+    """S (out, in) float32 from the step vectors, in the fixed float32 operation order."""
+    a = weight.abs().to(torch.float32)
+    if row_inv is None:
+        return a * col_scale[None, :]
+    inv = row_inv[:, None] + col_inv[None, :]  # one rounded add
+    return (a * inv) * col_scale[None, :]
+
+
+def mirror_update_(
+    z: torch.Tensor,
+    weight: torch.Tensor,
+    row_inv: torch.Tensor | None,
+    col_inv: torch.Tensor | None,
+    col_scale: torch.Tensor,
+    kappa: float,
+    threshold: float,
+) -> None:
+    """z (out, in) float32 in place: z <- z + kappa * (S - max(z - threshold, 0)).
+
+    Every operation is a separately rounded float32 op (z + (kappa * (S - gamma))): the Triton kernel
+    is launched without fp fusion so that it rounds identically.
+    """
+    s = local_score(weight, row_inv, col_inv, col_scale)
+    gamma = (z - torch.tensor(threshold, dtype=torch.float32, device=z.device)).clamp_min_(0.0)
+    s.sub_(gamma).mul_(torch.tensor(kappa, dtype=torch.float32, device=z.device))
+    z.add_(s)
+
+
+# --------------------------------------------------------------------------------------------------
+# Exact selection and masks
+# --------------------------------------------------------------------------------------------------
+def kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The exact k-th smallest (1-based) entry of `values` (any shape), as a 0-d tensor."""
+    flat = values.reshape(-1)
+    if not 1 <= k <= flat.numel():
+        raise ValueError(f"k must be in [1, {flat.numel()}], got {k}")
+    return flat.kthvalue(k).values
+
+
+def rank_keys(z: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """int64 keys, same shape as z, ordering entries by (z, |W|): larger key = more salient.
+
+    z's float32 bits are mapped to a signed int order-preserving transform (total on -0/+0), |W|'s
+    float32 bits (non-negative) fill the low 31 bits.
+    """
+    zb = z.to(torch.float32).contiguous().view(torch.int32).to(torch.int64)
+    zkey = zb ^ ((zb >> 31) & 0x7FFFFFFF)
+    wkey = weight.abs().to(torch.float32).contiguous().view(torch.int32).to(torch.int64)
+    return zkey * (1 << 31) + wkey
+
+
+def _keep_top(keys: torch.Tensor, k: int, dim: int) -> torch.Tensor:
+    n = keys.shape[dim]
+    if k <= 0:
+        return torch.zeros_like(keys, dtype=torch.bool)
+    if k >= n:
+        return torch.ones_like(keys, dtype=torch.bool)
+    kth = keys.kthvalue(n - k + 1, dim=dim, keepdim=True).values
+    above = keys > kth
+    need = k - above.sum(dim=dim, keepdim=True)
+    tie = keys == kth
+    # ties at the boundary go to the lowest indices, so the count is exact and the order total
+    return above | (tie & (tie.cumsum(dim=dim) <= need))
+
+
+def topk_mask(keys: torch.Tensor, k: int) -> torch.Tensor:
+    """bool mask (same shape) keeping the k largest keys of the whole tensor, ties to lower index."""
+    return _keep_top(keys.reshape(-1), k, 0).reshape(keys.shape)
+
+
+def row_topk_mask(keys: torch.Tensor, k: int) -> torch.Tensor:
+    """keys: (out, in). Keep the k largest of every row, ties to lower column index."""
+    return _keep_top(keys, k, 1)
+
+
+def nm_mask(keys: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """keys: (out, in), in % m == 0. Keep the n largest of every m consecutive entries of a row."""
+    rows, cols = keys.shape
+    if not 0 < n < m or cols % m:
+        raise ValueError(f"need 0 < n < m and in_features % m == 0, got n={n}, m={m}, in={cols}")
+    groups = keys.reshape(rows, cols // m, m)
+    # a stable descending sort leaves equal keys in index order: ties go to the lower index
+    order = groups.sort(dim=-1, descending=True, stable=True).indices[..., :n]
+    keep = torch.zeros_like(groups, dtype=torch.bool)
+    keep.scatter_(-1, order, True)
+    return keep.reshape(rows, cols)
+
+
+_KEY_OFFSET = 1 << 62  # rank keys lie in [-2^62, 2^62): shift them to [0, 2^63)
+_KEY_BITS = 63
+_RADIX = 8
+
+
+def global_keep_counts(
+    keys: list[torch.Tensor], total_keep: int, lower: list[int], upper: list[int]
+) -> list[int]:
+    """Per-matrix kept counts for one global threshold with per-matrix bounds (water-filling).
+
+    keys: rank keys of each matrix, in the tie-break order of matrices (name order). Matrix i keeps
+    clamp(#entries above the global cut, lower[i], upper[i]); the cut runs through the total order
+    (key desc, matrix order, index asc) so that the counts sum to exactly `total_keep`. Found by radix
+    select on the key bits (8 bits a pass, per-matrix histograms): no sort, no concatenation.
+    """
+    lo = torch.tensor(lower, dtype=torch.int64)
+    hi = torch.tensor(upper, dtype=torch.int64)
+    if bool((lo > hi).any()) or not int(lo.sum()) <= total_keep <= int(hi.sum()):
+        raise ValueError(
+            f"infeasible bounds: the kept total {total_keep} must lie in [{int(lo.sum())}, {int(hi.sum())}]"
+        )
+    if total_keep == int(lo.sum()):
+        return [int(v) for v in lo]
+    if total_keep == int(hi.sum()):
+        return [int(v) for v in hi]
+
+    def clamped_total(counts: torch.Tensor) -> torch.Tensor:  # counts: (..., matrices)
+        return torch.minimum(torch.maximum(counts, lo), hi).sum(dim=-1)
+
+    shifted = [k.reshape(-1) + _KEY_OFFSET for k in keys]
+    above = torch.zeros(len(keys), dtype=torch.int64)  # entries strictly above the current prefix
+    prefix = 0
+    shift = _KEY_BITS
+    while shift > 0:
+        width = min(_RADIX, shift)
+        shift -= width
+        nbuckets = 1 << width
+        hist = torch.zeros(len(keys), nbuckets, dtype=torch.int64)
+        for i, u in enumerate(shifted):
+            high = u >> (shift + width)
+            inside = u[high == prefix] if shift + width < _KEY_BITS else u
+            hist[i] = torch.bincount(((inside >> shift) & (nbuckets - 1)).cpu(), minlength=nbuckets)
+        # counts above bucket b (exclusive) and from b (inclusive), for every b at once
+        from_b = above[:, None] + hist.flip(1).cumsum(1).flip(1)  # (matrices, buckets)
+        above_b = from_b - hist
+        reach = clamped_total(from_b.T) >= total_keep  # (buckets,) monotone: true for low buckets
+        bucket = int(reach.nonzero().max())
+        above = above_b[:, bucket]
+        prefix = (prefix << width) | bucket
+    ties = from_b[:, bucket] - above_b[:, bucket]
+    counts = torch.minimum(torch.maximum(above, lo), hi)
+    remaining = total_keep - int(counts.sum())
+    for i in range(len(keys)):  # walk the tied entries in matrix order, then index order
+        if remaining == 0:
+            break
+        grown = int(min(max(int(above[i] + ties[i]), lower[i]), upper[i]))
+        take = min(remaining, grown - int(counts[i]))
+        counts[i] += take
+        remaining -= take
+    return [int(v) for v in counts]

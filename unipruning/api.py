@@ -1,0 +1,251 @@
+"""The three jobs, in memory and on checkpoint directories: prune, mask, (eval lives in evaluate.py).
+
+In memory: `prune(model, calibration_batches, config)` -> PruneResult(saliency, masks, report); the
+model is not modified (`apply_masks` does that). On directories: `prune_checkpoint` and
+`mask_checkpoint` write a pruned checkpoint through the same `export_checkpoint`, so `mask` from a
+saved saliency is bit-identical to `prune` with the same settings.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from . import backends
+from .config import MaskSpec, PruneConfig
+from .data import calibration_windows, windows_hash
+from .errors import UsageError
+from .export import (
+    check_out,
+    copy_side_files,
+    count_parameters,
+    git_hash,
+    peak_memory,
+    read_tensors,
+    staged_directory,
+    summarize,
+    tensor_shapes,
+    versions,
+    write_json,
+    write_pruned_weights,
+)
+from .masks import global_counts, iter_masks, matrix_mask, nm_valid  # noqa: F401
+from .models import (
+    check_nm_divisible,
+    fingerprint,
+    load_config,
+    load_model,
+    prunable_names,
+    resolve_device,
+    resolve_dtype,
+)
+from .saliency import Saliency, calibrate
+
+log = logging.getLogger("unipruning")
+
+REPORT = "pruning_report.json"
+SALIENCY_DIR = "saliency"
+
+
+@dataclass
+class PruneResult:
+    saliency: Saliency
+    masks: dict[str, torch.Tensor]
+    report: dict
+
+
+def _as_windows(calibration_batches: torch.Tensor | Iterable[torch.Tensor]) -> torch.Tensor:
+    if isinstance(calibration_batches, torch.Tensor):
+        windows = calibration_batches
+    else:
+        windows = torch.cat([torch.as_tensor(b).reshape(-1, torch.as_tensor(b).shape[-1]) for b in calibration_batches])
+    if windows.dim() != 2 or windows.dtype not in (torch.int32, torch.int64):
+        raise UsageError("calibration_batches: expected token ids of shape (nsamples, seqlen)")
+    return windows.to(torch.int64)
+
+
+def prune(
+    model: nn.Module,
+    calibration_batches: torch.Tensor | Iterable[torch.Tensor],
+    config: PruneConfig | None = None,
+) -> PruneResult:
+    """Learn the saliency of `model` on token windows and cut the masks of `config.mask`.
+
+    calibration_batches: (nsamples, seqlen) token ids, or an iterable of (B, seqlen) tensors (joined,
+    then split into steps of `config.batch_size` windows). The model's weights are left untouched.
+    """
+    config = config or PruneConfig()
+    backends.resolve(None if config.backend == "auto" else config.backend)
+    windows = _as_windows(calibration_batches)
+    names = prunable_names(model.config)
+    params = dict(model.named_parameters())
+    if config.mask.nm is not None:
+        check_nm_divisible({n: tuple(params[n].shape) for n in names}, config.mask.nm[1])
+    start = time.perf_counter()
+    saliency, per_block = calibrate(model, windows, config, resolve_device(config.device))
+    weights = {n: params[n].detach() for n in names}
+    masks = saliency.masks(weights, config.mask)
+    matrices = {}
+    for name, keep in masks.items():
+        kept = int(keep.sum())
+        matrices[name] = {
+            "shape": list(keep.shape),
+            "numel": keep.numel(),
+            "kept": kept,
+            "sparsity": 1 - kept / keep.numel(),
+            "nm_valid": nm_valid(keep, *config.mask.nm) if config.mask.nm else None,
+        }
+    dense = sum(p.numel() for p in model.parameters())
+    report = {
+        "settings": config.to_dict(),
+        "matrices": matrices,
+        "total": summarize(matrices, dense),
+        "blocks": per_block,
+        "wall_seconds": time.perf_counter() - start,
+        "calibration": {"windows_sha256": windows_hash(windows), "shape": list(windows.shape)},
+    }
+    return PruneResult(saliency=saliency, masks=masks, report=report)
+
+
+# ------------------------------------------------------------------------------ checkpoint jobs
+def sparsity_config(spec: MaskSpec, names: list[str]) -> dict:
+    """The `sparsity_config` entry of the pruned config.json."""
+    return {
+        "format": "dense",
+        "method": "unipruning",
+        "pattern": spec.pattern,
+        "sparsity_structure": spec.pattern,
+        "sparsity": spec.sparsity,
+        "allocation": spec.allocation,
+        "targets": names,
+        "ignore": ["lm_head", "embed_tokens", "norm"],
+    }
+
+
+def export_checkpoint(
+    model_dir: str,
+    staging: str,
+    saliency: Saliency,
+    spec: MaskSpec,
+    backend: str | None,
+    report: dict,
+) -> dict:
+    """Write weights (masked), side files, saliency and report into `staging`; return the report."""
+    names = list(saliency.z)
+    weights_needed = spec.allocation == "global"
+    counts = {}
+    if weights_needed:
+        counts = global_counts(saliency, read_tensors(model_dir, names), spec, backend)
+
+    def keep_mask(name: str, weight: torch.Tensor) -> torch.Tensor:
+        return matrix_mask(saliency.z[name], weight, spec, counts.get(name), backend)
+
+    matrices = write_pruned_weights(model_dir, staging, keep_mask, names, spec.nm)
+    copy_side_files(model_dir, staging, sparsity_config(spec, names))
+    saliency.save(os.path.join(staging, SALIENCY_DIR))
+    report = {
+        **report,
+        "mask": {"sparsity": spec.sparsity, "pattern": spec.pattern, "allocation": spec.allocation,
+                 "bounds": list(spec.bounds)},
+        "matrices": matrices,
+        "total": summarize(matrices, count_parameters(model_dir)),
+        "peak_memory": peak_memory(),
+        "versions": versions(),
+        "git_hash": git_hash(),
+    }
+    write_json(os.path.join(staging, REPORT), report)
+    return report
+
+
+def _checked_model_dir(model_dir: str, spec: MaskSpec):
+    config = load_config(model_dir)
+    names = prunable_names(config)
+    shapes = tensor_shapes(model_dir, names)
+    if spec.nm is not None:
+        check_nm_divisible(shapes, spec.nm[1])
+    return config, names, shapes
+
+
+def prune_checkpoint(
+    model_dir: str,
+    out: str,
+    config: PruneConfig,
+    calib: str,
+    nsamples: int = 128,
+    seqlen: int = 2048,
+    overwrite: bool = False,
+    tokenizer_dir: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict:
+    """`unipruning prune`: calibrate on `calib`, write the pruned checkpoint, saliency and report."""
+    start = time.perf_counter()
+    model_cfg, _, _ = _checked_model_dir(model_dir, config.mask)
+    check_out(out, overwrite, {"--model": model_dir})
+    if nsamples < 1 or nsamples % config.batch_size:
+        raise UsageError(f"--batch-size {config.batch_size} must divide --nsamples {nsamples}")
+    backend = backends.resolve(None if config.backend == "auto" else config.backend)
+    device = resolve_device(config.device)
+    tokenizer = load_tokenizer(tokenizer_dir or model_dir)
+    windows = calibration_windows(tokenizer, calib, nsamples, seqlen, config.seed)
+    model = load_model(model_dir, resolve_dtype(config.dtype, model_cfg, device))
+    saliency, per_block = calibrate(model, windows, config, device, progress)
+    del model
+    report = {
+        "command": "prune",
+        "model": os.path.abspath(model_dir),
+        "settings": {**config.to_dict(), "backend_used": backend, "device_used": str(device)},
+        "calibration": {"source": calib, "nsamples": nsamples, "seqlen": seqlen,
+                        "windows_sha256": windows_hash(windows)},
+        "blocks": per_block,
+    }
+    with staged_directory(out) as staging:
+        report["calibration_seconds"] = time.perf_counter() - start
+        report = export_checkpoint(model_dir, staging, saliency, config.mask, backend, report)
+        report["wall_seconds"] = time.perf_counter() - start
+        write_json(os.path.join(staging, REPORT), report)
+    return report
+
+
+def mask_checkpoint(
+    model_dir: str, saliency_dir: str, out: str, spec: MaskSpec, overwrite: bool = False,
+    backend: str = "auto",
+) -> dict:
+    """`unipruning mask`: new masks from a saved saliency, no calibration."""
+    start = time.perf_counter()
+    config, names, shapes = _checked_model_dir(model_dir, spec)
+    check_out(out, overwrite, {"--model": model_dir, "--saliency": saliency_dir})
+    used = backends.resolve(None if backend == "auto" else backend)
+    saliency = Saliency.load(saliency_dir, expect_fingerprint=fingerprint(config, shapes))
+    if set(saliency.z) != set(names):
+        raise UsageError("--saliency: its matrices do not match the model's prunable matrices")
+    report = {
+        "command": "mask",
+        "model": os.path.abspath(model_dir),
+        "saliency": os.path.abspath(saliency_dir),
+        "settings": {**saliency.metadata, "backend_used": used},
+    }
+    with staged_directory(out) as staging:
+        report = export_checkpoint(model_dir, staging, saliency, spec, used, report)
+        report["wall_seconds"] = time.perf_counter() - start
+        write_json(os.path.join(staging, REPORT), report)
+    return report
+
+
+def load_tokenizer(directory: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(directory)
+    except Exception as exc:  # noqa: BLE001 - missing or unreadable tokenizer files
+        raise UsageError(
+            f"no usable tokenizer in {directory!r} (pass --tokenizer DIR): {str(exc).splitlines()[0][:200]}"
+        ) from exc
+
+
+__all__ = ["PruneResult", "prune", "prune_checkpoint", "mask_checkpoint", "iter_masks"]

@@ -1,0 +1,209 @@
+"""`unipruning prune | mask | eval | demo`: argument parsing and printing only; the work is in api.py.
+
+Bad input is one line on stderr and exit code 2, never a traceback (UsageError, and argparse's own
+errors, which are reduced to their message).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from .config import ALLOCATIONS, BACKENDS, DEVICES, DTYPES, MaskSpec, PruneConfig
+from .errors import UsageError
+from .kernels.reference import METRICS
+
+log = logging.getLogger("unipruning")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2 (argparse would print the usage block first)
+        raise UsageError(message)
+
+
+def _fraction(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def _mask_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sparsity", type=_fraction, default=None,
+                   help="fraction of weights removed, in (0, 1) (default 0.5; implied by an N:M pattern)")
+    p.add_argument("--pattern", default="unstructured", help="unstructured, or N:M (keep N of every M), e.g. 2:4")
+    p.add_argument("--allocation", choices=ALLOCATIONS, default="layer",
+                   help="budget per matrix (layer), per output row (row) or one global threshold (global)")
+    p.add_argument("--bounds", nargs=2, type=_fraction, metavar=("S_MIN", "S_MAX"), default=(0.0, 0.99),
+                   help="per-matrix sparsity bounds of --allocation global (default 0 0.99)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="unipruning", description="UniPruning: mirror-descent saliency, masks for any sparsity.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("prune", help="calibrate, learn the saliency, write a pruned checkpoint")
+    p.add_argument("--model", required=True, help="Hugging Face model directory (safetensors)")
+    p.add_argument("--out", required=True, help="output directory (pruned checkpoint + saliency/ + report)")
+    _mask_arguments(p)
+    p.add_argument("--metric", choices=METRICS, default="stochria")
+    p.add_argument("--calib", default="c4", help="c4, wikitext2, or a .txt / directory of .txt / .jsonl PATH")
+    p.add_argument("--nsamples", type=int, default=128, help="calibration windows")
+    p.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window")
+    p.add_argument("--batch-size", type=int, default=1, help="windows per mirror step")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--kappa", type=float, default=0.01, help="mirror step size")
+    p.add_argument("--lam", type=float, default=0.001, help="fraction of entries below the threshold t")
+    p.add_argument("--device", choices=DEVICES, default="auto")
+    p.add_argument("--dtype", choices=DTYPES, default="auto",
+                   help="compute dtype (auto: the checkpoint's on a GPU, float32 on a CPU)")
+    p.add_argument("--backend", choices=BACKENDS, default="auto")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: --model)")
+
+    p = sub.add_parser("mask", help="cut new masks from a saved saliency (no calibration)")
+    p.add_argument("--model", required=True, help="the dense model the saliency was computed on")
+    p.add_argument("--saliency", required=True, help="a saliency/ directory written by prune")
+    p.add_argument("--out", required=True)
+    _mask_arguments(p)
+    p.add_argument("--backend", choices=BACKENDS, default="auto")
+
+    p = sub.add_parser("eval", help="perplexity of a checkpoint")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", default="wikitext2", help="wikitext2, c4, or a .txt / directory / .jsonl PATH")
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    p.add_argument("--device", choices=DEVICES, default="auto")
+    p.add_argument("--dtype", choices=DTYPES, default="auto")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: --model)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    p = sub.add_parser("demo", help="train a small Llama on shipped Shakespeare, prune it, compare perplexity")
+    p.add_argument("--out", default=None, help="keep the pruned checkpoints here (default: temporary)")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--device", choices=DEVICES, default="auto")
+    return parser
+
+
+def _mask_spec(args) -> MaskSpec:
+    return MaskSpec(sparsity=args.sparsity, pattern=args.pattern, allocation=args.allocation,
+                    bounds=tuple(args.bounds))
+
+
+def print_block_table(report: dict) -> None:
+    """Per-block summary: matrices, kept fraction and calibration time."""
+    names = list(report["matrices"])
+    by_block: dict[int, list[dict]] = {}
+    for name in names:
+        parts = name.split(".")
+        block = int(next(p for p in parts if p.isdigit()))
+        by_block.setdefault(block, []).append(report["matrices"][name])
+    seconds = {b["block"]: b["seconds"] for b in report.get("blocks", [])}
+    print(f"{'block':>5} {'matrices':>8} {'params':>12} {'sparsity':>9} {'calib s':>8}")
+    for block, mats in sorted(by_block.items()):
+        numel = sum(m["numel"] for m in mats)
+        kept = sum(m["kept"] for m in mats)
+        print(f"{block:>5} {len(mats):>8} {numel:>12,} {1 - kept / numel:>9.4f} {seconds.get(block, 0.0):>8.2f}")
+
+
+def print_summary(report: dict) -> None:
+    total = report["total"]
+    line = (f"sparsity {total['sparsity']:.4f} of {total['prunable_params']:,} prunable weights "
+            f"({report['mask']['pattern']}, allocation {report['mask']['allocation']}); "
+            f"parameters {total['dense_params']:,} dense -> {total['pruned_params']:,} non-pruned")
+    if total["nm_valid"] is not None:
+        line += f"; N:M valid: {total['nm_valid']}"
+    print(line)
+    print(f"wall time {report['wall_seconds']:.1f} s, peak RSS "
+          f"{report['peak_memory']['cpu_max_rss_bytes'] / 2**30:.2f} GiB")
+
+
+def _progress_bar():
+    from tqdm.auto import tqdm
+
+    bar = None
+
+    def update(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, desc="calibrating blocks", unit="block", file=sys.stderr)
+        bar.update(1)
+        if done == total:
+            bar.close()
+
+    return update
+
+
+def run(args) -> int:
+    from . import api
+
+    if args.command == "prune":
+        config = PruneConfig(
+            mask=_mask_spec(args), metric=args.metric, kappa=args.kappa, lam=args.lam,
+            batch_size=args.batch_size, seed=args.seed, device=args.device, dtype=args.dtype,
+            backend=args.backend,
+        )
+        report = api.prune_checkpoint(args.model, args.out, config, args.calib, args.nsamples, args.seqlen,
+                                      args.overwrite, args.tokenizer, progress=_progress_bar())
+        print_block_table(report)
+        print_summary(report)
+        print(f"wrote {args.out} (report: {args.out}/{api.REPORT}, saliency: {args.out}/{api.SALIENCY_DIR})")
+    elif args.command == "mask":
+        report = api.mask_checkpoint(args.model, args.saliency, args.out, _mask_spec(args), args.overwrite,
+                                     args.backend)
+        print_summary(report)
+        print(f"wrote {args.out}")
+    elif args.command == "eval":
+        from .evaluate import evaluate_checkpoint
+
+        result = evaluate_checkpoint(args.model, args.data, args.seqlen, args.device, args.dtype,
+                                     args.tokenizer, args.batch_size)
+        if args.json:
+            print(json.dumps(result))
+        else:
+            print(f"perplexity {result['perplexity']:.4f} on {result['data']} "
+                  f"(seqlen {result['seqlen']}, {result['windows']} windows, {result['tokens']} tokens)")
+    elif args.command == "demo":
+        from .demo import run_demo
+
+        run_demo(args.out, args.overwrite, args.device)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as exc:
+        print(f"unipruning: error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="unipruning: %(message)s", stream=sys.stderr)
+    _quiet_libraries()
+    try:
+        return run(args)
+    except UsageError as exc:
+        print(f"unipruning {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("unipruning: interrupted", file=sys.stderr)
+        return 130
+
+
+def _quiet_libraries() -> None:
+    import os
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,228 @@
+"""Outputs (SPEC section 7): the pruned checkpoint, the saliency directory, the report; all atomic.
+
+The checkpoint is written from the SOURCE safetensors shard by shard: every tensor is copied as it is
+(same names, dtype, shards and index) except the prunable matrices, which get +0.0 at the dropped
+entries. So non-prunable tensors are bit-identical and tied embeddings stay tied (the source stores
+them once). Outputs are staged in a hidden temporary directory next to --out and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable, Iterator
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .errors import UsageError
+from .masks import masked, nm_valid
+
+SAFE_SINGLE = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+_WEIGHT_INDEXES = (SAFE_INDEX, "pytorch_model.bin.index.json")
+
+
+# ------------------------------------------------------------------------------------ directories
+def _inside(path: str, parent: str) -> bool:
+    return path == parent or path.startswith(parent.rstrip(os.sep) + os.sep)
+
+
+def check_out(out: str, overwrite: bool, sources: dict[str, str]) -> None:
+    """Refuse an --out that would lose or clobber data: non-empty without --overwrite, a file, or
+    equal to / inside / containing one of the inputs ({option: path})."""
+    out_real = os.path.realpath(out)
+    for option, path in sources.items():
+        src = os.path.realpath(path)
+        if _inside(out_real, src):
+            raise UsageError(f"--out {out!r} must not be {option} or inside it")
+        if _inside(src, out_real):
+            raise UsageError(f"--out {out!r} must not contain {option} {path!r}")
+    if os.path.exists(out):
+        if not os.path.isdir(out):
+            raise UsageError(f"--out {out!r} exists and is not a directory")
+        if os.listdir(out) and not overwrite:
+            raise UsageError(f"--out {out!r} is not empty (pass --overwrite to replace it)")
+
+
+@contextlib.contextmanager
+def staged_directory(out: str) -> Iterator[str]:
+    """Yield a temporary directory next to `out`; on success it replaces `out` in one rename (the old
+    `out`, if any, is moved aside first and removed only after), on failure it is removed."""
+    out = os.path.abspath(out)
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.partial-", dir=parent)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if os.path.exists(out):
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=parent)
+        os.rmdir(old)
+        os.rename(out, old)
+    os.rename(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+def weight_shards(model_dir: str) -> list[str]:
+    """The safetensors files of a checkpoint (sharded or single), or a one-line error."""
+    index = os.path.join(model_dir, SAFE_INDEX)
+    if os.path.isfile(index):
+        with open(index) as f:
+            return sorted(set(json.load(f)["weight_map"].values()))
+    if os.path.isfile(os.path.join(model_dir, SAFE_SINGLE)):
+        return [SAFE_SINGLE]
+    raise UsageError(
+        f"--model: {model_dir!r} has no safetensors weights (re-save it with save_pretrained to convert)"
+    )
+
+
+def tensor_shapes(model_dir: str, names: list[str]) -> dict[str, tuple[int, ...]]:
+    """Shapes of the named tensors, read from the shard headers (no data loaded)."""
+    shapes = {}
+    for shard in weight_shards(model_dir):
+        with safe_open(os.path.join(model_dir, shard), framework="pt") as handle:
+            for key in handle.keys():  # noqa: SIM118
+                shapes[key] = tuple(handle.get_slice(key).get_shape())
+    missing = [n for n in names if n not in shapes]
+    if missing:
+        raise UsageError(f"--model: the checkpoint lacks prunable tensors, e.g. {missing[0]!r}")
+    return {n: shapes[n] for n in names}
+
+
+def read_tensors(model_dir: str, names: list[str]) -> dict[str, torch.Tensor]:
+    wanted, found = set(names), {}
+    for shard in weight_shards(model_dir):
+        with safe_open(os.path.join(model_dir, shard), framework="pt") as handle:
+            for key in handle.keys():  # noqa: SIM118
+                if key in wanted:
+                    found[key] = handle.get_tensor(key)
+    return {n: found[n] for n in names}
+
+
+def write_pruned_weights(
+    model_dir: str,
+    out_dir: str,
+    keep_mask: Callable[[str, torch.Tensor], torch.Tensor],
+    prunable: list[str],
+    nm: tuple[int, int] | None,
+) -> dict[str, dict]:
+    """Copy every shard of `model_dir` to `out_dir`, masking the prunable tensors. Returns per-matrix
+    statistics {name: {shape, numel, kept, sparsity, nm_valid}}."""
+    wanted = set(prunable)
+    stats: dict[str, dict] = {}
+    for shard in weight_shards(model_dir):
+        with safe_open(os.path.join(model_dir, shard), framework="pt") as handle:
+            metadata = handle.metadata() or {"format": "pt"}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+        for name, weight in tensors.items():
+            if name not in wanted:
+                continue
+            keep = keep_mask(name, weight).cpu()
+            tensors[name] = masked(weight, keep)
+            kept = int(keep.sum())
+            stats[name] = {
+                "shape": list(weight.shape),
+                "numel": weight.numel(),
+                "kept": kept,
+                "sparsity": 1 - kept / weight.numel(),
+                "nm_valid": nm_valid(keep, *nm) if nm else None,
+            }
+        save_file(tensors, os.path.join(out_dir, shard), metadata=metadata)
+    if os.path.isfile(os.path.join(model_dir, SAFE_INDEX)):
+        shutil.copy2(os.path.join(model_dir, SAFE_INDEX), os.path.join(out_dir, SAFE_INDEX))
+    return {name: stats[name] for name in prunable}
+
+
+def copy_side_files(model_dir: str, out_dir: str, sparsity_config: dict) -> None:
+    """config.json (with `sparsity_config`) and every other top-level file that is not a weight file:
+    generation config, tokenizer files, chat template, license, model card."""
+    for name in sorted(os.listdir(model_dir)):
+        src = os.path.join(model_dir, name)
+        if not os.path.isfile(src) or name.endswith(_WEIGHT_SUFFIXES) or name in _WEIGHT_INDEXES:
+            continue
+        if name == "config.json":
+            with open(src) as f:
+                config = json.load(f)
+            config["sparsity_config"] = sparsity_config
+            with open(os.path.join(out_dir, name), "w") as f:
+                json.dump(config, f, indent=2, sort_keys=True)
+                f.write("\n")
+        else:
+            shutil.copy2(src, os.path.join(out_dir, name))
+
+
+def count_parameters(model_dir: str) -> int:
+    total = 0
+    for shard in weight_shards(model_dir):
+        with safe_open(os.path.join(model_dir, shard), framework="pt") as handle:
+            for key in handle.keys():  # noqa: SIM118
+                numel = 1
+                for d in handle.get_slice(key).get_shape():
+                    numel *= d
+                total += numel
+    return total
+
+
+# ------------------------------------------------------------------------------------------ report
+def versions() -> dict[str, str | None]:
+    found: dict[str, str | None] = {"python": platform.python_version(), "torch": torch.__version__}
+    for pkg in ("transformers", "safetensors", "triton", "datasets", "tokenizers"):
+        try:
+            found[pkg] = __import__(pkg).__version__
+        except Exception:  # noqa: BLE001 - absent or broken optional package
+            found[pkg] = None
+    from . import __version__
+
+    found["unipruning"] = __version__
+    return found
+
+
+def git_hash() -> str | None:
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        out = subprocess.run(
+            ["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True
+        )
+        return out.stdout.strip() or None
+    except Exception:  # noqa: BLE001 - not a git checkout, or no git
+        return None
+
+
+def peak_memory() -> dict[str, int | None]:
+    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    gpu = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+    return {"cpu_max_rss_bytes": rss_kb * 1024, "gpu_max_allocated_bytes": gpu}
+
+
+def summarize(matrices: dict[str, dict], dense_params: int) -> dict:
+    numel = sum(m["numel"] for m in matrices.values())
+    kept = sum(m["kept"] for m in matrices.values())
+    nm_flags = [m["nm_valid"] for m in matrices.values() if m["nm_valid"] is not None]
+    return {
+        "prunable_params": numel,
+        "prunable_kept": kept,
+        "sparsity": 1 - kept / numel if numel else 0.0,
+        "dense_params": dense_params,
+        "pruned_params": dense_params - (numel - kept),
+        "nm_valid": all(nm_flags) if nm_flags else None,
+    }
+
+
+def write_json(path: str, payload: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=2, sort_keys=True, default=str)
+        f.write("\n")

@@ -1,0 +1,100 @@
+"""Gamma -> keep masks (SPEC section 5), and applying them with positive zeros.
+
+Ranking, per matrix: z, then |W|, then the flat index (kernels/reference.py `rank_keys`). Budgets:
+`layer` keeps round((1-s) * numel) per matrix, `row` round((1-s) * in) per output row, `global` one
+threshold over all matrices (ties across matrices by parameter name order) with per-matrix sparsity
+bounds met by water-filling; N:M keeps the N best of every M consecutive inputs of a row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from . import ops
+from .config import MaskSpec, keep_count
+from .models import check_nm_divisible
+
+
+def global_counts(
+    saliency, weights: dict[str, torch.Tensor], spec: MaskSpec, backend: str | None = None
+) -> dict[str, int]:
+    """Kept count per matrix under the global budget with bounds (names tie-broken in sorted order)."""
+    names = sorted(saliency.z)
+    keys = [ops.rank_keys(saliency.z[n], weights[n], backend=backend) for n in names]
+    numels = [k.numel() for k in keys]
+    s_min, s_max = spec.bounds
+    total = keep_count(spec.sparsity, sum(numels))
+    lower = [keep_count(s_max, n) for n in numels]
+    upper = [keep_count(s_min, n) for n in numels]
+    try:
+        counts = ops.global_keep_counts(keys, total, lower, upper, backend=backend)
+    except ValueError as exc:
+        from .errors import UsageError
+
+        raise UsageError(f"--allocation global: {exc} (bounds {spec.bounds})") from exc
+    return dict(zip(names, counts, strict=True))
+
+
+def matrix_mask(
+    z: torch.Tensor,
+    weight: torch.Tensor,
+    spec: MaskSpec,
+    count: int | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """The keep mask of one matrix (bool, same shape as W). `count`: kept total under `global`."""
+    keys = ops.rank_keys(z.to(weight.device), weight, backend=backend)
+    nm = spec.nm
+    if nm is not None:
+        return ops.nm_mask(keys, nm[0], nm[1], backend=backend)
+    if spec.allocation == "row":
+        return ops.row_topk_mask(keys, keep_count(spec.sparsity, weight.shape[1]), backend=backend)
+    if spec.allocation == "global":
+        if count is None:
+            raise ValueError("allocation 'global' needs the per-matrix count from global_counts()")
+        return ops.topk_mask(keys, count, backend=backend)
+    return ops.topk_mask(keys, keep_count(spec.sparsity, weight.numel()), backend=backend)
+
+
+def iter_masks(
+    saliency, weights: dict[str, torch.Tensor], spec: MaskSpec, backend: str | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, keep mask) per matrix, in the saliency's order; one mask in memory at a time."""
+    if spec.nm is not None:
+        check_nm_divisible({n: tuple(weights[n].shape) for n in saliency.z}, spec.nm[1])
+    counts = global_counts(saliency, weights, spec, backend) if spec.allocation == "global" else {}
+    for name, z in saliency.z.items():
+        yield name, matrix_mask(z, weights[name], spec, counts.get(name), backend)
+
+
+def compute_masks(saliency, weights: dict[str, torch.Tensor], spec: MaskSpec, backend: str | None = None):
+    return dict(iter_masks(saliency, weights, spec, backend))
+
+
+def masked(weight: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """W with the dropped entries set to +0.0 (never -0.0: some sparse kernels and compressors break)."""
+    return weight.masked_fill(~keep.to(weight.device), 0) + 0.0
+
+
+@torch.no_grad()
+def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
+    """Zero the dropped entries of the model's parameters in place (+0.0 zeros)."""
+    params = dict(model.named_parameters())
+    missing = [n for n in masks if n not in params]
+    if missing:
+        raise KeyError(f"masks name parameters the model does not have: {missing[:3]}")
+    for name, keep in masks.items():
+        if tuple(keep.shape) != tuple(params[name].shape):
+            raise ValueError(f"{name}: mask shape {tuple(keep.shape)} != weight shape {tuple(params[name].shape)}")
+        params[name].copy_(masked(params[name], keep))
+
+
+def nm_valid(keep: torch.Tensor, n: int, m: int) -> bool:
+    """True when every group of m consecutive entries of a row keeps at most n."""
+    rows, cols = keep.shape
+    if cols % m:
+        return False
+    return bool((keep.reshape(rows, cols // m, m).sum(-1) <= n).all())

@@ -1,0 +1,58 @@
+"""The orchestrator's only door to compute: one entry point per kernel, dispatched per call.
+
+Every function takes `backend=` (None: $UNIPRUNING_BACKEND or auto) and forwards to the implementation
+of that backend, which has the signature of its torch twin in kernels/reference.py.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import backends
+from .kernels import reference
+
+_IMPLEMENTATIONS = {"torch": reference}
+
+
+def _impl(backend: str | None):
+    return _IMPLEMENTATIONS[backends.resolve(backend)]
+
+
+def act_sqsum_(sqsum: torch.Tensor, x: torch.Tensor, backend: str | None = None) -> int:
+    """sqsum (in,) float64 += sum_tokens x^2 for x (..., in); returns the token count."""
+    return _impl(backend).act_sqsum_(sqsum, x)
+
+
+def step_vectors(weight, act_sqsum, tokens, metric, base_key=0, backend: str | None = None):
+    """(row_inv, col_inv, col_scale) float32 of one mirror step; see kernels/reference.py."""
+    # The small vectors are shared torch code on every backend (SPEC section 3): masks then agree.
+    return reference.step_vectors(weight, act_sqsum, tokens, metric, base_key)
+
+
+def mirror_update_(z, weight, row_inv, col_inv, col_scale, kappa, threshold, backend: str | None = None):
+    """z <- z + kappa * (S - max(z - threshold, 0)) in place."""
+    _impl(backend).mirror_update_(z, weight, row_inv, col_inv, col_scale, kappa, threshold)
+
+
+def kth_smallest(values: torch.Tensor, k: int, backend: str | None = None) -> torch.Tensor:
+    return _impl(backend).kth_smallest(values, k)
+
+
+def rank_keys(z: torch.Tensor, weight: torch.Tensor, backend: str | None = None) -> torch.Tensor:
+    return _impl(backend).rank_keys(z, weight)
+
+
+def topk_mask(keys: torch.Tensor, k: int, backend: str | None = None) -> torch.Tensor:
+    return _impl(backend).topk_mask(keys, k)
+
+
+def row_topk_mask(keys: torch.Tensor, k: int, backend: str | None = None) -> torch.Tensor:
+    return _impl(backend).row_topk_mask(keys, k)
+
+
+def nm_mask(keys: torch.Tensor, n: int, m: int, backend: str | None = None) -> torch.Tensor:
+    return _impl(backend).nm_mask(keys, n, m)
+
+
+def global_keep_counts(keys, total_keep, lower, upper, backend: str | None = None) -> list[int]:
+    return _impl(backend).global_keep_counts(keys, total_keep, lower, upper)

@@ -1,0 +1,226 @@
+"""The mirror-descent saliency (SPEC section 4): its state, the calibration loop, its files.
+
+State per prunable matrix: z (float32, same shape as W) and the scalar threshold t; Gamma = max(z-t, 0)
+is implicit. The loop is layer-streamed: block l sees the outputs of the dense blocks 0..l-1, every
+calibration step updates the saliency of block l's linears from that step's activation statistics.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from . import ops
+from .config import PruneConfig, floor_count
+from .errors import UsageError
+from .kernels.reference import derive_key
+from .models import block_linears, decoder_blocks, fingerprint
+from .stream import BlockStream, capture_block_inputs
+
+log = logging.getLogger("unipruning")
+
+FORMAT_VERSION = 1
+SALIENCY_CONFIG = "saliency_config.json"
+SALIENCY_INDEX = "saliency.safetensors.index.json"
+SHARD_BYTES = 2 * 1024**3
+
+
+def matrix_id(name: str) -> int:
+    """A stable 32-bit id of a parameter name (keys the stochria subsets; same on every backend)."""
+    return zlib.crc32(name.encode())
+
+
+@dataclass
+class Saliency:
+    """z and t of every prunable matrix, plus how they were obtained (metadata)."""
+
+    z: dict[str, torch.Tensor]
+    t: dict[str, float]
+    metadata: dict = field(default_factory=dict)
+
+    # ---------------------------------------------------------------------------------------- files
+    def save(self, directory: str) -> None:
+        """Write a versioned, sharded saliency directory (float32 z and t per matrix, index, metadata)."""
+        os.makedirs(directory, exist_ok=True)
+        shards: list[dict[str, torch.Tensor]] = [{}]
+        size = 0
+        for name in self.z:
+            nbytes = self.z[name].numel() * 4 + 4
+            if shards[-1] and size + nbytes > SHARD_BYTES:
+                shards.append({})
+                size = 0
+            shards[-1][f"{name}.z"] = self.z[name].detach().to("cpu", torch.float32).contiguous()
+            shards[-1][f"{name}.t"] = torch.tensor([self.t[name]], dtype=torch.float32)
+            size += nbytes
+        weight_map = {}
+        for i, shard in enumerate(shards, 1):
+            filename = f"saliency-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, os.path.join(directory, filename), metadata={"format": "pt"})
+            weight_map.update({key: filename for key in shard})
+        with open(os.path.join(directory, SALIENCY_INDEX), "w") as f:
+            json.dump({"metadata": {"format_version": FORMAT_VERSION}, "weight_map": weight_map}, f, indent=1)
+        with open(os.path.join(directory, SALIENCY_CONFIG), "w") as f:
+            json.dump({"format_version": FORMAT_VERSION, **self.metadata}, f, indent=1, sort_keys=True)
+
+    @classmethod
+    def load(cls, directory: str, expect_fingerprint: str | None = None) -> Saliency:
+        """Read a saliency directory; refuses another format version or (if given) another model."""
+        meta_path = os.path.join(directory, SALIENCY_CONFIG)
+        index_path = os.path.join(directory, SALIENCY_INDEX)
+        if not (os.path.isfile(meta_path) and os.path.isfile(index_path)):
+            raise UsageError(f"--saliency: {directory!r} is not a unipruning saliency directory")
+        with open(meta_path) as f:
+            metadata = json.load(f)
+        version = metadata.pop("format_version", None)
+        if version != FORMAT_VERSION:
+            raise UsageError(
+                f"--saliency: format version {version} is not supported (this unipruning reads {FORMAT_VERSION})"
+            )
+        if expect_fingerprint is not None and metadata.get("fingerprint") != expect_fingerprint:
+            raise UsageError("--saliency: it was computed for a different model (fingerprint mismatch)")
+        with open(index_path) as f:
+            weight_map = json.load(f)["weight_map"]
+        z, t = {}, {}
+        for filename in sorted(set(weight_map.values())):
+            with safe_open(os.path.join(directory, filename), framework="pt") as handle:
+                for key in handle.keys():  # noqa: SIM118 - safe_open has no __iter__
+                    name, kind = key.rsplit(".", 1)
+                    tensor = handle.get_tensor(key)
+                    if kind == "z":
+                        z[name] = tensor
+                    else:
+                        t[name] = float(tensor[0])
+        order = metadata.get("names", sorted(z))
+        return cls(z={n: z[n] for n in order}, t={n: t[n] for n in order}, metadata=metadata)
+
+    def masks(self, weights: dict[str, torch.Tensor] | nn.Module, spec) -> dict[str, torch.Tensor]:
+        """Keep masks for a MaskSpec; `weights` (a model or {name: W}) supplies the |W| tie-break."""
+        from .masks import compute_masks
+
+        if isinstance(weights, nn.Module):
+            params = dict(weights.named_parameters())
+            weights = {name: params[name].detach() for name in self.z}
+        return compute_masks(self, weights, spec)
+
+
+# ---------------------------------------------------------------------------------- calibration loop
+class _ActStats:
+    """Per-linear sum of x^2 over the tokens of the current step, fed by a forward pre-hook."""
+
+    def __init__(self, linear: nn.Linear, backend: str | None):
+        self.sqsum = torch.zeros(linear.in_features, dtype=torch.float64, device=linear.weight.device)
+        self.tokens = 0
+        self.backend = backend
+        self.handle = linear.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module, args):
+        self.tokens += ops.act_sqsum_(self.sqsum, args[0].detach(), backend=self.backend)
+
+    def reset(self) -> None:
+        self.sqsum.zero_()
+        self.tokens = 0
+
+
+def mirror_step(
+    z: torch.Tensor,
+    threshold: float,
+    weight: torch.Tensor,
+    stats: _ActStats | None,
+    config: PruneConfig,
+    base_key: int,
+    backend: str | None,
+) -> float:
+    """One step k for one matrix: S_k, z update, new threshold t_k (returned)."""
+    sqsum, tokens = (stats.sqsum, stats.tokens) if stats is not None else (None, 0)
+    row_inv, col_inv, col_scale = ops.step_vectors(weight, sqsum, tokens, config.metric, base_key, backend)
+    ops.mirror_update_(z, weight, row_inv, col_inv, col_scale, config.kappa, threshold, backend=backend)
+    m = max(1, floor_count(config.lam, z.numel()))
+    return float(ops.kth_smallest(z, m, backend=backend))
+
+
+def steps_of(windows: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    if windows.shape[0] % batch_size:
+        raise UsageError(
+            f"--batch-size {batch_size} must divide --nsamples {windows.shape[0]} (every step has one shape)"
+        )
+    return list(windows.split(batch_size))
+
+
+@torch.no_grad()
+def calibrate(
+    model: nn.Module,
+    windows: torch.Tensor,
+    config: PruneConfig,
+    device: torch.device,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[Saliency, list[dict]]:
+    """Learn the saliency of every prunable matrix, block by block. Returns it and per-block timings.
+
+    windows: (nsamples, seqlen) token ids; steps of `config.batch_size` windows each. The model's
+    weights are not changed; each block is moved to `device` while it is calibrated, then back.
+    """
+    backend = config.backend if config.backend != "auto" else None
+    steps = steps_of(windows, config.batch_size)
+    stream: BlockStream = capture_block_inputs(model, steps, device)
+    z: dict[str, torch.Tensor] = {}
+    t: dict[str, float] = {}
+    per_block = []
+    blocks = decoder_blocks(model)
+    for index, block in enumerate(blocks):
+        start = time.perf_counter()
+        home = next(block.parameters()).device
+        block.to(device)
+        linears = block_linears(model, index)
+        stats = {
+            name: (_ActStats(lin, backend) if config.metric != "magnitude" else None)
+            for name, lin in linears.items()
+        }
+        state = {name: torch.zeros_like(lin.weight, dtype=torch.float32) for name, lin in linears.items()}
+        thresholds = dict.fromkeys(linears, 0.0)
+        try:
+            for k in range(len(steps)):
+                for s in stats.values():
+                    if s is not None:
+                        s.reset()
+                stream.hidden[k] = stream.run(block, index, k)
+                for name, lin in linears.items():
+                    base_key = derive_key(config.seed, matrix_id(name), k)
+                    thresholds[name] = mirror_step(
+                        state[name], thresholds[name], lin.weight, stats[name], config, base_key, backend
+                    )
+        finally:
+            for s in stats.values():
+                if s is not None:
+                    s.handle.remove()
+            block.to(home)
+        for name in linears:
+            z[name] = state[name].cpu()
+            t[name] = thresholds[name]
+        per_block.append({"block": index, "seconds": time.perf_counter() - start, "matrices": len(linears)})
+        if progress is not None:
+            progress(index + 1, len(blocks))
+    shapes = {name: tuple(v.shape) for name, v in z.items()}
+    metadata = {
+        "fingerprint": fingerprint(model.config, shapes),
+        "metric": config.metric,
+        "kappa": config.kappa,
+        "lam": config.lam,
+        "steps": len(steps),
+        "batch_size": config.batch_size,
+        "nsamples": int(windows.shape[0]),
+        "seqlen": int(windows.shape[1]),
+        "feedback": config.feedback,
+        "seed": config.seed,
+        "names": list(z),
+    }
+    return Saliency(z=z, t=t, metadata=metadata), per_block
