@@ -1,0 +1,71 @@
+"""Helpers for tests: tiny checkpoints made from configs (no hub), packaged text, GPU markers."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from unipruning.demo import packaged_text, train_tokenizer
+
+TEXT_PLAYS = ("macbeth", "tempest")
+
+
+def requires_gpu(test):
+    """Skip unless a CUDA device is visible (queried when the test runs, never at import)."""
+    return pytest.mark.gpu(pytest.mark.skipif("not __import__('torch').cuda.is_available()",
+                                              reason="needs a CUDA GPU")(test))
+
+
+@functools.lru_cache(maxsize=1)
+def tokenizer():
+    return train_tokenizer(packaged_text(TEXT_PLAYS), vocab_size=512)
+
+
+def make_text_file(directory) -> str:
+    path = os.path.join(directory, "plays.txt")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n\n".join(packaged_text(TEXT_PLAYS)))
+    return path
+
+
+def make_checkpoint(directory, dtype=torch.float32, tie=False, model_type="llama", layers=2,
+                    hidden=32, intermediate=64, seed=0) -> str:
+    """A random tiny causal LM of the Llama family saved with save_pretrained, plus its tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    tok = tokenizer()
+    config = AutoConfig.for_model(
+        model_type, vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate,
+        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=256, tie_word_embeddings=tie, bos_token_id=0, eos_token_id=1,
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).to(dtype)
+    model.save_pretrained(directory)
+    tok.save_pretrained(directory)
+    GenerationConfig(bos_token_id=0, eos_token_id=1, max_new_tokens=8).save_pretrained(directory)
+    with open(os.path.join(directory, "LICENSE"), "w") as f:
+        f.write("test license\n")
+    return str(directory)
+
+
+def read_all(directory) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint directory's safetensors files."""
+    tensors = {}
+    for name in sorted(os.listdir(directory)):
+        if name.endswith(".safetensors"):
+            with safe_open(os.path.join(directory, name), framework="pt") as handle:
+                for key in handle.keys():  # noqa: SIM118
+                    tensors[key] = handle.get_tensor(key)
+    return tensors
+
+
+def prunable(config_or_dir) -> list[str]:
+    from unipruning.models import load_config, prunable_names
+
+    config = load_config(config_or_dir) if isinstance(config_or_dir, str) else config_or_dir
+    return prunable_names(config)

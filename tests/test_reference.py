@@ -1,0 +1,237 @@
+"""The torch twins (kernels/reference.py): golden hand-computed cases, invariants, ties."""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from unipruning.kernels import reference as R
+
+
+# ----------------------------------------------------------------------------- keyed permutation
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 16, 17, 100, 1023, 4097])
+def test_keyed_permutation_is_a_bijection_with_its_inverse(n):
+    x = torch.arange(n)
+    for key in (0, 7, R.derive_key(3, 1, 4)):
+        y = R.keyed_permutation(x, torch.tensor(key), n)
+        assert sorted(y.tolist()) == list(range(n))
+        assert torch.equal(R.keyed_permutation_inverse(y, torch.tensor(key), n), x)
+
+
+def test_keyed_permutation_depends_on_the_key():
+    x = torch.arange(1000)
+    a = R.keyed_permutation(x, torch.tensor(R.derive_key(0, 1, 2)), 1000)
+    b = R.keyed_permutation(x, torch.tensor(R.derive_key(0, 1, 3)), 1000)
+    assert (a != b).float().mean() > 0.9
+
+
+def test_derive_key_is_stable_and_sensitive():
+    assert R.derive_key(1, 2, 3) == R.derive_key(1, 2, 3)
+    assert len({R.derive_key(*p) for p in itertools.product(range(4), repeat=3)}) == 64
+    assert R.derive_key(2**40 + 5) != R.derive_key(5)  # large seeds are folded, not truncated
+    with pytest.raises(ValueError):
+        R.derive_key(-1)
+
+
+@pytest.mark.parametrize("shape", [(1, 4), (7, 12), (33, 100), (64, 16)])
+def test_stochastic_subsets_have_exactly_tau_entries(shape):
+    tau = R.stochria_tau(*shape)
+    rows, cols = R.stochastic_subset_sums(torch.ones(shape), base_key=99, tau=tau)
+    assert rows.dtype == torch.float64 and torch.equal(rows, torch.full((shape[0],), float(tau), dtype=torch.float64))
+    assert torch.equal(cols, torch.full((shape[1],), float(tau), dtype=torch.float64))
+
+
+def test_stochastic_subsets_match_forward_membership():
+    """Gathering pi^-1([0, tau)) must equal testing pi(j) < tau for every entry (the fused kernel's way)."""
+    w = torch.rand(9, 14, dtype=torch.float64)
+    tau = R.stochria_tau(9, 14)
+    key = R.derive_key(5, 6, 7)
+    rows, cols = R.stochastic_subset_sums(w, key, tau)
+    rkeys = R.subset_keys(key, 0, 9, w.device)[:, None]
+    ckeys = R.subset_keys(key, 1, 14, w.device)[None, :]
+    j = torch.arange(14)[None, :].expand(9, 14).clone()
+    i = torch.arange(9)[:, None].expand(9, 14).clone()
+    in_row = R.keyed_permutation(j, rkeys, 14) < tau
+    in_col = R.keyed_permutation(i, ckeys, 9) < tau
+    assert torch.allclose(rows, (w * in_row).sum(1), rtol=0, atol=1e-12)
+    assert torch.allclose(cols, (w * in_col).sum(0), rtol=0, atol=1e-12)
+
+
+# --------------------------------------------------------------------------------- local metrics
+W = torch.tensor([[1.0, -2.0, 0.5], [3.0, 4.0, -1.0]])
+SQ = torch.tensor([4.0, 1.0, 16.0], dtype=torch.float64)  # sum x^2 over 4 tokens -> n = [1, .25, 4]
+
+
+def _score(metric):
+    vecs = R.step_vectors(W, SQ, 4, metric)
+    return R.local_score(W, *vecs)
+
+
+def test_magnitude_golden():
+    expected = W.abs() / (11.5 / 6)
+    assert torch.allclose(_score("magnitude"), expected, rtol=1e-6)
+
+
+def test_wanda_golden():
+    n = torch.tensor([1.0, 0.25, 4.0])
+    raw = W.abs() * n.sqrt()
+    assert torch.allclose(_score("wanda"), raw / raw.mean(), rtol=1e-6)
+
+
+def test_ria_golden():
+    a = W.abs().double()
+    n = torch.tensor([1.0, 0.25, 4.0], dtype=torch.float64)
+    raw = (a / a.sum(0, keepdim=True) + a / a.sum(1, keepdim=True)) * n**0.25
+    assert torch.allclose(_score("ria").double(), raw / raw.mean(), rtol=1e-6)
+
+
+def test_stochria_normalised_and_keyed():
+    w = torch.randn(40, 30)
+    sq = torch.rand(30, dtype=torch.float64) * 10
+    s1 = R.local_score(w, *R.step_vectors(w, sq, 8, "stochria", base_key=1))
+    s1b = R.local_score(w, *R.step_vectors(w, sq, 8, "stochria", base_key=1))
+    s2 = R.local_score(w, *R.step_vectors(w, sq, 8, "stochria", base_key=2))
+    assert torch.equal(s1, s1b)
+    assert not torch.equal(s1, s2)
+    assert abs(float(s1.double().mean()) - 1) < 1e-5
+
+
+def test_stochria_zero_rows_do_not_explode():
+    w = torch.zeros(6, 10)
+    w[0] = 1.0
+    s = R.local_score(w, *R.step_vectors(w, torch.ones(10, dtype=torch.float64), 1, "stochria", 3))
+    assert torch.isfinite(s).all() and (s[1:] == 0).all()
+
+
+def test_step_vectors_rejects_unknown_metric():
+    with pytest.raises(ValueError, match="metric"):
+        R.step_vectors(W, SQ, 4, "sparsegpt")
+
+
+def test_act_sqsum_accumulates_in_float64():
+    buf = torch.zeros(3, dtype=torch.float64)
+    x = torch.tensor([[[1.0, 2.0, 3.0], [0.5, 0.0, -1.0]]], dtype=torch.float16)
+    assert R.act_sqsum_(buf, x) == 2
+    assert R.act_sqsum_(buf, x) == 2
+    assert torch.equal(buf, torch.tensor([2.5, 8.0, 20.0], dtype=torch.float64))
+
+
+# -------------------------------------------------------------------------------- mirror update
+def test_mirror_update_golden_two_steps():
+    z = torch.zeros(2, 3)
+    col_scale = torch.tensor([1.0, 1.0, 1.0])
+    w = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    R.mirror_update_(z, w, None, None, col_scale, kappa=0.5, threshold=0.0)
+    assert torch.equal(z, 0.5 * w)  # Gamma_0 = 0
+    # t = 1: Gamma = max(z - 1, 0) = [0, 0, .5, 1, 1.5, 2]; z += .5 (S - Gamma)
+    R.mirror_update_(z, w, None, None, col_scale, kappa=0.5, threshold=1.0)
+    expected = torch.tensor([[1.0, 2.0, 2.75], [3.5, 4.25, 5.0]])
+    assert torch.equal(z, expected)
+
+
+def test_mirror_update_rounds_each_operation_in_float32():
+    z = torch.rand(50, 70)
+    w = torch.randn(50, 70)
+    vecs = R.step_vectors(w, torch.rand(70, dtype=torch.float64), 3, "ria")
+    expected = z.clone()
+    s = R.local_score(w, *vecs)
+    gamma = torch.clamp(expected - torch.tensor(0.3, dtype=torch.float32), min=0)
+    expected = expected + (torch.tensor(0.01, dtype=torch.float32) * (s - gamma))
+    R.mirror_update_(z, w, *vecs, kappa=0.01, threshold=0.3)
+    assert torch.equal(z, expected)
+
+
+def test_kth_smallest_exact():
+    v = torch.tensor([[5.0, 1.0], [3.0, 3.0]])
+    assert float(R.kth_smallest(v, 1)) == 1.0
+    assert float(R.kth_smallest(v, 2)) == 3.0
+    assert float(R.kth_smallest(v, 4)) == 5.0
+    with pytest.raises(ValueError):
+        R.kth_smallest(v, 5)
+
+
+# -------------------------------------------------------------------------------- masks and ties
+def test_nm_golden_two_of_four():
+    z = torch.arange(1.0, 9.0).reshape(1, 8)
+    keep = R.nm_mask(R.rank_keys(z, torch.ones(1, 8)), 2, 4)
+    assert (z * keep).tolist() == [[0, 0, 3, 4, 0, 0, 7, 8]]
+
+
+def test_ties_broken_by_weight_then_index():
+    z = torch.zeros(1, 4)  # all tied on z
+    w = torch.tensor([[0.1, -0.9, 0.9, 0.5]])  # |W| tie between index 1 and 2 -> lower index wins
+    keys = R.rank_keys(z, w)
+    assert R.topk_mask(keys, 1).tolist() == [[False, True, False, False]]
+    assert R.topk_mask(keys, 2).tolist() == [[False, True, True, False]]
+    assert R.nm_mask(keys, 1, 2).tolist() == [[False, True, True, False]]
+    all_tied = R.rank_keys(torch.zeros(2, 4), torch.ones(2, 4))
+    assert R.topk_mask(all_tied, 3).flatten().tolist() == [True] * 3 + [False] * 5
+    assert R.row_topk_mask(all_tied, 1).tolist() == [[True, False, False, False]] * 2
+
+
+def test_rank_keys_order_is_lexicographic_z_then_abs_weight():
+    z = torch.tensor([0.5, 0.5, 0.25, 1.0, 0.0, -0.0])
+    w = torch.tensor([1.0, -3.0, 100.0, 0.0, 2.0, 2.0])
+    keys = R.rank_keys(z, w).tolist()
+    order = sorted(range(6), key=lambda i: keys[i])
+    assert order == [5, 4, 2, 0, 1, 3]  # -0 below +0 (total order), then z, then |W|
+
+
+@pytest.mark.parametrize("n,m", [(1, 2), (2, 4), (4, 8), (3, 16), (15, 16)])
+def test_nm_keeps_exactly_n_per_group_with_ties(n, m):
+    z = torch.randint(0, 3, (5, 4 * m)).float()  # heavy ties
+    keep = R.nm_mask(R.rank_keys(z, torch.ones_like(z)), n, m)
+    assert (keep.reshape(5, 4, m).sum(-1) == n).all()
+
+
+def test_topk_counts_exact_under_ties():
+    keys = R.rank_keys(torch.randint(0, 4, (37, 23)).float(), torch.ones(37, 23))
+    for k in (0, 1, 100, 500, 851):
+        assert int(R.topk_mask(keys, k).sum()) == k
+        assert int(R.row_topk_mask(keys, min(k, 23)).sum()) == 37 * min(k, 23)
+
+
+def test_topk_keeps_the_largest():
+    keys = torch.randperm(1000).reshape(20, 50)
+    keep = R.topk_mask(keys, 300)
+    assert keys[keep].min() > keys[~keep].max()
+
+
+def _brute_force_counts(keys, total, lower, upper):
+    order = sorted((-int(v), mi, idx) for mi, k in enumerate(keys) for idx, v in enumerate(k.tolist()))
+    for cut in range(len(order) + 1):
+        above = [0] * len(keys)
+        for _, mi, _ in order[:cut]:
+            above[mi] += 1
+        counts = [min(max(a, lo), hi) for a, lo, hi in zip(above, lower, upper, strict=True)]
+        if sum(counts) == total:
+            return counts
+    raise AssertionError("no cut")
+
+
+def test_global_keep_counts_matches_brute_force():
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(150):
+        nmat = int(torch.randint(1, 5, (1,), generator=gen))
+        keys = [torch.randint(-6, 6, (int(torch.randint(1, 25, (1,), generator=gen)),), generator=gen)
+                for _ in range(nmat)]
+        lower = [int(torch.randint(0, k.numel() // 2 + 1, (1,), generator=gen)) for k in keys]
+        upper = [lo + int(torch.randint(0, k.numel() - lo + 1, (1,), generator=gen))
+                 for lo, k in zip(lower, keys, strict=True)]
+        total = int(torch.randint(sum(lower), sum(upper) + 1, (1,), generator=gen))
+        assert R.global_keep_counts(keys, total, lower, upper) == _brute_force_counts(keys, total, lower, upper)
+
+
+def test_global_keep_counts_full_key_range_and_infeasible():
+    z = torch.tensor([0.0, 1e-30, 3e38, 1.0])
+    keys = [R.rank_keys(z, torch.tensor([0.0, 3e38, 1.0, 2.0]))]
+    assert R.global_keep_counts(keys, 2, [0], [4]) == [2]
+    with pytest.raises(ValueError, match="infeasible"):
+        R.global_keep_counts(keys, 2, [3], [4])
+
+
+def test_tau_and_exponents_follow_the_spec():
+    assert R.stochria_tau(4096, 11008) == math.floor(0.2 * 4096)
+    assert R.stochria_tau(3, 100) == 1  # never an empty subset
+    assert R.RIA_EXPONENT == 0.25 and R.STOCHRIA_EXPONENT == 0.35
