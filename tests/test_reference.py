@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-
 from unipruning.kernels import reference as R
 
 

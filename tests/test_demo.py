@@ -1,0 +1,30 @@
+"""`unipruning demo` end to end, exactly as the README runs it (training included)."""
+
+import os
+import subprocess
+
+import pytest
+
+
+@pytest.mark.slow  # budget: 80 s measured on 2 CPU cores (about 50 s of it training the model)
+def test_demo_trains_prunes_and_reports(tmp_path):
+    env = {**os.environ, "UNIPRUNING_CACHE": str(tmp_path / "cache")}
+    out = tmp_path / "demo"
+    proc = subprocess.run(["unipruning", "demo", "--out", str(out)], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    ppl = {label.strip(): float(value) for label, value in
+           (line.rsplit(None, 1) for line in lines[lines.index(next(x for x in lines if "held-out" in x)) + 1:]
+            if line.startswith("  "))}
+    assert set(ppl) == {"dense", "50% unstructured", "2:4"}
+    # trained well beyond uniform guessing (vocab 2048), and pruning costs something but not everything
+    assert ppl["dense"] < 400
+    assert ppl["dense"] <= ppl["50% unstructured"] < 1.5 * ppl["dense"]
+    assert ppl["dense"] <= ppl["2:4"] < 2.0 * ppl["dense"]
+    assert "sparsity 0.5000" in proc.stdout and "N:M valid: True" in proc.stdout
+    for name in ("pruned-50", "pruned-2of4"):
+        assert os.path.isfile(out / name / "model.safetensors")
+    # the second run reuses the cached model instead of training again
+    again = subprocess.run(["unipruning", "demo"], capture_output=True, text=True, env=env, timeout=600)
+    assert again.returncode == 0 and "using the cached demo model" in again.stderr
