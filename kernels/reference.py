@@ -34,6 +34,8 @@ __all__ = [
     "act_sqsum_",
     "step_vectors",
     "mirror_update_",
+    "mirror_step_",
+    "threshold_bin",
     "kth_smallest",
     "rank_keys",
     "topk_mask",
@@ -273,6 +275,36 @@ def mirror_update_(
     z.add_(s)
 
 
+HIST_BITS = 12  # bins of the threshold histogram: the top 12 bits of the order-preserving key
+
+
+def threshold_bin(value: float) -> int:
+    """The histogram bin of a float32 value: the top HIST_BITS bits of its order-preserving key."""
+    bits = int(torch.tensor([value], dtype=torch.float32).view(torch.int32).item()) & MASK32
+    key = (~bits & MASK32) if bits >> 31 else (bits | 0x80000000)
+    return key >> (32 - HIST_BITS)
+
+
+def mirror_step_(
+    z: torch.Tensor,
+    weight: torch.Tensor,
+    row_inv: torch.Tensor | None,
+    col_inv: torch.Tensor | None,
+    col_scale: torch.Tensor,
+    kappa: float,
+    threshold: float,
+    m: int,
+    hint: int = -1,
+) -> tuple[float, int]:
+    """One mirror step: `mirror_update_`, then t' = the exact m-th smallest z.
+
+    Returns (t', bin of t'). `hint` (the previous step's bin) lets the fused kernel gather the
+    candidates of the next threshold in the update pass; the result never depends on it."""
+    mirror_update_(z, weight, row_inv, col_inv, col_scale, kappa, threshold)
+    t = float(kth_smallest(z, m))
+    return t, threshold_bin(t)
+
+
 # --------------------------------------------------------------------------------------------------
 # Exact selection and masks
 # --------------------------------------------------------------------------------------------------
@@ -335,19 +367,24 @@ def nm_mask(keys: torch.Tensor, n: int, m: int) -> torch.Tensor:
 
 _KEY_OFFSET = 1 << 62  # rank keys lie in [-2^62, 2^62): shift them to [0, 2^63)
 _KEY_BITS = 63
-_RADIX = 8
+_DIGIT_BITS = 8
 
 
-def global_keep_counts(
-    keys: list[torch.Tensor], total_keep: int, lower: list[int], upper: list[int]
+def digit_histogram(keys: torch.Tensor, prefix: int, prefix_shift: int, digit_shift: int, digit_bits: int):
+    """Counts (2^digit_bits,) int64 of the digit at `digit_shift` of the shifted rank keys whose bits
+    above `prefix_shift` equal `prefix` (prefix_shift >= 63: every key)."""
+    u = keys.reshape(-1) + _KEY_OFFSET
+    if prefix_shift < _KEY_BITS:
+        u = u[(u >> prefix_shift) == prefix]
+    digits = (u >> digit_shift) & ((1 << digit_bits) - 1)
+    return torch.bincount(digits.cpu(), minlength=1 << digit_bits)
+
+
+def water_fill(
+    keys: list[torch.Tensor], total_keep: int, lower: list[int], upper: list[int], histogram, digit_bits: int
 ) -> list[int]:
-    """Per-matrix kept counts for one global threshold with per-matrix bounds (water-filling).
-
-    keys: rank keys of each matrix, in the tie-break order of matrices (name order). Matrix i keeps
-    clamp(#entries above the global cut, lower[i], upper[i]); the cut runs through the total order
-    (key desc, matrix order, index asc) so that the counts sum to exactly `total_keep`. Found by radix
-    select on the key bits (8 bits a pass, per-matrix histograms): no sort, no concatenation.
-    """
+    """The shared logic of `global_keep_counts`; `histogram(keys, prefix, prefix_shift, digit_shift)`
+    gives one matrix's digit counts (the backend's kernel)."""
     lo = torch.tensor(lower, dtype=torch.int64)
     hi = torch.tensor(upper, dtype=torch.int64)
     if bool((lo > hi).any()) or not int(lo.sum()) <= total_keep <= int(hi.sum()):
@@ -362,26 +399,19 @@ def global_keep_counts(
     def clamped_total(counts: torch.Tensor) -> torch.Tensor:  # counts: (..., matrices)
         return torch.minimum(torch.maximum(counts, lo), hi).sum(dim=-1)
 
-    shifted = [k.reshape(-1) + _KEY_OFFSET for k in keys]
     above = torch.zeros(len(keys), dtype=torch.int64)  # entries strictly above the current prefix
     prefix = 0
-    shift = _KEY_BITS
-    while shift > 0:
-        width = min(_RADIX, shift)
-        shift -= width
-        nbuckets = 1 << width
-        hist = torch.zeros(len(keys), nbuckets, dtype=torch.int64)
-        for i, u in enumerate(shifted):
-            high = u >> (shift + width)
-            inside = u[high == prefix] if shift + width < _KEY_BITS else u
-            hist[i] = torch.bincount(((inside >> shift) & (nbuckets - 1)).cpu(), minlength=nbuckets)
-        # counts above bucket b (exclusive) and from b (inclusive), for every b at once
+    passes = -(-_KEY_BITS // digit_bits)
+    for p in range(passes):
+        digit_shift = (passes - 1 - p) * digit_bits
+        hist = torch.stack([histogram(k, prefix, digit_shift + digit_bits, digit_shift) for k in keys])
+        # counts from bucket b upwards (inclusive) and above b (exclusive), for every b at once
         from_b = above[:, None] + hist.flip(1).cumsum(1).flip(1)  # (matrices, buckets)
         above_b = from_b - hist
         reach = clamped_total(from_b.T) >= total_keep  # (buckets,) monotone: true for low buckets
         bucket = int(reach.nonzero().max())
         above = above_b[:, bucket]
-        prefix = (prefix << width) | bucket
+        prefix = (prefix << digit_bits) | bucket
     ties = from_b[:, bucket] - above_b[:, bucket]
     counts = torch.minimum(torch.maximum(above, lo), hi)
     remaining = total_keep - int(counts.sum())
@@ -393,3 +423,20 @@ def global_keep_counts(
         counts[i] += take
         remaining -= take
     return [int(v) for v in counts]
+
+
+def global_keep_counts(
+    keys: list[torch.Tensor], total_keep: int, lower: list[int], upper: list[int]
+) -> list[int]:
+    """Per-matrix kept counts for one global threshold with per-matrix bounds (water-filling).
+
+    keys: rank keys of each matrix, in the tie-break order of matrices (name order). Matrix i keeps
+    clamp(#entries above the global cut, lower[i], upper[i]); the cut runs through the total order
+    (key desc, matrix order, index asc) so that the counts sum to exactly `total_keep`. Found by radix
+    select on the key bits (8 bits a pass, per-matrix histograms): no sort, no concatenation.
+    """
+
+    def histogram(k: torch.Tensor, prefix: int, prefix_shift: int, digit_shift: int) -> torch.Tensor:
+        return digit_histogram(k, prefix, prefix_shift, digit_shift, _DIGIT_BITS)
+
+    return water_fill(keys, total_keep, lower, upper, histogram, _DIGIT_BITS)

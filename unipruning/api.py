@@ -35,7 +35,7 @@ from .export import (
     write_json,
     write_pruned_weights,
 )
-from .masks import global_counts, iter_masks, matrix_mask, nm_valid  # noqa: F401
+from .masks import global_counts, iter_masks, matrix_mask, nm_valid
 from .models import (
     check_nm_divisible,
     fingerprint,
@@ -81,16 +81,17 @@ def prune(
     then split into steps of `config.batch_size` windows). The model's weights are left untouched.
     """
     config = config or PruneConfig()
-    backends.resolve(None if config.backend == "auto" else config.backend)
     windows = _as_windows(calibration_batches)
     names = prunable_names(model.config)
     params = dict(model.named_parameters())
     if config.mask.nm is not None:
         check_nm_divisible({n: tuple(params[n].shape) for n in names}, config.mask.nm[1])
     start = time.perf_counter()
-    saliency, per_block = calibrate(model, windows, config, resolve_device(config.device))
-    weights = {n: params[n].detach() for n in names}
-    masks = saliency.masks(weights, config.mask)
+    device = resolve_device(config.device)
+    saliency, per_block = calibrate(model, windows, config, device)
+    backend = backends.resolve(config.backend, device)
+    masks = {name: keep.cpu() for name, keep in iter_masks(
+        saliency, {n: params[n].detach().to(device) for n in names}, config.mask, backend)}
     matrices = {}
     for name, keep in masks.items():
         kept = int(keep.sum())
@@ -133,18 +134,21 @@ def export_checkpoint(
     staging: str,
     saliency: Saliency,
     spec: MaskSpec,
-    backend: str | None,
+    backend: str,
+    device: torch.device,
     report: dict,
 ) -> dict:
-    """Write weights (masked), side files, saliency and report into `staging`; return the report."""
+    """Write weights (masked), side files, saliency and report into `staging`; return the report.
+    Masks are computed on `device` with `backend` (every backend gives the same masks)."""
     names = list(saliency.z)
-    weights_needed = spec.allocation == "global"
     counts = {}
-    if weights_needed:
-        counts = global_counts(saliency, read_tensors(model_dir, names), spec, backend)
+    if spec.allocation == "global":
+        weights = {n: w.to(device) for n, w in read_tensors(model_dir, names).items()}
+        counts = global_counts(saliency, weights, spec, backend)
+        del weights
 
     def keep_mask(name: str, weight: torch.Tensor) -> torch.Tensor:
-        return matrix_mask(saliency.z[name], weight, spec, counts.get(name), backend)
+        return matrix_mask(saliency.z[name].to(device), weight.to(device), spec, counts.get(name), backend)
 
     matrices = write_pruned_weights(model_dir, staging, keep_mask, names, spec.nm)
     copy_side_files(model_dir, staging, sparsity_config(spec, names))
@@ -189,8 +193,8 @@ def prune_checkpoint(
     check_out(out, overwrite, {"--model": model_dir})
     if nsamples < 1 or nsamples % config.batch_size:
         raise UsageError(f"--batch-size {config.batch_size} must divide --nsamples {nsamples}")
-    backend = backends.resolve(None if config.backend == "auto" else config.backend)
     device = resolve_device(config.device)
+    backend = backends.resolve(config.backend, device)
     tokenizer = load_tokenizer(tokenizer_dir or model_dir)
     windows = calibration_windows(tokenizer, calib, nsamples, seqlen, config.seed)
     model = load_model(model_dir, resolve_dtype(config.dtype, model_cfg, device))
@@ -206,7 +210,7 @@ def prune_checkpoint(
     }
     with staged_directory(out) as staging:
         report["calibration_seconds"] = time.perf_counter() - start
-        report = export_checkpoint(model_dir, staging, saliency, config.mask, backend, report)
+        report = export_checkpoint(model_dir, staging, saliency, config.mask, backend, device, report)
         report["wall_seconds"] = time.perf_counter() - start
         write_json(os.path.join(staging, REPORT), report)
     return report
@@ -214,13 +218,14 @@ def prune_checkpoint(
 
 def mask_checkpoint(
     model_dir: str, saliency_dir: str, out: str, spec: MaskSpec, overwrite: bool = False,
-    backend: str = "auto",
+    backend: str = "auto", device: str = "auto",
 ) -> dict:
     """`unipruning mask`: new masks from a saved saliency, no calibration."""
     start = time.perf_counter()
     config, names, shapes = _checked_model_dir(model_dir, spec)
     check_out(out, overwrite, {"--model": model_dir, "--saliency": saliency_dir})
-    used = backends.resolve(None if backend == "auto" else backend)
+    compute = resolve_device(device)
+    used = backends.resolve(backend, compute)
     saliency = Saliency.load(saliency_dir, expect_fingerprint=fingerprint(config, shapes))
     if set(saliency.z) != set(names):
         raise UsageError("--saliency: its matrices do not match the model's prunable matrices")
@@ -228,10 +233,10 @@ def mask_checkpoint(
         "command": "mask",
         "model": os.path.abspath(model_dir),
         "saliency": os.path.abspath(saliency_dir),
-        "settings": {**saliency.metadata, "backend_used": used},
+        "settings": {**saliency.metadata, "backend_used": used, "device_used": str(compute)},
     }
     with staged_directory(out) as staging:
-        report = export_checkpoint(model_dir, staging, saliency, spec, used, report)
+        report = export_checkpoint(model_dir, staging, saliency, spec, used, compute, report)
         report["wall_seconds"] = time.perf_counter() - start
         write_json(os.path.join(staging, REPORT), report)
     return report
@@ -248,4 +253,4 @@ def load_tokenizer(directory: str):
         ) from exc
 
 
-__all__ = ["PruneResult", "prune", "prune_checkpoint", "mask_checkpoint", "iter_masks"]
+__all__ = ["PruneResult", "prune", "prune_checkpoint", "mask_checkpoint"]

@@ -70,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     _mask_arguments(p)
     p.add_argument("--backend", choices=BACKENDS, default="auto")
+    p.add_argument("--device", choices=DEVICES, default="auto", help="where the masks are computed")
 
     p = sub.add_parser("eval", help="perplexity of a checkpoint")
     p.add_argument("--model", required=True)
@@ -153,7 +154,7 @@ def run(args) -> int:
         print(f"wrote {args.out} (report: {args.out}/{api.REPORT}, saliency: {args.out}/{api.SALIENCY_DIR})")
     elif args.command == "mask":
         report = api.mask_checkpoint(args.model, args.saliency, args.out, _mask_spec(args), args.overwrite,
-                                     args.backend)
+                                     args.backend, args.device)
         print_summary(report)
         print(f"wrote {args.out}")
     elif args.command == "eval":

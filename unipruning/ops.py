@@ -1,7 +1,8 @@
 """The orchestrator's only door to compute: one entry point per kernel, dispatched per call.
 
-Every function takes `backend=` (None: $UNIPRUNING_BACKEND or auto) and forwards to the implementation
-of that backend, which has the signature of its torch twin in kernels/reference.py.
+Every function takes `backend=`: a name from `unipruning.backends` or None/"auto" (then
+$UNIPRUNING_BACKEND, else triton for tensors on a GPU and torch otherwise), and forwards to that
+backend's implementation, which has the signature of its torch twin in kernels/reference.py.
 """
 
 from __future__ import annotations
@@ -11,16 +12,14 @@ import torch
 from . import backends
 from .kernels import reference
 
-_IMPLEMENTATIONS = {"torch": reference}
 
-
-def _impl(backend: str | None):
-    return _IMPLEMENTATIONS[backends.resolve(backend)]
+def _impl(backend: str | None, tensor: torch.Tensor):
+    return backends.implementation(backends.resolve(backend, tensor.device))
 
 
 def act_sqsum_(sqsum: torch.Tensor, x: torch.Tensor, backend: str | None = None) -> int:
     """sqsum (in,) float64 += sum_tokens x^2 for x (..., in); returns the token count."""
-    return _impl(backend).act_sqsum_(sqsum, x)
+    return _impl(backend, x).act_sqsum_(sqsum, x)
 
 
 def step_vectors(weight, act_sqsum, tokens, metric, base_key=0, backend: str | None = None):
@@ -31,28 +30,34 @@ def step_vectors(weight, act_sqsum, tokens, metric, base_key=0, backend: str | N
 
 def mirror_update_(z, weight, row_inv, col_inv, col_scale, kappa, threshold, backend: str | None = None):
     """z <- z + kappa * (S - max(z - threshold, 0)) in place."""
-    _impl(backend).mirror_update_(z, weight, row_inv, col_inv, col_scale, kappa, threshold)
+    _impl(backend, z).mirror_update_(z, weight, row_inv, col_inv, col_scale, kappa, threshold)
+
+
+def mirror_step_(z, weight, row_inv, col_inv, col_scale, kappa, threshold, m, hint=-1,
+                 backend: str | None = None) -> tuple[float, int]:
+    """mirror_update_ then the exact m-th smallest z: returns (new threshold, its histogram bin)."""
+    return _impl(backend, z).mirror_step_(z, weight, row_inv, col_inv, col_scale, kappa, threshold, m, hint)
 
 
 def kth_smallest(values: torch.Tensor, k: int, backend: str | None = None) -> torch.Tensor:
-    return _impl(backend).kth_smallest(values, k)
+    return _impl(backend, values).kth_smallest(values, k)
 
 
 def rank_keys(z: torch.Tensor, weight: torch.Tensor, backend: str | None = None) -> torch.Tensor:
-    return _impl(backend).rank_keys(z, weight)
+    return _impl(backend, z).rank_keys(z, weight)
 
 
 def topk_mask(keys: torch.Tensor, k: int, backend: str | None = None) -> torch.Tensor:
-    return _impl(backend).topk_mask(keys, k)
+    return _impl(backend, keys).topk_mask(keys, k)
 
 
 def row_topk_mask(keys: torch.Tensor, k: int, backend: str | None = None) -> torch.Tensor:
-    return _impl(backend).row_topk_mask(keys, k)
+    return _impl(backend, keys).row_topk_mask(keys, k)
 
 
 def nm_mask(keys: torch.Tensor, n: int, m: int, backend: str | None = None) -> torch.Tensor:
-    return _impl(backend).nm_mask(keys, n, m)
+    return _impl(backend, keys).nm_mask(keys, n, m)
 
 
 def global_keep_counts(keys, total_keep, lower, upper, backend: str | None = None) -> list[int]:
-    return _impl(backend).global_keep_counts(keys, total_keep, lower, upper)
+    return _impl(backend, keys[0]).global_keep_counts(keys, total_keep, lower, upper)

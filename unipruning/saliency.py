@@ -20,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from . import ops
+from . import backends, ops
 from .config import PruneConfig, floor_count
 from .errors import UsageError
 from .kernels.reference import derive_key
@@ -133,19 +133,20 @@ class _ActStats:
 
 def mirror_step(
     z: torch.Tensor,
-    threshold: float,
+    threshold: tuple[float, int],
     weight: torch.Tensor,
     stats: _ActStats | None,
     config: PruneConfig,
     base_key: int,
-    backend: str | None,
-) -> float:
-    """One step k for one matrix: S_k, z update, new threshold t_k (returned)."""
+    backend: str,
+) -> tuple[float, int]:
+    """One step k for one matrix: S_k, z update, new threshold t_k. `threshold` is (t_{k-1}, its
+    histogram bin): the bin lets a fused kernel gather t_k's candidates during the update."""
     sqsum, tokens = (stats.sqsum, stats.tokens) if stats is not None else (None, 0)
     row_inv, col_inv, col_scale = ops.step_vectors(weight, sqsum, tokens, config.metric, base_key, backend)
-    ops.mirror_update_(z, weight, row_inv, col_inv, col_scale, config.kappa, threshold, backend=backend)
     m = max(1, floor_count(config.lam, z.numel()))
-    return float(ops.kth_smallest(z, m, backend=backend))
+    t, hint = threshold
+    return ops.mirror_step_(z, weight, row_inv, col_inv, col_scale, config.kappa, t, m, hint, backend=backend)
 
 
 def steps_of(windows: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
@@ -169,7 +170,7 @@ def calibrate(
     windows: (nsamples, seqlen) token ids; steps of `config.batch_size` windows each. The model's
     weights are not changed; each block is moved to `device` while it is calibrated, then back.
     """
-    backend = config.backend if config.backend != "auto" else None
+    backend = backends.resolve(config.backend, device)
     steps = steps_of(windows, config.batch_size)
     stream: BlockStream = capture_block_inputs(model, steps, device)
     z: dict[str, torch.Tensor] = {}
@@ -186,7 +187,7 @@ def calibrate(
             for name, lin in linears.items()
         }
         state = {name: torch.zeros_like(lin.weight, dtype=torch.float32) for name, lin in linears.items()}
-        thresholds = dict.fromkeys(linears, 0.0)
+        thresholds = dict.fromkeys(linears, (0.0, -1))  # (t, histogram bin of t; -1: unknown)
         try:
             for k in range(len(steps)):
                 for s in stats.values():
@@ -205,7 +206,7 @@ def calibrate(
             block.to(home)
         for name in linears:
             z[name] = state[name].cpu()
-            t[name] = thresholds[name]
+            t[name] = thresholds[name][0]
         per_block.append({"block": index, "seconds": time.perf_counter() - start, "matrices": len(linears)})
         if progress is not None:
             progress(index + 1, len(blocks))

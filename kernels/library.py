@@ -1,0 +1,96 @@
+"""The Triton kernels as torch.library custom ops (namespace `unipruning`), each with a fake
+implementation, so they trace under torch.compile and work with tensor subclasses:
+
+    torch.ops.unipruning.act_sqsum_(sqsum, x)                    sqsum += sum_tokens x^2 (in place)
+    torch.ops.unipruning.mirror_update_(z, w, ri, ci, cs, kappa, t)   the fused mirror update (in place)
+    torch.ops.unipruning.rank_keys(z, w) -> keys                 int64 (z, |W|) rank keys
+    torch.ops.unipruning.kth_smallest(values, k) -> value        exact k-th smallest (0-d tensor)
+    torch.ops.unipruning.topk_mask(keys, k) -> keep              bool, k largest, ties to lower index
+    torch.ops.unipruning.row_topk_mask(keys, k) -> keep          bool, k largest of every row
+    torch.ops.unipruning.nm_mask(keys, n, m) -> keep             bool, n largest of every m in a row
+
+The orchestrator calls the launchers directly (no dispatcher overhead); these ops are for users who
+compose the kernels in their own compiled code. Registered on import of this module.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .act_stats import act_sqsum_triton
+from .mirror import mirror_update_triton
+from .nm import nm_mask_triton
+from .select import kth_smallest_triton, rank_keys_triton, row_topk_mask_triton, topk_mask_triton
+
+_NS = "unipruning"
+
+
+@torch.library.custom_op(f"{_NS}::act_sqsum_", mutates_args=("sqsum",))
+def act_sqsum_op(sqsum: torch.Tensor, x: torch.Tensor) -> None:
+    act_sqsum_triton(sqsum, x)
+
+
+@act_sqsum_op.register_fake
+def _(sqsum, x):
+    return None
+
+
+@torch.library.custom_op(f"{_NS}::mirror_update_", mutates_args=("z",))
+def mirror_update_op(
+    z: torch.Tensor,
+    weight: torch.Tensor,
+    row_inv: torch.Tensor | None,
+    col_inv: torch.Tensor | None,
+    col_scale: torch.Tensor,
+    kappa: float,
+    threshold: float,
+) -> None:
+    mirror_update_triton(z, weight, row_inv, col_inv, col_scale, kappa, threshold)
+
+
+@mirror_update_op.register_fake
+def _(z, weight, row_inv, col_inv, col_scale, kappa, threshold):
+    return None
+
+
+@torch.library.custom_op(f"{_NS}::rank_keys", mutates_args=())
+def rank_keys_op(z: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return rank_keys_triton(z, weight)
+
+
+@rank_keys_op.register_fake
+def _(z, weight):
+    return torch.empty_like(z, dtype=torch.int64)
+
+
+@torch.library.custom_op(f"{_NS}::kth_smallest", mutates_args=())
+def kth_smallest_op(values: torch.Tensor, k: int) -> torch.Tensor:
+    return kth_smallest_triton(values, k)
+
+
+@kth_smallest_op.register_fake
+def _(values, k):
+    return values.new_empty(())
+
+
+def _mask_fake(keys, *args):
+    return torch.empty_like(keys, dtype=torch.bool)
+
+
+@torch.library.custom_op(f"{_NS}::topk_mask", mutates_args=())
+def topk_mask_op(keys: torch.Tensor, k: int) -> torch.Tensor:
+    return topk_mask_triton(keys, k).clone()  # a fresh tensor, never a view of an internal buffer
+
+
+@torch.library.custom_op(f"{_NS}::row_topk_mask", mutates_args=())
+def row_topk_mask_op(keys: torch.Tensor, k: int) -> torch.Tensor:
+    return row_topk_mask_triton(keys, k).clone()
+
+
+@torch.library.custom_op(f"{_NS}::nm_mask", mutates_args=())
+def nm_mask_op(keys: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    return nm_mask_triton(keys, n, m).clone()
+
+
+for _op in (topk_mask_op, row_topk_mask_op, nm_mask_op):
+    _op.register_fake(_mask_fake)

@@ -1,0 +1,30 @@
+"""The Triton backend: every kernel under the name and signature of its twin in reference.py.
+
+`unipruning.backends` imports this module only when Triton can run (a GPU, or TRITON_INTERPRET=1).
+The per-step small vectors stay in shared torch code (`reference.step_vectors`) on every backend.
+"""
+
+from .act_stats import act_sqsum_triton as act_sqsum_
+from .mirror import mirror_step_triton as mirror_step_
+from .mirror import mirror_update_triton as mirror_update_
+from .nm import nm_mask_triton as nm_mask
+from .reference import step_vectors
+from .select import global_keep_counts_triton as global_keep_counts
+from .select import kth_smallest_triton as kth_smallest
+from .select import rank_keys_triton as rank_keys
+from .select import row_topk_mask_triton as row_topk_mask
+from .select import topk_mask_triton as topk_mask
+
+__all__ = [
+    "act_sqsum_",
+    "global_keep_counts",
+    "kth_smallest",
+    "mirror_step_",
+    "mirror_update_",
+    "nm_mask",
+    "rank_keys",
+    "row_topk_mask",
+    "step_vectors",
+    "topk_mask",
+]
+from . import library  # noqa: F401,E402  (registers the custom ops)
