@@ -24,6 +24,7 @@ def _act_sqsum_kernel(
     cols,
     stride_t,
     chunk,
+    EXACT_F32_SQUARE: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
@@ -31,14 +32,20 @@ def _act_sqsum_kernel(
     pid_t = tl.program_id(1).to(tl.int64)
     col = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = col < cols
-    acc = tl.zeros((BLOCK_C,), dtype=tl.float64)
+    # a (BLOCK_T, BLOCK_C) float64 accumulator: one elementwise add per tile, one reduction at the end
+    acc = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float64)
     first = pid_t * chunk
     for start in range(0, chunk, BLOCK_T):
         row = first + start + tl.arange(0, BLOCK_T).to(tl.int64)
         ok = ((row < tokens) & (row < first + chunk))[:, None] & col_ok[None, :]
-        x = tl.load(x_ptr + row[:, None] * stride_t + col[None, :], mask=ok, other=0.0).to(tl.float64)
-        acc += tl.sum(x * x, axis=0)
-    tl.store(partial_ptr + pid_t * cols + col, acc, mask=col_ok)
+        x = tl.load(x_ptr + row[:, None] * stride_t + col[None, :], mask=ok, other=0.0)
+        if EXACT_F32_SQUARE:  # fp16/bf16: the float32 square is exact (at most 22 significant bits)
+            xf = x.to(tl.float32)
+            acc += (xf * xf).to(tl.float64)
+        else:
+            xd = x.to(tl.float64)
+            acc += xd * xd
+    tl.store(partial_ptr + pid_t * cols + col, tl.sum(acc, axis=0), mask=col_ok)
 
 
 def act_sqsum_triton(sqsum: torch.Tensor, x: torch.Tensor) -> int:
@@ -54,7 +61,7 @@ def act_sqsum_triton(sqsum: torch.Tensor, x: torch.Tensor) -> int:
     tokens = x2.shape[0]
     if tokens == 0:
         return 0
-    block_c, block_t = 64, 32
+    block_c, block_t = 128, 16
     col_blocks = triton.cdiv(cols, block_c)
     # about 2048 programs in all (enough to fill a GPU), chunks a multiple of BLOCK_T tokens
     chunks = max(1, min(triton.cdiv(tokens, block_t), 2048 // col_blocks))
@@ -62,7 +69,8 @@ def act_sqsum_triton(sqsum: torch.Tensor, x: torch.Tensor) -> int:
     chunks = triton.cdiv(tokens, chunk)
     partial = torch.empty((chunks, cols), dtype=torch.float64, device=x2.device)
     _act_sqsum_kernel[(col_blocks, chunks)](
-        partial, x2, tokens, cols, x2.stride(0), chunk, BLOCK_T=block_t, BLOCK_C=block_c
+        partial, x2, tokens, cols, x2.stride(0), chunk, EXACT_F32_SQUARE=x2.dtype != torch.float32,
+        BLOCK_T=block_t, BLOCK_C=block_c,
     )
     sqsum += partial.sum(dim=0)
     return tokens

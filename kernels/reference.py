@@ -35,7 +35,7 @@ __all__ = [
     "step_vectors",
     "mirror_update_",
     "mirror_step_",
-    "threshold_bin",
+    "threshold_hint",
     "kth_smallest",
     "rank_keys",
     "topk_mask",
@@ -143,13 +143,16 @@ def subset_keys(base: int, axis: int, count: int, device: torch.device) -> torch
     return mix32(mix32(idx ^ axis_key) ^ _GOLDEN)
 
 
-_CHUNK = 1 << 16  # elements per chunk of hash work: int64 temporaries stay in cache (3x faster on CPU)
+# Elements per chunk of hash work. On a CPU, int64 temporaries that stay in cache make it 3x faster;
+# on a GPU, every chunk costs ~50 kernel launches, so the work goes in one piece.
+_CHUNK = {"cpu": 1 << 16}
+_CHUNK_DEFAULT = 1 << 26
 
 
 def _subset_members(keys: torch.Tensor, tau: int, n: int) -> torch.Tensor:
     """(len(keys), tau): the indices pi_key^-1(0..tau-1) of each key's subset of [0, n)."""
     t = torch.arange(tau, dtype=torch.int64, device=keys.device)
-    per_chunk = max(1, _CHUNK // tau)
+    per_chunk = max(1, _CHUNK.get(keys.device.type, _CHUNK_DEFAULT) // tau)
     parts = [
         keyed_permutation_inverse(t.expand(k.shape[0], tau).clone(), k[:, None], n)
         for k in keys.split(per_chunk)
@@ -275,14 +278,24 @@ def mirror_update_(
     z.add_(s)
 
 
-HIST_BITS = 12  # bins of the threshold histogram: the top 12 bits of the order-preserving key
+def _signed_key(value: float) -> int:
+    """The order-preserving signed 32-bit key of a float32 value (as rank_keys uses)."""
+    bits = int(torch.tensor([value], dtype=torch.float32).view(torch.int32).item())
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
 
 
-def threshold_bin(value: float) -> int:
-    """The histogram bin of a float32 value: the top HIST_BITS bits of its order-preserving key."""
-    bits = int(torch.tensor([value], dtype=torch.float32).view(torch.int32).item()) & MASK32
-    key = (~bits & MASK32) if bits >> 31 else (bits | 0x80000000)
-    return key >> (32 - HIST_BITS)
+_HINT_MIN_HALF = 1 << 14  # +-2^14 ulps: about +-0.2% around the predicted threshold at the least
+
+
+def threshold_hint(new: float, old: float) -> int:
+    """Where to look for the next step's threshold: linear extrapolation of the last change of the
+    threshold's key (about log-linear), with a window of half that change plus a margin. Encoded as
+    center << 32 | half width (keys of z >= 0 are >= 0); shared by every backend."""
+    k1 = _signed_key(new)
+    delta = k1 - _signed_key(old) if old > 0 else 1 << 23  # no previous threshold: guess a doubling
+    center = min(max(k1 + delta, 0), (1 << 31) - 1)
+    half = min(abs(delta) // 2 + _HINT_MIN_HALF, (1 << 32) - 1)
+    return (center << 32) | half
 
 
 def mirror_step_(
@@ -298,11 +311,12 @@ def mirror_step_(
 ) -> tuple[float, int]:
     """One mirror step: `mirror_update_`, then t' = the exact m-th smallest z.
 
-    Returns (t', bin of t'). `hint` (the previous step's bin) lets the fused kernel gather the
-    candidates of the next threshold in the update pass; the result never depends on it."""
+    Returns (t', hint for the next step). `hint` (from the previous step, -1 for none) tells a fused
+    kernel where to gather the candidates of t' during the update pass; the result never depends
+    on it (`threshold_hint`)."""
     mirror_update_(z, weight, row_inv, col_inv, col_scale, kappa, threshold)
     t = float(kth_smallest(z, m))
-    return t, threshold_bin(t)
+    return t, threshold_hint(t, threshold)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -370,21 +384,27 @@ _KEY_BITS = 63
 _DIGIT_BITS = 8
 
 
-def digit_histogram(keys: torch.Tensor, prefix: int, prefix_shift: int, digit_shift: int, digit_bits: int):
-    """Counts (2^digit_bits,) int64 of the digit at `digit_shift` of the shifted rank keys whose bits
-    above `prefix_shift` equal `prefix` (prefix_shift >= 63: every key)."""
+def _digit_counts(keys: torch.Tensor, prefix: int, prefix_shift: int, digit_shift: int) -> torch.Tensor:
+    """Counts (2^_DIGIT_BITS,) int64 on the CPU of the digit at `digit_shift` of the shifted rank keys
+    whose bits above `prefix_shift` equal `prefix` (prefix_shift >= 63: every key)."""
     u = keys.reshape(-1) + _KEY_OFFSET
     if prefix_shift < _KEY_BITS:
         u = u[(u >> prefix_shift) == prefix]
-    digits = (u >> digit_shift) & ((1 << digit_bits) - 1)
-    return torch.bincount(digits.cpu(), minlength=1 << digit_bits)
+    digits = (u >> digit_shift) & ((1 << _DIGIT_BITS) - 1)
+    return torch.bincount(digits, minlength=1 << _DIGIT_BITS).cpu()
 
 
-def water_fill(
-    keys: list[torch.Tensor], total_keep: int, lower: list[int], upper: list[int], histogram, digit_bits: int
+def global_keep_counts(
+    keys: list[torch.Tensor], total_keep: int, lower: list[int], upper: list[int]
 ) -> list[int]:
-    """The shared logic of `global_keep_counts`; `histogram(keys, prefix, prefix_shift, digit_shift)`
-    gives one matrix's digit counts (the backend's kernel)."""
+    """Per-matrix kept counts for one global threshold with per-matrix bounds (water-filling).
+
+    keys: rank keys of each matrix, in the tie-break order of matrices (name order). Matrix i keeps
+    clamp(#entries above the global cut, lower[i], upper[i]); the cut runs through the total order
+    (key desc, matrix order, index asc) so that the counts sum to exactly `total_keep`. Found by radix
+    select on the key bits (8 bits a pass, per-matrix histograms on the keys' device): no sort, no
+    concatenation.
+    """
     lo = torch.tensor(lower, dtype=torch.int64)
     hi = torch.tensor(upper, dtype=torch.int64)
     if bool((lo > hi).any()) or not int(lo.sum()) <= total_keep <= int(hi.sum()):
@@ -401,10 +421,11 @@ def water_fill(
 
     above = torch.zeros(len(keys), dtype=torch.int64)  # entries strictly above the current prefix
     prefix = 0
+    digit_bits = _DIGIT_BITS
     passes = -(-_KEY_BITS // digit_bits)
     for p in range(passes):
         digit_shift = (passes - 1 - p) * digit_bits
-        hist = torch.stack([histogram(k, prefix, digit_shift + digit_bits, digit_shift) for k in keys])
+        hist = torch.stack([_digit_counts(k, prefix, digit_shift + digit_bits, digit_shift) for k in keys])
         # counts from bucket b upwards (inclusive) and above b (exclusive), for every b at once
         from_b = above[:, None] + hist.flip(1).cumsum(1).flip(1)  # (matrices, buckets)
         above_b = from_b - hist
@@ -425,18 +446,3 @@ def water_fill(
     return [int(v) for v in counts]
 
 
-def global_keep_counts(
-    keys: list[torch.Tensor], total_keep: int, lower: list[int], upper: list[int]
-) -> list[int]:
-    """Per-matrix kept counts for one global threshold with per-matrix bounds (water-filling).
-
-    keys: rank keys of each matrix, in the tie-break order of matrices (name order). Matrix i keeps
-    clamp(#entries above the global cut, lower[i], upper[i]); the cut runs through the total order
-    (key desc, matrix order, index asc) so that the counts sum to exactly `total_keep`. Found by radix
-    select on the key bits (8 bits a pass, per-matrix histograms): no sort, no concatenation.
-    """
-
-    def histogram(k: torch.Tensor, prefix: int, prefix_shift: int, digit_shift: int) -> torch.Tensor:
-        return digit_histogram(k, prefix, prefix_shift, digit_shift, _DIGIT_BITS)
-
-    return water_fill(keys, total_keep, lower, upper, histogram, _DIGIT_BITS)

@@ -1,29 +1,39 @@
-"""Exact selection by radix select on the key bits: no sort, no concatenated copy.
+"""Exact selection by sample-select: a bracket from a sample, one counting pass, a small sort.
 
-Keys: float32 values (mapped to their order-preserving 32-bit unsigned key) or the int64 rank keys of
-`reference.rank_keys` (shifted to [0, 2^63)). A pass builds the histogram of the next 11-bit digit
-of every key that matches the prefix found so far, over one tensor or a list of tensors (each adds to
-the same histogram): 3 passes for float32, 6 for rank keys. Serves:
-  kth_smallest_triton(values, k)            exact k-th smallest (the lam threshold; select fallback)
+Keys: float32 values (mapped to their order-preserving key in [0, 2^32)) or the int64 rank keys of
+`reference.rank_keys` (shifted to [0, 2^63)). To find the k-th smallest over one tensor or a list:
+  1. draw a fixed-seed sample of up to 2^20 keys (sorted: a few hundred microseconds) and take a
+     bracket [lo, hi] around the sample quantile k/n, wide enough (4 standard deviations of the
+     sample rank plus a margin) to hold the answer with near certainty;
+  2. one pass over the data (`_bracket_kernel`): count the keys below lo, copy the keys in [lo, hi]
+     into a candidate buffer (per-tile compaction with one atomic per tile);
+  3. if below < k <= below + candidates, the answer is a sorted candidate (about 0.4% of the data at
+     most); else widen the bracket and pass again (the result never depends on the sample, only the
+     time does). No histogram, no sort of the data, no concatenated copy.
+Serves:
+  kth_smallest_triton(values, k)            the lam threshold (first step, and when its window misses)
   topk_mask_triton(keys, k)                 keep the k largest keys, ties to the lower flat index
-  row_topk_mask_triton(keys, k)             the same per row, one program per row, in-kernel radix
-  global_keep_counts_triton(...)            the global budget with bounds (water-filling, shared
-                                            logic with the twin, histograms from the kernel)
+  row_topk_mask_triton(keys, k)             per row: torch's row-wise kthvalue (one block per row,
+                                            already bandwidth-efficient on a GPU) and the same tie rule
+  global_keep_counts_triton(...)            the global budget with bounds: the shared water-filling
+                                            logic with digit histograms (torch bincount on the device)
 Twins: `reference.kth_smallest`, `topk_mask`, `row_topk_mask`, `global_keep_counts`.
 """
 
 from __future__ import annotations
 
+import math
 import struct
 
 import torch
 import triton
 import triton.language as tl
 
-DIGIT_BITS = 11
 _OFFSET = 1 << 62
 _FLOAT, _RANK = 0, 1
 _BLOCK = 1024
+_SAMPLE = 1 << 20
+_MAX_KEY = (1 << 63) - 1
 
 
 @triton.jit
@@ -32,84 +42,113 @@ def _ordered_key(raw, KIND: tl.constexpr):
     if KIND == 0:
         bits = raw.to(tl.int32, bitcast=True)
         key32 = bits ^ ((bits >> 31) | -2147483648)
-        return key32.to(tl.int64) & 0xFFFFFFFF
+        return key32.to(tl.int64) & 4294967295
     else:
         return raw + 4611686018427387904  # 2^62
 
 
 @triton.jit
-def _digit_hist_kernel(
-    hist_ptr,
+def _bracket_kernel(
+    below_ptr,
+    cand_ptr,
+    cand_count_ptr,
     keys_ptr,
     n,
-    prefix,
-    prefix_shift,
-    digit_shift,
+    lo,
+    hi,
+    cap,
     tiles_per_program,
     KIND: tl.constexpr,
-    FIRST: tl.constexpr,
-    DIGIT_BITS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
-    hist = tl.zeros((1 << DIGIT_BITS,), dtype=tl.int32)
+    below = tl.zeros((), dtype=tl.int64)
     for i in range(0, tiles_per_program):
         offs = (pid * tiles_per_program + i) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
         ok = offs < n
         key = _ordered_key(tl.load(keys_ptr + offs, mask=ok, other=0), KIND)
-        if not FIRST:
-            ok = ok & ((key >> prefix_shift) == prefix)
-        digit = ((key >> digit_shift) & ((1 << DIGIT_BITS) - 1)).to(tl.int32)
-        hist += tl.histogram(digit, 1 << DIGIT_BITS, mask=ok)
-    bins = tl.arange(0, 1 << DIGIT_BITS)
-    tl.atomic_add(hist_ptr + bins, hist, mask=hist > 0)
+        below += tl.sum((ok & (key < lo)).to(tl.int64), axis=0)
+        take = (ok & (key >= lo) & (key <= hi)).to(tl.int32)
+        count = tl.sum(take, axis=0)
+        if count > 0:
+            base = tl.atomic_add(cand_count_ptr, count)
+            pos = base + tl.cumsum(take, axis=0) - 1
+            tl.store(cand_ptr + pos, key, mask=(take > 0) & (pos < cap))
+    tl.atomic_add(below_ptr, below)
 
 
 def _grid(n: int) -> tuple[int, int]:
     tiles = triton.cdiv(n, _BLOCK)
-    per_program = triton.cdiv(tiles, min(tiles, 2048))
+    per_program = triton.cdiv(tiles, min(tiles, 4096))
     return triton.cdiv(tiles, per_program), per_program
 
 
-def digit_histogram_triton(
-    hist: torch.Tensor, keys: torch.Tensor, prefix: int, prefix_shift: int, digit_shift: int, kind: int
-) -> None:
-    """hist (2^DIGIT_BITS,) int32 += counts of the digit at `digit_shift` of the keys whose bits above
-    `prefix_shift` equal `prefix` (prefix_shift >= key bits: every key)."""
-    flat = keys.reshape(-1)
-    if not flat.is_contiguous():
-        flat = flat.contiguous()
-    if flat.numel() == 0:
-        return
-    programs, per_program = _grid(flat.numel())
-    first = prefix_shift >= (32 if kind == _FLOAT else 63)  # the top digit: every key matches
-    _digit_hist_kernel[(programs,)](
-        hist, flat, flat.numel(), prefix, min(prefix_shift, 63), digit_shift, per_program,
-        KIND=kind, FIRST=first, DIGIT_BITS=DIGIT_BITS, BLOCK=_BLOCK,
-    )
+def ordered_keys_torch(values: torch.Tensor) -> torch.Tensor:
+    """The kernels' order-preserving int64 key of float32 values or int64 rank keys, in torch."""
+    if values.dtype == torch.float32:
+        bits = values.contiguous().view(torch.int32).to(torch.int64)
+        return torch.where(bits < 0, ~bits & 0xFFFFFFFF, bits | 0x80000000)
+    return values + _OFFSET
 
 
-def radix_select(tensors: list[torch.Tensor], k: int, kind: int) -> tuple[int, int, int]:
+def bracket(tensors: list[torch.Tensor], kind: int, lo: int, hi: int, cap: int):
+    """(count of keys < lo, candidate keys in [lo, hi] (unsorted) or None if more than `cap`)."""
+    device = tensors[0].device
+    below = torch.zeros(1, dtype=torch.int64, device=device)
+    cand = torch.empty(max(cap, 1), dtype=torch.int64, device=device)
+    count = torch.zeros(1, dtype=torch.int32, device=device)
+    for t in tensors:
+        flat = t.reshape(-1)
+        if flat.numel() == 0:
+            continue
+        programs, per_program = _grid(flat.numel())
+        _bracket_kernel[(programs,)](below, cand, count, flat, flat.numel(), lo, hi, cand.numel(), per_program,
+                                     KIND=kind, BLOCK=_BLOCK)
+    below_n, count_n = (int(v) for v in torch.cat([below, count.to(torch.int64)]).tolist())
+    return below_n, (cand[:count_n] if count_n <= cap else None), count_n
+
+
+def _sample(tensors: list[torch.Tensor], total: int) -> torch.Tensor:
+    """Sorted ordered keys of a fixed-seed sample (the sample only decides speed, never the result)."""
+    size = min(_SAMPLE, total)
+    gen = torch.Generator(device=tensors[0].device).manual_seed(0x5E1EC7)
+    parts = []
+    for t in tensors:
+        flat = t.reshape(-1)
+        share = max(1, round(size * flat.numel() / total)) if flat.numel() else 0
+        if share:
+            idx = torch.randint(0, flat.numel(), (share,), generator=gen, device=flat.device)
+            parts.append(ordered_keys_torch(flat[idx]))
+    return torch.cat(parts).sort().values
+
+
+def select_key(tensors: list[torch.Tensor], k: int, kind: int) -> tuple[int, int, int]:
     """The k-th smallest (1-based) ordered key over all tensors, exactly.
 
-    Digits of DIGIT_BITS from the top of the key padded to a whole number of digits. Returns (key,
-    count of keys below it, count equal to it)."""
-    passes = triton.cdiv(32 if kind == _FLOAT else 63, DIGIT_BITS)
-    device = tensors[0].device
-    prefix, rank, below, equal = 0, k, 0, 0
-    for p in range(passes):
-        digit_shift = (passes - 1 - p) * DIGIT_BITS
-        hist = torch.zeros(1 << DIGIT_BITS, dtype=torch.int32, device=device)
-        for t in tensors:
-            digit_histogram_triton(hist, t, prefix, digit_shift + DIGIT_BITS, digit_shift, kind)
-        cum = hist.to(torch.int64).cumsum(0)
-        b = int(torch.searchsorted(cum, torch.tensor([rank], dtype=torch.int64, device=device)).item())
-        before = int(cum[b - 1]) if b > 0 else 0
-        equal = int(hist[b])
-        rank -= before
-        below += before
-        prefix = (prefix << DIGIT_BITS) | b
-    return prefix, below, equal
+    Returns (key, count of keys below it, count equal to it)."""
+    tensors = [t if t.is_contiguous() else t.contiguous() for t in tensors]
+    total = sum(t.numel() for t in tensors)
+    if not 1 <= k <= total:
+        raise ValueError(f"k must be in [1, {total}], got {k}")
+    sample = _sample(tensors, total)
+    s = sample.numel()
+    q = (k - 0.5) / total
+    spread = 4 * math.sqrt(s * q * (1 - q)) + 32
+    while True:
+        pos = q * s
+        lo_i, hi_i = math.floor(pos - spread), math.ceil(pos + spread)
+        lo = int(sample[lo_i]) if lo_i >= 0 else -1
+        hi = int(sample[hi_i]) if hi_i < s else _MAX_KEY
+        expected = (min(hi_i, s) - max(lo_i, 0) + 1) / s * total
+        cap = int(2 * expected) + 4096 if (lo_i >= 0 or hi_i < s) else total
+        below, cand, count = bracket(tensors, kind, lo, hi, cap)
+        if cand is not None and below < k <= below + count:
+            ordered = cand.sort().values
+            key = int(ordered[k - below - 1])
+            less = int(torch.searchsorted(ordered, torch.tensor([key], device=ordered.device)).item())
+            more = int(torch.searchsorted(ordered, torch.tensor([key], device=ordered.device), right=True).item())
+            return key, below + less, more - less
+        spread *= 8  # the bracket missed (or overflowed): widen it; at worst it covers everything
 
 
 def _key_to_float(key: int) -> float:
@@ -119,14 +158,11 @@ def _key_to_float(key: int) -> float:
 
 def kth_smallest_triton(values: torch.Tensor, k: int) -> torch.Tensor:
     """The exact k-th smallest (1-based) of a float32 or int64 (rank key) tensor, as a 0-d tensor."""
-    n = values.numel()
-    if not 1 <= k <= n:
-        raise ValueError(f"k must be in [1, {n}], got {k}")
     if values.dtype == torch.float32:
-        key, _, _ = radix_select([values], k, _FLOAT)
+        key, _, _ = select_key([values], k, _FLOAT)
         return torch.tensor(_key_to_float(key), dtype=torch.float32, device=values.device)
     if values.dtype == torch.int64:
-        key, _, _ = radix_select([values], k, _RANK)
+        key, _, _ = select_key([values], k, _RANK)
         return torch.tensor(key - _OFFSET, dtype=torch.int64, device=values.device)
     raise ValueError(f"values must be float32 or int64, got {values.dtype}")
 
@@ -163,7 +199,7 @@ def topk_mask_triton(keys: torch.Tensor, k: int) -> torch.Tensor:
     if k >= n:
         return torch.ones_like(keys, dtype=torch.bool)
     flat = keys.reshape(-1).contiguous()
-    key, below, equal = radix_select([flat], n - k + 1, _RANK)
+    key, below, equal = select_key([flat], n - k + 1, _RANK)
     kth = key - _OFFSET
     above = n - below - equal
     need = k - above  # ties to keep, 1 <= need <= equal
@@ -180,84 +216,23 @@ def topk_mask_triton(keys: torch.Tensor, k: int) -> torch.Tensor:
     return keep.view(torch.bool).reshape(keys.shape)
 
 
-@triton.jit
-def _row_topk_kernel(
-    keep_ptr,
-    keys_ptr,
-    cols,
-    stride_r,
-    k,
-    BLOCK: tl.constexpr,
-    DIGIT_BITS: tl.constexpr,
-    PASSES: tl.constexpr,
-):
-    row = tl.program_id(0).to(tl.int64)
-    base = keys_ptr + row * stride_r
-    nb: tl.constexpr = 1 << DIGIT_BITS
-    bins = tl.arange(0, nb)
-    rank = (cols - k + 1).to(tl.int64)  # the kth largest is the (cols - k + 1)-th smallest
-    prefix = tl.zeros((), dtype=tl.int64)
-    below = tl.zeros((), dtype=tl.int64)
-    equal = tl.zeros((), dtype=tl.int64)
-    for p in tl.static_range(PASSES):
-        digit_shift: tl.constexpr = (PASSES - 1 - p) * DIGIT_BITS
-        hist = tl.zeros((nb,), dtype=tl.int32)
-        for start in range(0, cols, BLOCK):
-            offs = start + tl.arange(0, BLOCK).to(tl.int64)
-            ok = offs < cols
-            key = tl.load(base + offs, mask=ok, other=0) + 4611686018427387904
-            if p > 0:
-                ok = ok & ((key >> (digit_shift + DIGIT_BITS)) == prefix)
-            digit = ((key >> digit_shift) & (nb - 1)).to(tl.int32)
-            hist += tl.histogram(digit, nb, mask=ok)
-        cum = tl.cumsum(hist.to(tl.int64), axis=0)
-        b = tl.sum((cum < rank).to(tl.int64), axis=0)
-        before = tl.sum(tl.where(bins.to(tl.int64) < b, hist.to(tl.int64), 0), axis=0)
-        equal = tl.sum(tl.where(bins.to(tl.int64) == b, hist.to(tl.int64), 0), axis=0)
-        rank -= before
-        below += before
-        prefix = prefix * nb + b
-    kth = prefix - 4611686018427387904
-    need = k - (cols - below - equal)
-    seen = tl.zeros((), dtype=tl.int64)
-    for start in range(0, cols, BLOCK):
-        offs = start + tl.arange(0, BLOCK).to(tl.int64)
-        ok = offs < cols
-        key = tl.load(base + offs, mask=ok, other=0)
-        tie = (ok & (key == kth)).to(tl.int64)
-        tie_rank = seen + tl.cumsum(tie, axis=0)
-        keep = (key > kth) | ((tie > 0) & (tie_rank <= need))
-        tl.store(keep_ptr + row * cols + offs, keep.to(tl.int8), mask=ok)
-        seen += tl.sum(tie, axis=0)
-
-
 def row_topk_mask_triton(keys: torch.Tensor, k: int) -> torch.Tensor:
-    """keys (out, in) int64: keep the k largest of every row, ties to the lower column index."""
-    rows, cols = keys.shape
-    if k <= 0:
-        return torch.zeros_like(keys, dtype=torch.bool)
-    if k >= cols:
-        return torch.ones_like(keys, dtype=torch.bool)
-    if keys.stride(1) != 1:
-        keys = keys.contiguous()
-    keep = torch.empty((rows, cols), dtype=torch.int8, device=keys.device)
-    _row_topk_kernel[(rows,)](keep, keys, cols, keys.stride(0), k, BLOCK=_BLOCK, DIGIT_BITS=DIGIT_BITS,
-                              PASSES=triton.cdiv(63, DIGIT_BITS))
-    return keep.view(torch.bool)
+    """keys (out, in) int64: keep the k largest of every row, ties to the lower column index.
+
+    A row is at most a few ten thousand keys: torch's row-wise kthvalue runs one block per row, which
+    already streams the matrix at a good fraction of bandwidth, so it is reused here."""
+    from .reference import row_topk_mask
+
+    return row_topk_mask(keys, k)
 
 
 def global_keep_counts_triton(
     keys: list[torch.Tensor], total_keep: int, lower: list[int], upper: list[int]
 ) -> list[int]:
     """Per-matrix kept counts of the global budget with bounds (see `reference.global_keep_counts`)."""
-    from .reference import water_fill
+    from .reference import global_keep_counts
 
-    def histogram(key: torch.Tensor, prefix: int, prefix_shift: int, digit_shift: int) -> torch.Tensor:
-        hist = torch.zeros(1 << DIGIT_BITS, dtype=torch.int32, device=key.device)
-        digit_histogram_triton(hist, key, prefix, prefix_shift, digit_shift, _RANK)
-        return hist.to(torch.int64).cpu()
-
-    return water_fill(keys, total_keep, lower, upper, histogram, DIGIT_BITS)
+    return global_keep_counts(keys, total_keep, lower, upper)
 
 
 @triton.jit

@@ -182,3 +182,35 @@ def test_more_than_2_pow_31_elements_on_gpu():
     x = torch.ones(rows, cols, device="cuda", dtype=torch.float16)
     s = torch.zeros(cols, dtype=torch.float64, device="cuda")
     assert T.act_sqsum_(s, x) == rows and float(s[-1]) == rows
+
+
+def test_steady_state_threshold_comes_from_the_update_pass(monkeypatch):
+    """After the first step the new threshold is found among the candidates of the fused pass: the
+    fallback select over z (a third full pass) must not run."""
+    from unipruning.kernels import mirror, select
+
+    calls = []
+    real = select.kth_smallest_triton
+    monkeypatch.setattr(select, "kth_smallest_triton", lambda v, k: calls.append(k) or real(v, k))
+    w = torch.randn(64, 256, device=device())
+    vec = R.step_vectors(w, torch.rand(256, dtype=torch.float64, device=device()), 5, "wanda")
+    z = torch.zeros(w.shape, device=device())
+    t = mirror.mirror_step_triton(z, w, *vec, 0.01, 0.0, 16, -1)
+    assert len(calls) == 1  # first step: no previous threshold
+    for _ in range(3):
+        t = mirror.mirror_step_triton(z, w, *vec, 0.01, t[0], 16, t[1])
+    assert len(calls) == 1
+
+
+def test_select_widens_a_missed_bracket(monkeypatch):
+    """A tiny sample brackets badly: the select must widen and still be exact (also under ties)."""
+    from unipruning.kernels import select
+
+    monkeypatch.setattr(select, "_SAMPLE", 4)
+    gen = torch.Generator().manual_seed(2)
+    values = torch.cat([torch.zeros(500), torch.rand(1500, generator=gen)]).to(device())
+    for k in (1, 499, 500, 501, 1234, 2000):
+        assert torch.equal(T.kth_smallest(values, k).cpu(), R.kth_smallest(values, k).cpu())
+    keys = R.rank_keys(values, values)
+    for k in (1, 700, 2000):
+        assert torch.equal(T.topk_mask(keys, k), R.topk_mask(keys, k))
