@@ -75,7 +75,7 @@ def _mirror_step_kernel(
         bits = z.to(tl.int32, bitcast=True)
         key = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # signed order-preserving key of a float32
         below += tl.sum(tl.sum((ok & (key < lo_key)).to(tl.int64), axis=1), axis=0)
-        take = tl.reshape((ok & (key >= lo_key) & (key <= hi_key)).to(tl.int32), (BLOCK_R * BLOCK_C,))
+        take = tl.reshape((ok & (key >= lo_key) & (key <= hi_key)).to(tl.int64), (BLOCK_R * BLOCK_C,))
         count = tl.sum(take, axis=0)
         if count > 0:
             base = tl.atomic_add(cand_count_ptr, count)
@@ -110,7 +110,7 @@ def _launch(z, weight, row_inv, col_inv, col_scale, kappa, threshold, hint):
     else:  # no prediction: an empty window
         lo, hi = (1 << 31) - 1, -(1 << 31)
     counters = torch.zeros(2, dtype=torch.int64, device=dev)  # [below the window, candidates]
-    cand_count = torch.zeros(1, dtype=torch.int32, device=dev)
+    cand_count = torch.zeros(1, dtype=torch.int64, device=dev)
     cand = torch.empty(max(4096, z.numel() // 256) if hint >= 0 else 1, dtype=torch.float32, device=dev)
     block_r, block_c, per_program, programs_r = _launch_config(rows, cols)
     grid = (triton.cdiv(cols, block_c), programs_r)
@@ -147,7 +147,7 @@ def mirror_step_triton(
     if not 1 <= m <= z.numel():
         raise ValueError(f"m must be in [1, {z.numel()}], got {m}")
     counters, cand, cand_count = _launch(z, weight, row_inv, col_inv, col_scale, kappa, threshold, hint)
-    below, count = (int(v) for v in torch.cat([counters[:1], cand_count.to(torch.int64)]).tolist())
+    below, count = (int(v) for v in torch.cat([counters[:1], cand_count]).tolist())
     if hint >= 0 and count <= cand.numel() and below < m <= below + count:
         t = float(cand[:count].sort().values[m - below - 1])
     else:

@@ -68,7 +68,7 @@ def _bracket_kernel(
         ok = offs < n
         key = _ordered_key(tl.load(keys_ptr + offs, mask=ok, other=0), KIND)
         below += tl.sum((ok & (key < lo)).to(tl.int64), axis=0)
-        take = (ok & (key >= lo) & (key <= hi)).to(tl.int32)
+        take = (ok & (key >= lo) & (key <= hi)).to(tl.int64)
         count = tl.sum(take, axis=0)
         if count > 0:
             base = tl.atomic_add(cand_count_ptr, count)
@@ -96,7 +96,7 @@ def bracket(tensors: list[torch.Tensor], kind: int, lo: int, hi: int, cap: int):
     device = tensors[0].device
     below = torch.zeros(1, dtype=torch.int64, device=device)
     cand = torch.empty(max(cap, 1), dtype=torch.int64, device=device)
-    count = torch.zeros(1, dtype=torch.int32, device=device)
+    count = torch.zeros(1, dtype=torch.int64, device=device)  # int64: a window may hold > 2^31 ties
     for t in tensors:
         flat = t.reshape(-1)
         if flat.numel() == 0:
@@ -104,7 +104,7 @@ def bracket(tensors: list[torch.Tensor], kind: int, lo: int, hi: int, cap: int):
         programs, per_program = _grid(flat.numel())
         _bracket_kernel[(programs,)](below, cand, count, flat, flat.numel(), lo, hi, cand.numel(), per_program,
                                      KIND=kind, BLOCK=_BLOCK)
-    below_n, count_n = (int(v) for v in torch.cat([below, count.to(torch.int64)]).tolist())
+    below_n, count_n = (int(v) for v in torch.cat([below, count]).tolist())
     return below_n, (cand[:count_n] if count_n <= cap else None), count_n
 
 
@@ -142,13 +142,28 @@ def select_key(tensors: list[torch.Tensor], k: int, kind: int) -> tuple[int, int
         expected = (min(hi_i, s) - max(lo_i, 0) + 1) / s * total
         cap = int(2 * expected) + 4096 if (lo_i >= 0 or hi_i < s) else total
         below, cand, count = bracket(tensors, kind, lo, hi, cap)
-        if cand is not None and below < k <= below + count:
+        if below < k <= below + count:
+            if cand is None:  # the bracket holds the answer but too many keys (heavy ties): bisect it
+                return _bisect(tensors, kind, k, lo, hi, below, count)
             ordered = cand.sort().values
             key = int(ordered[k - below - 1])
             less = int(torch.searchsorted(ordered, torch.tensor([key], device=ordered.device)).item())
             more = int(torch.searchsorted(ordered, torch.tensor([key], device=ordered.device), right=True).item())
             return key, below + less, more - less
-        spread *= 8  # the bracket missed (or overflowed): widen it; at worst it covers everything
+        spread *= 8  # the bracket missed: widen it; at worst it covers everything
+
+
+def _bisect(tensors, kind, k, lo, hi, below_lo, count):
+    """The k-th smallest key in [lo, hi] by bisection on the key value, counting passes only."""
+    while lo < hi:
+        mid = (lo + hi) // 2
+        below_mid, _, _ = bracket(tensors, kind, mid + 1, mid, 0)  # empty window: counts keys <= mid
+        if below_mid >= k:
+            hi = mid
+        else:
+            lo = mid + 1
+    below, _, equal = bracket(tensors, kind, lo, lo, 0)
+    return lo, below, equal
 
 
 def _key_to_float(key: int) -> float:
@@ -183,7 +198,7 @@ def _threshold_mask_kernel(
     ok = offs < n
     key = tl.load(keys_ptr + offs, mask=ok, other=-9223372036854775807)
     tl.store(keep_ptr + offs, (key > kth).to(tl.int8), mask=ok)
-    tie = (ok & (key == kth)).to(tl.int32)
+    tie = (ok & (key == kth)).to(tl.int64)
     count = tl.sum(tie, axis=0)
     if count > 0:
         base = tl.atomic_add(tie_count_ptr, count)
@@ -206,7 +221,7 @@ def topk_mask_triton(keys: torch.Tensor, k: int) -> torch.Tensor:
     keep = torch.empty(n, dtype=torch.int8, device=keys.device)
     tie_cap = max(1024, min(equal, 1 << 24))
     ties = torch.empty(tie_cap, dtype=torch.int64, device=keys.device)
-    tie_count = torch.zeros(1, dtype=torch.int32, device=keys.device)
+    tie_count = torch.zeros(1, dtype=torch.int64, device=keys.device)
     _threshold_mask_kernel[(triton.cdiv(n, _BLOCK),)](keep, ties, tie_count, flat, n, kth, tie_cap, BLOCK=_BLOCK)
     if equal <= tie_cap:
         chosen = ties[:equal].sort().values[:need]  # programs append in any order: sort, then cut

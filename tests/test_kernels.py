@@ -66,7 +66,7 @@ def test_mirror_update_with_strided_half_weight():
 @pytest.mark.parametrize("n", [1, 5, 4097, 70000])
 def test_kth_smallest_exact_on_floats_and_keys(n):
     values = torch.randn(n, device=device())
-    values[: n // 3] = values[0]  # ties
+    values[: n // 3] = float(values[0])  # ties
     keys = R.rank_keys(values.abs(), values)
     for k in sorted({1, max(1, n // 2), n}):
         assert torch.equal(T.kth_smallest(values, k).cpu(), R.kth_smallest(values, k).cpu())
@@ -214,3 +214,19 @@ def test_select_widens_a_missed_bracket(monkeypatch):
     keys = R.rank_keys(values, values)
     for k in (1, 700, 2000):
         assert torch.equal(T.topk_mask(keys, k), R.topk_mask(keys, k))
+
+
+def test_select_on_a_tensor_of_ties_bisects_the_overflowing_bracket(monkeypatch):
+    from unipruning.kernels import select
+
+    values = torch.full((100_000,), 0.25, device=device())
+    values[7] = 2.0
+    values[9] = -1.0
+    monkeypatch.setattr(select, "_SAMPLE", 1024)  # the bracket is one tied key; its 99998 entries overflow
+    calls = []
+    real = select._bisect
+    monkeypatch.setattr(select, "_bisect", lambda *a: calls.append(a) or real(*a))
+    for k in (1, 2, 50_000, 99_999, 100_000):
+        assert torch.equal(T.kth_smallest(values, k).cpu(), R.kth_smallest(values, k).cpu())
+    key, below, equal = select.select_key([values], 50_000, select._FLOAT)
+    assert (below, equal) == (1, 99_998) and calls
