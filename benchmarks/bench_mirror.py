@@ -32,6 +32,15 @@ def test_mirror_step(measure, provider, shape):
     measure(step, z.numel() * 10)
 
 
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("shape", LINEAR_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_mirror_update_only(measure, provider, shape):
+    """The memory-bound update pass alone (no threshold selection): 10 bytes per entry."""
+    w, vec, z = _setup(shape, "ria")
+    impl = implementation(provider)
+    measure(lambda: impl.mirror_update_(z, w, *vec, 0.01, 0.001), z.numel() * 10)
+
+
 @pytest.mark.parametrize("metric", ["wanda", "ria", "stochria"])
 @pytest.mark.parametrize("shape", [(4096, 4096), (28672, 8192)], ids=lambda s: f"{s[0]}x{s[1]}")
 def test_step_vectors(measure, metric, shape):

@@ -23,7 +23,7 @@ def global_counts(
 ) -> dict[str, int]:
     """Kept count per matrix under the global budget with bounds (names tie-broken in sorted order)."""
     names = sorted(saliency.z)
-    keys = [ops.rank_keys(saliency.z[n], weights[n], backend=backend) for n in names]
+    keys = [ops.rank_keys(saliency.z[n].to(weights[n].device), weights[n], backend=backend) for n in names]
     numels = [k.numel() for k in keys]
     s_min, s_max = spec.bounds
     total = keep_count(spec.sparsity, sum(numels))
