@@ -32,6 +32,9 @@ __all__ = [
     "keyed_permutation_inverse",
     "stochastic_subset_sums",
     "act_sqsum_",
+    "channel_factor",
+    "step_sums",
+    "finish_step_vectors",
     "step_vectors",
     "mirror_update_",
     "mirror_step_",
@@ -195,6 +198,64 @@ def act_sqsum_(sqsum: torch.Tensor, x: torch.Tensor) -> int:
     return x2.shape[0]
 
 
+def channel_factor(act_sqsum: torch.Tensor | None, tokens: int, metric: str, cols: int,
+                   device: torch.device) -> torch.Tensor:
+    """f_j (in,) float64: 1 (magnitude), n_j^0.5 (wanda), n_j^0.25 (ria), n_j^0.35 (stochria)."""
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
+    if metric == "magnitude":
+        return torch.ones(cols, dtype=torch.float64, device=device)
+    if act_sqsum is None or tokens <= 0:
+        raise ValueError(f"metric {metric!r} needs activation statistics")
+    n = act_sqsum.to(torch.float64) / tokens
+    return n.pow({"wanda": 0.5, "ria": RIA_EXPONENT, "stochria": STOCHRIA_EXPONENT}[metric])
+
+
+def step_sums(
+    weight: torch.Tensor, factor: torch.Tensor, metric: str, base_key: int = 0
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """The reductions of one step over W, float64: (col_abs (in,), row_sum (out,), col_sum (in,),
+    weighted_rows (out,)). col_abs = sum_i |W_ij|; row_sum/col_sum are the ria normalisers (full sums,
+    or stochria's keyed subsets); weighted_rows = |W| @ factor. The last three are None for magnitude
+    and wanda. Twin of the reduction kernel (kernels/metrics.py)."""
+    rows, cols = weight.shape
+    wabs = weight.abs()
+    col_abs = wabs.sum(dim=0, dtype=torch.float64)
+    if metric in ("magnitude", "wanda"):
+        return col_abs, None, None, None
+    if metric == "ria":
+        row_sum, col_sum = wabs.sum(dim=1, dtype=torch.float64), col_abs
+    else:
+        row_sum, col_sum = stochastic_subset_sums(wabs, base_key, stochria_tau(rows, cols))
+    weighted_rows = wabs.to(torch.float64) @ factor
+    return col_abs, row_sum, col_sum, weighted_rows
+
+
+def finish_step_vectors(
+    rows: int,
+    cols: int,
+    factor: torch.Tensor,
+    col_abs: torch.Tensor,
+    row_sum: torch.Tensor | None,
+    col_sum: torch.Tensor | None,
+    weighted_rows: torch.Tensor | None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+    """From the step's sums to the float32 vectors of the elementwise update (shared by every
+    backend, float64 throughout): S has mean 1 by construction of col_scale."""
+    row_inv = col_inv = None
+    if row_sum is None:
+        total = (factor * col_abs).sum()
+    else:
+        row_inv64 = 1.0 / row_sum.clamp_min(SUM_FLOOR)
+        col_inv64 = 1.0 / col_sum.clamp_min(SUM_FLOOR)
+        # sum_ij |W_ij| (ir_i + ic_j) f_j = sum_j f_j ic_j colabs_j + ir . (|W| f)
+        total = (factor * col_inv64 * col_abs).sum() + (row_inv64 * weighted_rows).sum()
+        row_inv, col_inv = row_inv64.to(torch.float32), col_inv64.to(torch.float32)
+    mean = float(total) / (rows * cols)
+    col_scale = (factor / mean if mean > 0 else torch.zeros_like(factor)).to(torch.float32)
+    return row_inv, col_inv, col_scale
+
+
 def step_vectors(
     weight: torch.Tensor,
     act_sqsum: torch.Tensor | None,
@@ -209,36 +270,10 @@ def step_vectors(
     S = |W| * col_scale (magnitude, wanda) or S = (|W| * (row_inv + col_inv)) * col_scale (ria,
     stochria), normalised to mean 1 (mean taken in float64 from the same vectors).
     """
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
     rows, cols = weight.shape
-    wabs = weight.abs()
-    col_abs = wabs.sum(dim=0, dtype=torch.float64)  # (in,)
-    if metric == "magnitude":
-        factor = torch.ones(cols, dtype=torch.float64, device=weight.device)
-    else:
-        if act_sqsum is None or tokens <= 0:
-            raise ValueError(f"metric {metric!r} needs activation statistics")
-        n = act_sqsum.to(torch.float64) / tokens
-        exponent = {"wanda": 0.5, "ria": RIA_EXPONENT, "stochria": STOCHRIA_EXPONENT}[metric]
-        factor = n.pow(exponent)
-    row_inv = col_inv = None
-    if metric in ("magnitude", "wanda"):
-        total = (factor * col_abs).sum()
-    else:
-        if metric == "ria":
-            row_sum, col_sum = wabs.sum(dim=1, dtype=torch.float64), col_abs
-        else:
-            row_sum, col_sum = stochastic_subset_sums(wabs, base_key, stochria_tau(rows, cols))
-        row_inv64 = 1.0 / row_sum.clamp_min(SUM_FLOOR)
-        col_inv64 = 1.0 / col_sum.clamp_min(SUM_FLOOR)
-        # sum_ij |W_ij| (ir_i + ic_j) f_j = sum_j f_j ic_j colabs_j + ir . (|W| f)
-        weighted_rows = (wabs.to(torch.float64) @ factor)  # (out,)
-        total = (factor * col_inv64 * col_abs).sum() + (row_inv64 * weighted_rows).sum()
-        row_inv, col_inv = row_inv64.to(torch.float32), col_inv64.to(torch.float32)
-    mean = float(total) / (rows * cols)
-    col_scale = (factor / mean if mean > 0 else torch.zeros_like(factor)).to(torch.float32)
-    return row_inv, col_inv, col_scale
+    factor = channel_factor(act_sqsum, tokens, metric, cols, weight.device)
+    sums = step_sums(weight, factor, metric, base_key)
+    return finish_step_vectors(rows, cols, factor, *sums)
 
 
 # --------------------------------------------------------------------------------------------------

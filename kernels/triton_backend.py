@@ -1,14 +1,15 @@
 """The Triton backend: every kernel under the name and signature of its twin in reference.py.
 
 `unipruning.backends` imports this module only when Triton can run (a GPU, or TRITON_INTERPRET=1).
-The per-step small vectors stay in shared torch code (`reference.step_vectors`) on every backend.
+The per-step small vectors come from one Triton reduction pass (metrics.py) finished by the shared
+float64 torch code of the twin (`reference.finish_step_vectors`).
 """
 
 from .act_stats import act_sqsum_triton as act_sqsum_
+from .metrics import step_vectors_triton as step_vectors
 from .mirror import mirror_step_triton as mirror_step_
 from .mirror import mirror_update_triton as mirror_update_
 from .nm import nm_mask_triton as nm_mask
-from .reference import step_vectors
 from .select import global_keep_counts_triton as global_keep_counts
 from .select import kth_smallest_triton as kth_smallest
 from .select import rank_keys_triton as rank_keys

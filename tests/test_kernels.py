@@ -34,6 +34,26 @@ def test_act_sqsum_matches_twin(shape, dtype):
     assert torch.allclose(got, ref, rtol=1e-14, atol=0)
 
 
+@pytest.mark.parametrize("shape", SHAPES + [(64, 3), (300, 70)])
+@pytest.mark.parametrize("metric", ["magnitude", "wanda", "ria", "stochria"])
+def test_step_sums_and_vectors_match_twin(shape, metric):
+    """One reduction pass (stochria subsets by forward permutation in registers) against the twin's
+    sums (inverse-permutation gathers): the same terms, so float64 agrees to rounding and the
+    float32 vectors exactly."""
+    gen = torch.Generator().manual_seed(4)
+    w = torch.randn(*shape, generator=gen).to(device())
+    sq = torch.rand(shape[1], generator=gen, dtype=torch.float64).to(device())
+    factor = R.channel_factor(sq, 9, metric, shape[1], w.device)
+    from unipruning.kernels.metrics import step_sums_triton
+
+    for got, ref in zip(step_sums_triton(w, factor, metric, 21), R.step_sums(w, factor, metric, 21), strict=True):
+        assert (got is None) == (ref is None)
+        if ref is not None:
+            assert torch.allclose(got, ref, rtol=1e-12, atol=0)
+    for got, ref in zip(T.step_vectors(w, sq, 9, metric, 21), R.step_vectors(w, sq, 9, metric, 21), strict=True):
+        assert (got is None and ref is None) or torch.equal(got, ref)
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("metric", ["magnitude", "wanda", "ria", "stochria"])
 def test_mirror_steps_match_twin_bit_for_bit(shape, metric):
@@ -46,6 +66,8 @@ def test_mirror_steps_match_twin_bit_for_bit(shape, metric):
     for step in range(4):  # step 1 has no hint (radix select), later steps refine the candidates
         sq = (torch.rand(shape[1], generator=gen, dtype=torch.float64) * 5).to(device())
         vec = R.step_vectors(w, sq, 7, metric, base_key=step)
+        kernel_vec = T.step_vectors(w, sq, 7, metric, step)
+        assert all(a is None or torch.equal(a, b) for a, b in zip(vec, kernel_vec, strict=True))
         t_kernel = T.mirror_step_(z_kernel, w, *vec, 0.01, t_kernel[0], m, t_kernel[1])
         t_twin = R.mirror_step_(z_twin, w, *vec, 0.01, t_twin[0], m, t_twin[1])
         assert torch.equal(z_kernel, z_twin), (step, (z_kernel - z_twin).abs().max())

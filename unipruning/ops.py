@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 
 from . import backends
-from .kernels import reference
 
 
 def _impl(backend: str | None, tensor: torch.Tensor):
@@ -23,9 +22,9 @@ def act_sqsum_(sqsum: torch.Tensor, x: torch.Tensor, backend: str | None = None)
 
 
 def step_vectors(weight, act_sqsum, tokens, metric, base_key=0, backend: str | None = None):
-    """(row_inv, col_inv, col_scale) float32 of one mirror step; see kernels/reference.py."""
-    # The small vectors are shared torch code on every backend (SPEC section 3): masks then agree.
-    return reference.step_vectors(weight, act_sqsum, tokens, metric, base_key)
+    """(row_inv, col_inv, col_scale) float32 of one mirror step; see kernels/reference.py. Every
+    backend finishes its sums with the same float64 torch code (SPEC section 3): masks then agree."""
+    return _impl(backend, weight).step_vectors(weight, act_sqsum, tokens, metric, base_key)
 
 
 def mirror_update_(z, weight, row_inv, col_inv, col_scale, kappa, threshold, backend: str | None = None):
