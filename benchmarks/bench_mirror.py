@@ -41,10 +41,13 @@ def test_mirror_update_only(measure, provider, shape):
     measure(lambda: impl.mirror_update_(z, w, *vec, 0.01, 0.001), z.numel() * 10)
 
 
+@pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("metric", ["wanda", "ria", "stochria"])
 @pytest.mark.parametrize("shape", [(4096, 4096), (28672, 8192)], ids=lambda s: f"{s[0]}x{s[1]}")
-def test_step_vectors(measure, metric, shape):
+def test_step_vectors(measure, provider, metric, shape):
+    """The step's reduction pass and its float64 finish (W read once: 2 bytes per entry)."""
     gen = torch.Generator(device="cuda").manual_seed(0)
     w = torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=gen)
     sq = torch.rand(shape[1], device="cuda", dtype=torch.float64, generator=gen)
-    measure(lambda: reference.step_vectors(w, sq, 2048, metric, base_key=1), w.numel() * 2)
+    impl = implementation(provider)
+    measure(lambda: impl.step_vectors(w, sq, 2048, metric, base_key=1), w.numel() * 2)
