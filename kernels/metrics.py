@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from . import reference as R
+from .grid import row_tiled
 
 
 @triton.jit
@@ -122,16 +123,6 @@ def _step_sums_kernel(
         tl.store(col_sum_ptr + pid_r * cols + col, col_sub, mask=col_ok)
 
 
-def _launch_config(rows: int, cols: int) -> tuple[int, int, int, int]:
-    block_c = 64 if cols >= 64 else triton.next_power_of_2(max(cols, 16))
-    block_r = 32
-    col_blocks = triton.cdiv(cols, block_c)
-    row_tiles = triton.cdiv(rows, block_r)
-    programs_r = max(1, min(row_tiles, 4096 // col_blocks))
-    per_program = triton.cdiv(row_tiles, programs_r)
-    return block_r, block_c, per_program, triton.cdiv(row_tiles, per_program)
-
-
 def step_sums_triton(weight: torch.Tensor, factor: torch.Tensor, metric: str, base_key: int = 0):
     """`reference.step_sums` in one pass over W."""
     if metric not in R.METRICS:
@@ -141,7 +132,7 @@ def step_sums_triton(weight: torch.Tensor, factor: torch.Tensor, metric: str, ba
         weight = weight.contiguous()
     row_sums, stoch = metric in ("ria", "stochria"), metric == "stochria"
     dev = weight.device
-    block_r, block_c, per_program, programs_r = _launch_config(rows, cols)
+    block_r, block_c, per_program, programs_r = row_tiled(rows, cols, 32, 64, 4096)
     col_blocks = triton.cdiv(cols, block_c)
     f64 = dict(dtype=torch.float64, device=dev)
     col_abs = torch.empty((programs_r, cols), **f64)

@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .grid import row_tiled
+
 
 @triton.jit
 def _mirror_step_kernel(
@@ -84,18 +86,6 @@ def _mirror_step_kernel(
     tl.atomic_add(below_ptr, below)
 
 
-def _launch_config(rows: int, cols: int) -> tuple[int, int, int, int]:
-    """(BLOCK_R, BLOCK_C, row tiles per program, row programs): deterministic, from the shape."""
-    block_c = 256 if cols >= 256 else triton.next_power_of_2(max(cols, 16))
-    block_r = 8
-    col_blocks = triton.cdiv(cols, block_c)
-    row_tiles = triton.cdiv(rows, block_r)
-    # about 2048 programs: enough to fill a GPU, few atomics
-    programs_r = max(1, min(row_tiles, 2048 // col_blocks))
-    per_program = triton.cdiv(row_tiles, programs_r)
-    return block_r, block_c, per_program, triton.cdiv(row_tiles, per_program)
-
-
 def _launch(z, weight, row_inv, col_inv, col_scale, kappa, threshold, hint):
     rows, cols = z.shape
     if z.dtype != torch.float32 or not z.is_contiguous():
@@ -112,7 +102,7 @@ def _launch(z, weight, row_inv, col_inv, col_scale, kappa, threshold, hint):
     counters = torch.zeros(2, dtype=torch.int64, device=dev)  # [below the window, candidates]
     cand_count = torch.zeros(1, dtype=torch.int64, device=dev)
     cand = torch.empty(max(4096, z.numel() // 256) if hint >= 0 else 1, dtype=torch.float32, device=dev)
-    block_r, block_c, per_program, programs_r = _launch_config(rows, cols)
+    block_r, block_c, per_program, programs_r = row_tiled(rows, cols, 8, 256, 2048)
     grid = (triton.cdiv(cols, block_c), programs_r)
     _mirror_step_kernel[grid](
         z, counters, cand, cand_count, weight,

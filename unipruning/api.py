@@ -35,7 +35,7 @@ from .export import (
     write_json,
     write_pruned_weights,
 )
-from .masks import global_counts, iter_masks, matrix_mask, nm_valid
+from .masks import global_counts, iter_masks, mask_stats, matrix_mask
 from .models import (
     check_nm_divisible,
     fingerprint,
@@ -92,16 +92,7 @@ def prune(
     backend = backends.resolve(config.backend, device)
     masks = {name: keep.cpu() for name, keep in iter_masks(
         saliency, {n: params[n].detach().to(device) for n in names}, config.mask, backend)}
-    matrices = {}
-    for name, keep in masks.items():
-        kept = int(keep.sum())
-        matrices[name] = {
-            "shape": list(keep.shape),
-            "numel": keep.numel(),
-            "kept": kept,
-            "sparsity": 1 - kept / keep.numel(),
-            "nm_valid": nm_valid(keep, *config.mask.nm) if config.mask.nm else None,
-        }
+    matrices = {name: mask_stats(keep, config.mask.nm) for name, keep in masks.items()}
     dense = sum(p.numel() for p in model.parameters())
     report = {
         "settings": config.to_dict(),

@@ -23,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import UsageError
-from .masks import masked, nm_valid
+from .masks import mask_stats, masked
 
 SAFE_SINGLE = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -133,14 +133,7 @@ def write_pruned_weights(
                 continue
             keep = keep_mask(name, weight).cpu()
             tensors[name] = masked(weight, keep)
-            kept = int(keep.sum())
-            stats[name] = {
-                "shape": list(weight.shape),
-                "numel": weight.numel(),
-                "kept": kept,
-                "sparsity": 1 - kept / weight.numel(),
-                "nm_valid": nm_valid(keep, *nm) if nm else None,
-            }
+            stats[name] = mask_stats(keep, nm)
         save_file(tensors, os.path.join(out_dir, shard), metadata=metadata)
     if os.path.isfile(os.path.join(model_dir, SAFE_INDEX)):
         shutil.copy2(os.path.join(model_dir, SAFE_INDEX), os.path.join(out_dir, SAFE_INDEX))

@@ -92,6 +92,18 @@ def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
         params[name].copy_(masked(params[name], keep))
 
 
+def mask_stats(keep: torch.Tensor, nm: tuple[int, int] | None) -> dict:
+    """What the report says of one matrix's mask."""
+    kept = int(keep.sum())
+    return {
+        "shape": list(keep.shape),
+        "numel": keep.numel(),
+        "kept": kept,
+        "sparsity": 1 - kept / keep.numel(),
+        "nm_valid": nm_valid(keep, *nm) if nm else None,
+    }
+
+
 def nm_valid(keep: torch.Tensor, n: int, m: int) -> bool:
     """True when every group of m consecutive entries of a row keeps at most n."""
     rows, cols = keep.shape
