@@ -142,3 +142,28 @@ def test_console_script_and_module_entry_points(tmp_path):
                            str(tmp_path / "o")], capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
+
+
+def test_sharded_checkpoint_keeps_its_shards_and_index(tmp_path, text_file):
+    from transformers import AutoModelForCausalLM as Auto
+
+    from tests._utils import make_checkpoint
+
+    source = tmp_path / "sharded"
+    make_checkpoint(source, layers=3)
+    model = Auto.from_pretrained(source)
+    for name in os.listdir(source):
+        if name.endswith(".safetensors"):
+            os.remove(source / name)
+    model.save_pretrained(source, max_shard_size="60KB")
+    shards = sorted(n for n in os.listdir(source) if n.endswith(".safetensors"))
+    assert len(shards) > 1 and (source / "model.safetensors.index.json").is_file()
+    out = tmp_path / "out"
+    assert run_cli("prune", "--model", source, "--out", out, "--pattern", "2:4", "--calib", text_file, *COMMON) == 0
+    assert sorted(n for n in os.listdir(out) if n.endswith(".safetensors")) == shards
+    assert (out / "model.safetensors.index.json").read_bytes() == (source / "model.safetensors.index.json").read_bytes()
+    source_tensors, pruned = read_all(source), read_all(out)
+    assert source_tensors.keys() == pruned.keys()
+    for key in prunable(str(source)):
+        assert ((pruned[key] != 0).reshape(pruned[key].shape[0], -1, 4).sum(-1) <= 2).all()
+    Auto.from_pretrained(out)
