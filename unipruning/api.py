@@ -40,12 +40,12 @@ from .models import (
     check_nm_divisible,
     fingerprint,
     load_config,
-    load_model,
     prunable_names,
     resolve_device,
     resolve_dtype,
 )
 from .saliency import Saliency, calibrate
+from .stream import LazyCheckpoint
 
 log = logging.getLogger("unipruning")
 
@@ -188,8 +188,10 @@ def prune_checkpoint(
     backend = backends.resolve(config.backend, device)
     tokenizer = load_tokenizer(tokenizer_dir or model_dir)
     windows = calibration_windows(tokenizer, calib, nsamples, seqlen, config.seed)
-    model = load_model(model_dir, resolve_dtype(config.dtype, model_cfg, device))
-    saliency, per_block = calibrate(model, windows, config, device, progress)
+    # never the whole model: a meta-device skeleton, each block read from the shards when its turn comes
+    checkpoint = LazyCheckpoint(model_dir, model_cfg)
+    model = checkpoint.skeleton(resolve_dtype(config.dtype, model_cfg, device))
+    saliency, per_block = calibrate(model, windows, config, device, progress, checkpoint)
     del model
     report = {
         "command": "prune",

@@ -25,7 +25,7 @@ from .config import PruneConfig, floor_count
 from .errors import UsageError
 from .kernels.reference import derive_key
 from .models import block_linears, decoder_blocks, fingerprint
-from .stream import BlockStream, capture_block_inputs
+from .stream import BlockStream, LazyCheckpoint, capture_block_inputs
 
 log = logging.getLogger("unipruning")
 
@@ -164,11 +164,14 @@ def calibrate(
     config: PruneConfig,
     device: torch.device,
     progress: Callable[[int, int], None] | None = None,
+    checkpoint: LazyCheckpoint | None = None,
 ) -> tuple[Saliency, list[dict]]:
     """Learn the saliency of every prunable matrix, block by block. Returns it and per-block timings.
 
     windows: (nsamples, seqlen) token ids; steps of `config.batch_size` windows each. The model's
-    weights are not changed; each block is moved to `device` while it is calibrated, then back.
+    weights are not changed. Each block is moved to `device` while it is calibrated, then back; with
+    a `checkpoint` (the model being its meta-device skeleton) each block is read from the shards
+    instead and released afterwards, so only one block is ever resident.
     """
     backend = backends.resolve(config.backend, device)
     steps = steps_of(windows, config.batch_size)
@@ -180,7 +183,10 @@ def calibrate(
     for index, block in enumerate(blocks):
         start = time.perf_counter()
         home = next(block.parameters()).device
-        block.to(device)
+        if checkpoint is None:
+            block.to(device)
+        else:
+            checkpoint.load_block(model, index, device, next(model.parameters()).dtype)
         linears = block_linears(model, index)
         stats = {
             name: (_ActStats(lin, backend) if config.metric != "magnitude" else None)
@@ -203,7 +209,10 @@ def calibrate(
             for s in stats.values():
                 if s is not None:
                     s.handle.remove()
-            block.to(home)
+            if checkpoint is None:
+                block.to(home)
+            else:
+                checkpoint.release_block(model, index)
         for name in linears:
             z[name] = state[name].cpu()
             t[name] = thresholds[name][0]

@@ -10,12 +10,15 @@ stream today; the pruned stream of weight reconstruction will sit beside it.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
-from .models import decoder_blocks
+from .errors import UsageError
+from .models import decoder_blocks, family_for
 
 
 class _StopForward(Exception):
@@ -99,3 +102,91 @@ def capture_block_inputs(model: nn.Module, steps: list[torch.Tensor], device: to
         for m, home in zip(leaves, homes, strict=True):
             m.to(home)
     return BlockStream(hidden=hidden, kwargs=kwargs)
+
+
+# ------------------------------------------------------------------------------ lazy checkpoints
+class LazyCheckpoint:
+    """A checkpoint's tensors read on demand from its safetensors shards.
+
+    Each read opens the shard, copies the tensors out and closes it, so no file mapping stays open
+    and memory holds only what was asked for. `skeleton()` builds the model on the meta device with
+    everything outside the decoder blocks loaded; `load_block`/`release_block` give one block real
+    storage on a device and take it away again: a model is never resident as a whole.
+    """
+
+    def __init__(self, model_dir: str, config):
+        from .export import weight_shards
+
+        self.model_dir, self.config = model_dir, config
+        self.shard_of: dict[str, str] = {}
+        for shard in weight_shards(model_dir):
+            with safe_open(os.path.join(model_dir, shard), framework="pt") as handle:
+                for key in handle.keys():  # noqa: SIM118 - safe_open has no __iter__
+                    self.shard_of[key] = shard
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        by_shard: dict[str, list[str]] = {}
+        for name in names:
+            by_shard.setdefault(self.shard_of[name], []).append(name)
+        out = {}
+        for shard, keys in by_shard.items():
+            with safe_open(os.path.join(self.model_dir, shard), framework="pt") as handle:
+                for key in keys:
+                    out[key] = handle.get_tensor(key)
+        return out
+
+    def skeleton(self, dtype: torch.dtype) -> nn.Module:
+        """The causal LM on the meta device, its non-block tensors loaded on the CPU in `dtype`."""
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(self.config, dtype=dtype)
+        model.eval()
+        blocks_prefix = family_for(self.config).blocks + "."
+        outside = {n: p for n, p in model.named_parameters() if not n.startswith(blocks_prefix)}
+        stored = self.read([n for n in outside if n in self.shard_of])
+        for name, tensor in stored.items():
+            _assign(model, name, tensor.to(dtype))
+        if any(p.is_meta for n, p in model.named_parameters() if not n.startswith(blocks_prefix)):
+            model.tie_weights()  # e.g. lm_head stored once, as the embedding
+        missing = [n for n, p in model.named_parameters() if not n.startswith(blocks_prefix) and p.is_meta]
+        if missing:
+            raise UsageError(f"--model: the checkpoint lacks {missing[0]!r}")
+        _rebuild_meta_buffers(model, blocks_prefix)
+        return model
+
+    def load_block(self, model: nn.Module, index: int, device: torch.device, dtype: torch.dtype) -> nn.Module:
+        block = decoder_blocks(model)[index]
+        prefix = f"{family_for(self.config).blocks}.{index}."
+        names = [prefix + n for n, _ in block.named_parameters()]
+        missing = [n for n in names if n not in self.shard_of]
+        if missing:
+            raise UsageError(f"--model: the checkpoint lacks {missing[0]!r}")
+        tensors = self.read(names)
+        block.to_empty(device=device)
+        with torch.no_grad():
+            for name, param in block.named_parameters():
+                param.copy_(tensors[prefix + name].to(dtype))
+        return block
+
+    @staticmethod
+    def release_block(model: nn.Module, index: int) -> None:
+        decoder_blocks(model)[index].to("meta")
+
+
+def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    module._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
+
+
+def _rebuild_meta_buffers(model: nn.Module, blocks_prefix: str) -> None:
+    """Buffers computed at construction (rotary inverse frequencies) are not in checkpoints: rebuild
+    the modules that hold them, on the CPU, from their config."""
+    for name, module in list(model.named_modules()):
+        if name.startswith(blocks_prefix) or not any(b.is_meta for b in module.buffers(recurse=False)):
+            continue
+        if not hasattr(module, "config"):
+            raise UsageError(f"cannot rebuild the computed buffers of {name} ({type(module).__name__})")
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, type(module)(config=module.config))
