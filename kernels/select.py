@@ -144,7 +144,7 @@ def select_key(tensors: list[torch.Tensor], k: int, kind: int) -> tuple[int, int
         below, cand, count = bracket(tensors, kind, lo, hi, cap)
         if below < k <= below + count:
             if cand is None:  # the bracket holds the answer but too many keys (heavy ties): bisect it
-                return _bisect(tensors, kind, k, lo, hi, below, count)
+                return _bisect(tensors, kind, k, lo, hi)
             ordered = cand.sort().values
             key = int(ordered[k - below - 1])
             less = int(torch.searchsorted(ordered, torch.tensor([key], device=ordered.device)).item())
@@ -153,7 +153,7 @@ def select_key(tensors: list[torch.Tensor], k: int, kind: int) -> tuple[int, int
         spread *= 8  # the bracket missed: widen it; at worst it covers everything
 
 
-def _bisect(tensors, kind, k, lo, hi, below_lo, count):
+def _bisect(tensors: list[torch.Tensor], kind: int, k: int, lo: int, hi: int) -> tuple[int, int, int]:
     """The k-th smallest key in [lo, hi] by bisection on the key value, counting passes only."""
     while lo < hi:
         mid = (lo + hi) // 2
