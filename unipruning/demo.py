@@ -110,7 +110,7 @@ def train_lm(model, ids: torch.Tensor, recipe: TinyLlama, log_every: int = 100) 
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         if log_every and (step + 1) % log_every == 0:
             log.info("train step %d/%d  loss %.3f", step + 1, recipe.train_steps, loss)
     model.eval()
