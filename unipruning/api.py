@@ -8,8 +8,11 @@ saved saliency is bit-identical to `prune` with the same settings.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -17,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import backends
+from . import __version__, backends
 from .config import MaskSpec, PruneConfig
 from .data import calibration_windows, windows_hash
 from .errors import UsageError
@@ -28,6 +31,7 @@ from .export import (
     git_hash,
     peak_memory,
     read_tensors,
+    resumable_directory,
     staged_directory,
     summarize,
     tensor_shapes,
@@ -51,6 +55,7 @@ log = logging.getLogger("unipruning")
 
 REPORT = "pruning_report.json"
 SALIENCY_DIR = "saliency"
+BLOCK_STATE = ".blocks"  # per-block saliency of a run in progress, inside its partial directory
 
 
 @dataclass
@@ -180,7 +185,7 @@ def prune_checkpoint(
 ) -> dict:
     """`unipruning prune`: calibrate on `calib`, write the pruned checkpoint, saliency and report."""
     start = time.perf_counter()
-    model_cfg, _, _ = _checked_model_dir(model_dir, config.mask)
+    model_cfg, _, shapes = _checked_model_dir(model_dir, config.mask)
     check_out(out, overwrite, {"--model": model_dir})
     if nsamples < 1 or nsamples % config.batch_size:
         raise UsageError(f"--batch-size {config.batch_size} must divide --nsamples {nsamples}")
@@ -188,24 +193,33 @@ def prune_checkpoint(
     backend = backends.resolve(config.backend, device)
     tokenizer = load_tokenizer(tokenizer_dir or model_dir)
     windows = calibration_windows(tokenizer, calib, nsamples, seqlen, config.seed)
-    # never the whole model: a meta-device skeleton, each block read from the shards when its turn comes
-    checkpoint = LazyCheckpoint(model_dir, model_cfg)
-    model = checkpoint.skeleton(resolve_dtype(config.dtype, model_cfg, device))
-    saliency, per_block = calibrate(model, windows, config, device, progress, checkpoint)
-    del model
+    run_key = hashlib.sha256(json.dumps({
+        "model": os.path.realpath(model_dir), "fingerprint": fingerprint(model_cfg, shapes), "version": __version__,
+        "windows": windows_hash(windows), "config": config.to_dict(), "device": str(device), "backend": backend,
+    }, sort_keys=True).encode()).hexdigest()
     report = {
         "command": "prune",
         "model": os.path.abspath(model_dir),
         "settings": {**config.to_dict(), "backend_used": backend, "device_used": str(device)},
         "calibration": {"source": calib, "nsamples": nsamples, "seqlen": seqlen,
                         "windows_sha256": windows_hash(windows)},
-        "blocks": per_block,
     }
-    with staged_directory(out) as staging:
+    # the partial state lives next to --out, named by the run: the same command resumes after the last
+    # finished block (a killed run included); --overwrite discards it
+    with resumable_directory(out, run_key, overwrite) as staging:
+        state_dir = os.path.join(staging, BLOCK_STATE)
+        os.makedirs(state_dir, exist_ok=True)
+        # never the whole model: a meta-device skeleton, each block read from the shards in its turn
+        checkpoint = LazyCheckpoint(model_dir, model_cfg)
+        model = checkpoint.skeleton(resolve_dtype(config.dtype, model_cfg, device))
+        saliency, per_block = calibrate(model, windows, config, device, progress, checkpoint, state_dir)
+        del model
+        report["blocks"] = per_block
         report["calibration_seconds"] = time.perf_counter() - start
         report = export_checkpoint(model_dir, staging, saliency, config.mask, backend, device, report)
         report["wall_seconds"] = time.perf_counter() - start
         write_json(os.path.join(staging, REPORT), report)
+        shutil.rmtree(state_dir)
     return report
 
 

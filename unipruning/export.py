@@ -53,19 +53,10 @@ def check_out(out: str, overwrite: bool, sources: dict[str, str]) -> None:
             raise UsageError(f"--out {out!r} is not empty (pass --overwrite to replace it)")
 
 
-@contextlib.contextmanager
-def staged_directory(out: str) -> Iterator[str]:
-    """Yield a temporary directory next to `out`; on success it replaces `out` in one rename (the old
-    `out`, if any, is moved aside first and removed only after), on failure it is removed."""
-    out = os.path.abspath(out)
+def _commit(tmp: str, out: str) -> None:
+    """Replace `out` by `tmp` in one rename (the old `out`, if any, is moved aside first and removed
+    only after): the directory appears complete or not at all."""
     parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.partial-", dir=parent)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     old = None
     if os.path.exists(out):
         old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=parent)
@@ -74,6 +65,36 @@ def staged_directory(out: str) -> Iterator[str]:
     os.rename(tmp, out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_directory(out: str) -> Iterator[str]:
+    """Yield a temporary directory next to `out`; on success it replaces `out`, on failure it is
+    removed."""
+    out = os.path.abspath(out)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.partial-", dir=os.path.dirname(out))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _commit(tmp, out)
+
+
+@contextlib.contextmanager
+def resumable_directory(out: str, run_key: str, overwrite: bool) -> Iterator[str]:
+    """Like `staged_directory`, but the directory's name is fixed by `run_key` (a hash of everything
+    that decides the output) and it is kept when the run fails or is killed, so that the same command
+    finds it again and resumes; `overwrite` discards it. On success it replaces `out`."""
+    out = os.path.abspath(out)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    tmp = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.partial-{run_key[:16]}")
+    if overwrite and os.path.isdir(tmp):
+        shutil.rmtree(tmp)
+    os.makedirs(tmp, exist_ok=True)
+    yield tmp
+    _commit(tmp, out)
 
 
 # ------------------------------------------------------------------------------------ checkpoints

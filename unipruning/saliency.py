@@ -157,6 +157,60 @@ def steps_of(windows: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     return list(windows.split(batch_size))
 
 
+def _calibrate_block(block, linears, stream: BlockStream, index: int, config: PruneConfig, backend: str):
+    """All steps of one block: its outputs replace its inputs in `stream`; returns (z, t) per linear."""
+    stats = {
+        name: (_ActStats(lin, backend) if config.metric != "magnitude" else None) for name, lin in linears.items()
+    }
+    state = {name: torch.zeros_like(lin.weight, dtype=torch.float32) for name, lin in linears.items()}
+    thresholds = dict.fromkeys(linears, (0.0, -1))  # (t, hint for the next threshold; -1: none)
+    try:
+        for k in range(len(stream.hidden)):
+            for s in stats.values():
+                if s is not None:
+                    s.reset()
+            stream.hidden[k] = stream.run(block, index, k)
+            for name, lin in linears.items():
+                base_key = derive_key(config.seed, matrix_id(name), k)
+                thresholds[name] = mirror_step(
+                    state[name], thresholds[name], lin.weight, stats[name], config, base_key, backend
+                )
+    finally:
+        for s in stats.values():
+            if s is not None:
+                s.handle.remove()
+    return {name: state[name].cpu() for name in linears}, {name: thresholds[name][0] for name in linears}
+
+
+def _block_file(state_dir: str, index: int) -> str:
+    return os.path.join(state_dir, f"block-{index:05d}.safetensors")
+
+
+def _save_block(state_dir: str, index: int, z: dict, t: dict, seconds: float) -> None:
+    """Atomically record a finished block (a rename: a killed run leaves it whole or absent)."""
+    tensors = {f"{n}.z": v.contiguous() for n, v in z.items()}
+    tensors.update({f"{n}.t": torch.tensor([v], dtype=torch.float32) for n, v in t.items()})
+    path = _block_file(state_dir, index)
+    save_file(tensors, path + ".tmp", metadata={"seconds": repr(seconds)})
+    os.replace(path + ".tmp", path)
+
+
+def _load_block(state_dir: str, index: int) -> tuple[dict, dict, float] | None:
+    path = _block_file(state_dir, index)
+    if not os.path.isfile(path):
+        return None
+    z, t = {}, {}
+    with safe_open(path, framework="pt") as handle:
+        seconds = float(handle.metadata()["seconds"])
+        for key in handle.keys():  # noqa: SIM118
+            name, kind = key.rsplit(".", 1)
+            if kind == "z":
+                z[name] = handle.get_tensor(key)
+            else:
+                t[name] = float(handle.get_tensor(key)[0])
+    return z, t, seconds
+
+
 @torch.no_grad()
 def calibrate(
     model: nn.Module,
@@ -165,13 +219,16 @@ def calibrate(
     device: torch.device,
     progress: Callable[[int, int], None] | None = None,
     checkpoint: LazyCheckpoint | None = None,
+    state_dir: str | None = None,
 ) -> tuple[Saliency, list[dict]]:
     """Learn the saliency of every prunable matrix, block by block. Returns it and per-block timings.
 
     windows: (nsamples, seqlen) token ids; steps of `config.batch_size` windows each. The model's
     weights are not changed. Each block is moved to `device` while it is calibrated, then back; with
     a `checkpoint` (the model being its meta-device skeleton) each block is read from the shards
-    instead and released afterwards, so only one block is ever resident.
+    instead and released afterwards, so only one block is ever resident. With a `state_dir`, every
+    finished block's saliency is saved there, and blocks found there are not calibrated again: their
+    forward passes are replayed to rebuild the next block's inputs (a resumed run gives the same bytes).
     """
     backend = backends.resolve(config.backend, device)
     steps = steps_of(windows, config.batch_size)
@@ -187,36 +244,28 @@ def calibrate(
             block.to(device)
         else:
             checkpoint.load_block(model, index, device, next(model.parameters()).dtype)
+        saved = _load_block(state_dir, index) if state_dir else None
         linears = block_linears(model, index)
-        stats = {
-            name: (_ActStats(lin, backend) if config.metric != "magnitude" else None)
-            for name, lin in linears.items()
-        }
-        state = {name: torch.zeros_like(lin.weight, dtype=torch.float32) for name, lin in linears.items()}
-        thresholds = dict.fromkeys(linears, (0.0, -1))  # (t, histogram bin of t; -1: unknown)
         try:
-            for k in range(len(steps)):
-                for s in stats.values():
-                    if s is not None:
-                        s.reset()
-                stream.hidden[k] = stream.run(block, index, k)
-                for name, lin in linears.items():
-                    base_key = derive_key(config.seed, matrix_id(name), k)
-                    thresholds[name] = mirror_step(
-                        state[name], thresholds[name], lin.weight, stats[name], config, base_key, backend
-                    )
+            if saved is None:
+                block_z, block_t = _calibrate_block(block, linears, stream, index, config, backend)
+                seconds = time.perf_counter() - start
+                if state_dir:
+                    _save_block(state_dir, index, block_z, block_t, seconds)
+            else:
+                saved_z, saved_t, seconds = saved  # files list names sorted: restore the family's order
+                block_z, block_t = {n: saved_z[n] for n in linears}, {n: saved_t[n] for n in linears}
+                for k in range(len(steps)):
+                    stream.hidden[k] = stream.run(block, index, k)
         finally:
-            for s in stats.values():
-                if s is not None:
-                    s.handle.remove()
             if checkpoint is None:
                 block.to(home)
             else:
                 checkpoint.release_block(model, index)
-        for name in linears:
-            z[name] = state[name].cpu()
-            t[name] = thresholds[name][0]
-        per_block.append({"block": index, "seconds": time.perf_counter() - start, "matrices": len(linears)})
+        z.update(block_z)
+        t.update(block_t)
+        per_block.append({"block": index, "seconds": seconds, "matrices": len(block_z),
+                          "resumed": saved is not None})
         if progress is not None:
             progress(index + 1, len(blocks))
     shapes = {name: tuple(v.shape) for name, v in z.items()}
