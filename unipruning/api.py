@@ -193,16 +193,16 @@ def prune_checkpoint(
     backend = backends.resolve(config.backend, device)
     tokenizer = load_tokenizer(tokenizer_dir or model_dir)
     windows = calibration_windows(tokenizer, calib, nsamples, seqlen, config.seed)
+    windows_sha = windows_hash(windows)
     run_key = hashlib.sha256(json.dumps({
         "model": os.path.realpath(model_dir), "fingerprint": fingerprint(model_cfg, shapes), "version": __version__,
-        "windows": windows_hash(windows), "config": config.to_dict(), "device": str(device), "backend": backend,
+        "windows": windows_sha, "config": config.to_dict(), "device": str(device), "backend": backend,
     }, sort_keys=True).encode()).hexdigest()
     report = {
         "command": "prune",
         "model": os.path.abspath(model_dir),
         "settings": {**config.to_dict(), "backend_used": backend, "device_used": str(device)},
-        "calibration": {"source": calib, "nsamples": nsamples, "seqlen": seqlen,
-                        "windows_sha256": windows_hash(windows)},
+        "calibration": {"source": calib, "nsamples": nsamples, "seqlen": seqlen, "windows_sha256": windows_sha},
     }
     # the partial state lives next to --out, named by the run: the same command resumes after the last
     # finished block (a killed run included); --overwrite discards it
