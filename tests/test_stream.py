@@ -91,8 +91,9 @@ def test_sigkill_then_same_command_resumes_to_identical_files(tmp_path, text_fil
     report = json.loads((out / "pruning_report.json").read_text())
     assert [b["resumed"] for b in report["blocks"]][:2] == [True, True]
     reference = tmp_path / "reference"
-    for name in ("model.safetensors", "config.json", "saliency/saliency-00001-of-00001.safetensors",
-                 "saliency/saliency_config.json", "saliency/saliency.safetensors.index.json"):
+    saliency_files = sorted(os.listdir(reference / "saliency"))
+    assert sorted(os.listdir(out / "saliency")) == saliency_files and len(saliency_files) == 4 + 2
+    for name in ["model.safetensors", "config.json"] + [f"saliency/{f}" for f in saliency_files]:
         assert (out / name).read_bytes() == (reference / name).read_bytes(), name
 
 
@@ -122,3 +123,4 @@ def test_overwrite_discards_the_partial_state(tmp_path, text_file, monkeypatch):
     assert main(args + ["--out", str(tmp_path / "b"), "--overwrite"]) == 0
     assert not [d for d in os.listdir(tmp_path) if ".partial-" in d]
     assert (tmp_path / "b" / "model.safetensors").read_bytes() == (tmp_path / "a" / "model.safetensors").read_bytes()
+

@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -32,7 +33,42 @@ log = logging.getLogger("unipruning")
 FORMAT_VERSION = 1
 SALIENCY_CONFIG = "saliency_config.json"
 SALIENCY_INDEX = "saliency.safetensors.index.json"
-SHARD_BYTES = 2 * 1024**3
+
+
+class LazyTensors(Mapping):
+    """{name: tensor} read from safetensors files on access, one at a time: a saliency as large as the
+    model never needs to be resident. entries: {name: (file, key)}, in the order to iterate."""
+
+    def __init__(self, entries: dict[str, tuple[str, str]]):
+        self.entries = entries
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        path, key = self.entries[name]
+        with safe_open(path, framework="pt") as handle:
+            return handle.get_tensor(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+
+_BLOCK_OF = re.compile(r"^(.*?\.\d+)\.")
+
+
+def _shard_groups(names: list[str]) -> list[list[str]]:
+    """Consecutive names of one decoder block form one shard (memory: one block's z at a time)."""
+    groups: list[list[str]] = []
+    last = None
+    for name in names:
+        match = _BLOCK_OF.match(name)
+        block = match.group(1) if match else name
+        if not groups or block != last:
+            groups.append([])
+        groups[-1].append(name)
+        last = block
+    return groups
 
 
 def matrix_id(name: str) -> int:
@@ -44,29 +80,26 @@ def matrix_id(name: str) -> int:
 class Saliency:
     """z and t of every prunable matrix, plus how they were obtained (metadata)."""
 
-    z: dict[str, torch.Tensor]
+    z: Mapping[str, torch.Tensor]  # a dict, or LazyTensors backed by files
     t: dict[str, float]
     metadata: dict = field(default_factory=dict)
 
     # ---------------------------------------------------------------------------------------- files
     def save(self, directory: str) -> None:
-        """Write a versioned, sharded saliency directory (float32 z and t per matrix, index, metadata)."""
+        """Write a versioned saliency directory: one safetensors shard per decoder block (float32 z and
+        t per matrix), an index and the metadata. Holds one block's z in memory at a time."""
         os.makedirs(directory, exist_ok=True)
-        shards: list[dict[str, torch.Tensor]] = [{}]
-        size = 0
-        for name in self.z:
-            nbytes = self.z[name].numel() * 4 + 4
-            if shards[-1] and size + nbytes > SHARD_BYTES:
-                shards.append({})
-                size = 0
-            shards[-1][f"{name}.z"] = self.z[name].detach().to("cpu", torch.float32).contiguous()
-            shards[-1][f"{name}.t"] = torch.tensor([self.t[name]], dtype=torch.float32)
-            size += nbytes
+        groups = _shard_groups(list(self.z))
         weight_map = {}
-        for i, shard in enumerate(shards, 1):
-            filename = f"saliency-{i:05d}-of-{len(shards):05d}.safetensors"
+        for i, names in enumerate(groups, 1):
+            shard = {}
+            for name in names:
+                shard[f"{name}.z"] = self.z[name].detach().to("cpu", torch.float32).contiguous()
+                shard[f"{name}.t"] = torch.tensor([self.t[name]], dtype=torch.float32)
+            filename = f"saliency-{i:05d}-of-{len(groups):05d}.safetensors"
             save_file(shard, os.path.join(directory, filename), metadata={"format": "pt"})
             weight_map.update({key: filename for key in shard})
+            del shard
         with open(os.path.join(directory, SALIENCY_INDEX), "w") as f:
             json.dump({"metadata": {"format_version": FORMAT_VERSION}, "weight_map": weight_map}, f, indent=1)
         with open(os.path.join(directory, SALIENCY_CONFIG), "w") as f:
@@ -90,18 +123,18 @@ class Saliency:
             raise UsageError("--saliency: it was computed for a different model (fingerprint mismatch)")
         with open(index_path) as f:
             weight_map = json.load(f)["weight_map"]
-        z, t = {}, {}
-        for filename in sorted(set(weight_map.values())):
-            with safe_open(os.path.join(directory, filename), framework="pt") as handle:
-                for key in handle.keys():  # noqa: SIM118 - safe_open has no __iter__
-                    name, kind = key.rsplit(".", 1)
-                    tensor = handle.get_tensor(key)
-                    if kind == "z":
-                        z[name] = tensor
-                    else:
-                        t[name] = float(tensor[0])
-        order = metadata.get("names", sorted(z))
-        return cls(z={n: z[n] for n in order}, t={n: t[n] for n in order}, metadata=metadata)
+        entries, t = {}, {}
+        for key, filename in weight_map.items():
+            name, kind = key.rsplit(".", 1)
+            path = os.path.join(directory, filename)
+            if kind == "z":
+                entries[name] = (path, key)
+            else:
+                with safe_open(path, framework="pt") as handle:
+                    t[name] = float(handle.get_tensor(key)[0])
+        order = metadata.get("names", sorted(entries))
+        # z stays on disk until a mask asks for it: masks are cut one matrix at a time
+        return cls(z=LazyTensors({n: entries[n] for n in order}), t={n: t[n] for n in order}, metadata=metadata)
 
     def masks(self, weights: dict[str, torch.Tensor] | nn.Module, spec) -> dict[str, torch.Tensor]:
         """Keep masks for a MaskSpec; `weights` (a model or {name: W}) supplies the |W| tie-break."""
@@ -233,7 +266,7 @@ def calibrate(
     backend = backends.resolve(config.backend, device)
     steps = steps_of(windows, config.batch_size)
     stream: BlockStream = capture_block_inputs(model, steps, device)
-    z: dict[str, torch.Tensor] = {}
+    z: dict = {}  # {name: z}, or {name: (block file, key)} with a state_dir
     t: dict[str, float] = {}
     per_block = []
     blocks = decoder_blocks(model)
@@ -262,13 +295,19 @@ def calibrate(
                 block.to(home)
             else:
                 checkpoint.release_block(model, index)
-        z.update(block_z)
+        if state_dir:  # the block's z stays in its file: memory holds one block, whatever the depth
+            path = _block_file(state_dir, index)
+            z.update({name: (path, f"{name}.z") for name in block_z})
+        else:
+            z.update(block_z)
         t.update(block_t)
-        per_block.append({"block": index, "seconds": seconds, "matrices": len(block_z),
+        per_block.append({"block": index, "seconds": seconds, "matrices": len(block_t),
                           "resumed": saved is not None})
+        del block_z, saved
         if progress is not None:
             progress(index + 1, len(blocks))
-    shapes = {name: tuple(v.shape) for name, v in z.items()}
+    params = dict(model.named_parameters())  # released blocks are on the meta device: shapes remain
+    shapes = {name: tuple(params[name].shape) for name in z}
     metadata = {
         "fingerprint": fingerprint(model.config, shapes),
         "metric": config.metric,
@@ -282,4 +321,4 @@ def calibrate(
         "seed": config.seed,
         "names": list(z),
     }
-    return Saliency(z=z, t=t, metadata=metadata), per_block
+    return Saliency(z=LazyTensors(z) if state_dir else z, t=t, metadata=metadata), per_block
