@@ -34,7 +34,7 @@ def mirror_update_(z, weight, row_inv, col_inv, col_scale, kappa, threshold, bac
 
 def mirror_step_(z, weight, row_inv, col_inv, col_scale, kappa, threshold, m, hint=-1,
                  backend: str | None = None) -> tuple[float, int]:
-    """mirror_update_ then the exact m-th smallest z: returns (new threshold, its histogram bin)."""
+    """mirror_update_ then the exact m-th smallest z: returns (new threshold, hint for the next step)."""
     return _impl(backend, z).mirror_step_(z, weight, row_inv, col_inv, col_scale, kappa, threshold, m, hint)
 
 

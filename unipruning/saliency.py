@@ -71,6 +71,21 @@ def _shard_groups(names: list[str]) -> list[list[str]]:
     return groups
 
 
+def _zt_tensors(names, z: Mapping[str, torch.Tensor], t: Mapping[str, float]) -> dict[str, torch.Tensor]:
+    """The stored form of a saliency: float32 `{name}.z` and a one-element `{name}.t` per matrix."""
+    tensors = {}
+    for name in names:
+        tensors[f"{name}.z"] = z[name].detach().to("cpu", torch.float32).contiguous()
+        tensors[f"{name}.t"] = torch.tensor([t[name]], dtype=torch.float32)
+    return tensors
+
+
+def _thresholds(path: str) -> dict[str, float]:
+    """The `{name}.t` values of one stored file (one open; z is left on disk)."""
+    with safe_open(path, framework="pt") as handle:
+        return {key[:-2]: float(handle.get_tensor(key)[0]) for key in handle.keys() if key.endswith(".t")}
+
+
 def matrix_id(name: str) -> int:
     """A stable 32-bit id of a parameter name (keys the stochria subsets; same on every backend)."""
     return zlib.crc32(name.encode())
@@ -92,10 +107,7 @@ class Saliency:
         groups = _shard_groups(list(self.z))
         weight_map = {}
         for i, names in enumerate(groups, 1):
-            shard = {}
-            for name in names:
-                shard[f"{name}.z"] = self.z[name].detach().to("cpu", torch.float32).contiguous()
-                shard[f"{name}.t"] = torch.tensor([self.t[name]], dtype=torch.float32)
+            shard = _zt_tensors(names, self.z, self.t)
             filename = f"saliency-{i:05d}-of-{len(groups):05d}.safetensors"
             save_file(shard, os.path.join(directory, filename), metadata={"format": "pt"})
             weight_map.update({key: filename for key in shard})
@@ -123,15 +135,11 @@ class Saliency:
             raise UsageError("--saliency: it was computed for a different model (fingerprint mismatch)")
         with open(index_path) as f:
             weight_map = json.load(f)["weight_map"]
-        entries, t = {}, {}
-        for key, filename in weight_map.items():
-            name, kind = key.rsplit(".", 1)
-            path = os.path.join(directory, filename)
-            if kind == "z":
-                entries[name] = (path, key)
-            else:
-                with safe_open(path, framework="pt") as handle:
-                    t[name] = float(handle.get_tensor(key)[0])
+        entries = {key[:-2]: (os.path.join(directory, filename), key)
+                   for key, filename in weight_map.items() if key.endswith(".z")}
+        t = {}
+        for filename in sorted(set(weight_map.values())):
+            t.update(_thresholds(os.path.join(directory, filename)))
         order = metadata.get("names", sorted(entries))
         # z stays on disk until a mask asks for it: masks are cut one matrix at a time
         return cls(z=LazyTensors({n: entries[n] for n in order}), t={n: t[n] for n in order}, metadata=metadata)
@@ -173,8 +181,8 @@ def mirror_step(
     base_key: int,
     backend: str,
 ) -> tuple[float, int]:
-    """One step k for one matrix: S_k, z update, new threshold t_k. `threshold` is (t_{k-1}, its
-    histogram bin): the bin lets a fused kernel gather t_k's candidates during the update."""
+    """One step k for one matrix: S_k, z update, new threshold t_k. `threshold` is (t_{k-1}, the hint
+    its step returned): the hint lets a fused kernel gather t_k's candidates during the update."""
     sqsum, tokens = (stats.sqsum, stats.tokens) if stats is not None else (None, 0)
     row_inv, col_inv, col_scale = ops.step_vectors(weight, sqsum, tokens, config.metric, base_key, backend)
     m = max(1, floor_count(config.lam, z.numel()))
@@ -221,27 +229,20 @@ def _block_file(state_dir: str, index: int) -> str:
 
 def _save_block(state_dir: str, index: int, z: dict, t: dict, seconds: float) -> None:
     """Atomically record a finished block (a rename: a killed run leaves it whole or absent)."""
-    tensors = {f"{n}.z": v.contiguous() for n, v in z.items()}
-    tensors.update({f"{n}.t": torch.tensor([v], dtype=torch.float32) for n, v in t.items()})
+    tensors = _zt_tensors(list(z), z, t)
     path = _block_file(state_dir, index)
     save_file(tensors, path + ".tmp", metadata={"seconds": repr(seconds)})
     os.replace(path + ".tmp", path)
 
 
-def _load_block(state_dir: str, index: int) -> tuple[dict, dict, float] | None:
+def _load_block(state_dir: str, index: int) -> tuple[dict[str, float], float] | None:
+    """(thresholds, seconds) of a finished block, or None; its z stays in the file."""
     path = _block_file(state_dir, index)
     if not os.path.isfile(path):
         return None
-    z, t = {}, {}
     with safe_open(path, framework="pt") as handle:
         seconds = float(handle.metadata()["seconds"])
-        for key in handle.keys():  # noqa: SIM118
-            name, kind = key.rsplit(".", 1)
-            if kind == "z":
-                z[name] = handle.get_tensor(key)
-            else:
-                t[name] = float(handle.get_tensor(key)[0])
-    return z, t, seconds
+    return _thresholds(path), seconds
 
 
 @torch.no_grad()
@@ -286,8 +287,8 @@ def calibrate(
                 if state_dir:
                     _save_block(state_dir, index, block_z, block_t, seconds)
             else:
-                saved_z, saved_t, seconds = saved  # files list names sorted: restore the family's order
-                block_z, block_t = {n: saved_z[n] for n in linears}, {n: saved_t[n] for n in linears}
+                saved_t, seconds = saved  # files list names sorted: restore the family's order
+                block_z, block_t = None, {n: saved_t[n] for n in linears}
                 for k in range(len(steps)):
                     stream.hidden[k] = stream.run(block, index, k)
         finally:
@@ -297,7 +298,7 @@ def calibrate(
                 checkpoint.release_block(model, index)
         if state_dir:  # the block's z stays in its file: memory holds one block, whatever the depth
             path = _block_file(state_dir, index)
-            z.update({name: (path, f"{name}.z") for name in block_z})
+            z.update({name: (path, f"{name}.z") for name in linears})
         else:
             z.update(block_z)
         t.update(block_t)
