@@ -4,6 +4,7 @@
     result = prune(model, token_windows, PruneConfig(mask=MaskSpec(sparsity=0.6)))
     apply_masks(model, result.masks)                        # 60% unstructured
     apply_masks(model, result.saliency.masks(model, MaskSpec(pattern="2:4")))   # or 2:4, no recalibration
+    sparsify_(model.half().cuda())          # 2:4 layers -> sparse tensor-core matmuls
 
 Importing this package never initialises CUDA.
 """
@@ -15,6 +16,8 @@ from .config import MaskSpec, PruneConfig
 from .errors import UsageError
 from .evaluate import evaluate_checkpoint, perplexity
 from .masks import apply_masks, compute_masks
+from .packed_checkpoint import load_packed, pack_checkpoint
+from .packing import pack_24, sparsify_, unpack_24
 from .saliency import Saliency
 
 __all__ = [
@@ -26,8 +29,13 @@ __all__ = [
     "apply_masks",
     "compute_masks",
     "evaluate_checkpoint",
+    "load_packed",
     "mask_checkpoint",
+    "pack_24",
+    "pack_checkpoint",
     "perplexity",
     "prune",
     "prune_checkpoint",
+    "sparsify_",
+    "unpack_24",
 ]

@@ -2,9 +2,10 @@
 
 `torch` (kernels/reference.py) runs everywhere. `triton` (kernels/triton_backend.py) runs on a CUDA
 device, or on the CPU under the Triton interpreter when TRITON_INTERPRET=1 is set in the environment
-(slow: for tests; the library never sets it). `cuda` (the unipruning._C extension) is not
-implemented in this version. `auto` picks triton for tensors on a GPU and torch otherwise, falling
-back silently (one debug log line); an explicit request that cannot be met raises with the reason.
+(slow: for tests; the library never sets it). `cuda` is a name kept for calibration kernels written
+in CUDA, which do not exist: the CUDA extension unipruning._C only packs 2:4 weights (packing.py).
+`auto` picks triton for tensors on a GPU and torch otherwise, falling back silently (one debug log
+line); an explicit request that cannot be met raises with the reason.
 Importing this module never initialises CUDA: availability is checked when a backend is resolved.
 """
 
@@ -60,7 +61,8 @@ def available(device: torch.device | str | None = None) -> dict[str, tuple[bool,
             status["triton"] = (False, "needs a CUDA device (or TRITON_INTERPRET=1 to interpret on the CPU)")
     else:
         status["triton"] = (False, reason)
-    status["cuda"] = (False, "the CUDA extension (unipruning._C) is not implemented in this version")
+    status["cuda"] = (False, "no CUDA calibration kernels exist (unipruning._C only packs 2:4 weights); "
+                             "use triton on a GPU")
     return status
 
 
