@@ -1,0 +1,126 @@
+"""The CUDA sources compile without a GPU: every .cu with nvcc, the torch binding against torch's headers,
+and the packing kernel's own per-element code, built for the host, gives the torch twin's bits.
+
+Skipped where nvcc (or, for cslt_compress.cu, CUSPARSELT_HOME) is missing, unless
+UNIPRUNING_REQUIRE_NVCC=1 (as in CI), which turns those skips into failures.
+"""
+
+import ctypes
+import glob
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+
+import pytest
+import torch
+from unipruning.kernels.reference import nm_mask
+
+from unipruning.packing import pack_cutlass_torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CSRC = os.path.join(ROOT, "csrc")
+ARCHS = ["-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90"]
+
+
+def _need(ok: bool, what: str) -> None:
+    if ok:
+        return
+    if os.environ.get("UNIPRUNING_REQUIRE_NVCC") == "1":
+        pytest.fail(f"{what} (required by UNIPRUNING_REQUIRE_NVCC=1)")
+    pytest.skip(what)
+
+
+def _nvcc() -> str:
+    nvcc = shutil.which("nvcc") or (os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc")
+                                    if os.environ.get("CUDA_HOME") else None)
+    _need(nvcc is not None and os.path.exists(nvcc), "nvcc is not installed")
+    return nvcc
+
+
+def _cusparselt_include() -> list[str]:
+    home = os.environ.get("CUSPARSELT_HOME")
+    _need(bool(home) and os.path.isfile(os.path.join(home, "include", "cusparseLt.h")),
+          "CUSPARSELT_HOME/include/cusparseLt.h not found")
+    return ["-I", os.path.join(home, "include")]
+
+
+def _run(cmd: list[str]) -> None:
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"{' '.join(cmd)}\n{done.stdout}\n{done.stderr}"
+
+
+@pytest.mark.parametrize("source", sorted(os.path.basename(p) for p in glob.glob(os.path.join(CSRC, "*.cu"))))
+def test_every_cu_file_compiles_with_nvcc(source, tmp_path):
+    nvcc = _nvcc()
+    extra = _cusparselt_include() if source == "cslt_compress.cu" else []
+    _run([nvcc, "-std=c++17", "-c", os.path.join(CSRC, source), "-o", str(tmp_path / "out.o"), *ARCHS, *extra])
+
+
+@pytest.mark.parametrize("with_cusparselt", [False, True])
+def test_torch_binding_compiles_against_torch_headers(with_cusparselt):
+    cxx = shutil.which("g++") or shutil.which("c++")
+    _need(cxx is not None, "no C++ compiler")
+    cuda_home = os.environ.get("CUDA_HOME") or "/usr/local/cuda"
+    _need(os.path.isfile(os.path.join(cuda_home, "include", "cuda_runtime_api.h")), "CUDA headers not found")
+    torch_include = os.path.join(os.path.dirname(torch.__file__), "include")
+    cmd = [cxx, "-std=c++20", "-fsyntax-only", "-w",
+           # the CPU wheel lacks c10's generated CUDA config header; nothing here depends on it
+           "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE",
+           "-I", torch_include, "-I", os.path.join(torch_include, "torch", "csrc", "api", "include"),
+           "-I", os.path.join(cuda_home, "include"), "-I", sysconfig.get_paths()["include"],
+           os.path.join(CSRC, "ops.cpp")]
+    if with_cusparselt:
+        cmd[1:1] = ["-DUNIPRUNING_WITH_CUSPARSELT", *_cusparselt_include()]
+    _run(cmd)
+
+
+@pytest.fixture(scope="module")
+def host_packer(tmp_path_factory):
+    """pack24.cu built as a host library: its per-element code is the kernel's, run on the CPU."""
+    nvcc = _nvcc()
+    lib = tmp_path_factory.mktemp("pack24") / "libpack24.so"
+    _run([nvcc, "-std=c++17", "-shared", "-Xcompiler", "-fPIC", os.path.join(CSRC, "pack24.cu"), "-o", str(lib),
+          "-gencode", "arch=compute_80,code=sm_80"])
+    fn = ctypes.CDLL(str(lib)).unipruning_pack24_cutlass_host
+    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2
+    fn.restype = ctypes.c_int
+
+    def pack(weight, mask):
+        rows, cols = weight.shape
+        values = torch.empty(rows, cols // 2, dtype=weight.dtype)
+        meta = torch.empty(rows, cols // 16, dtype=torch.int16)
+        bad = fn(values.data_ptr(), meta.data_ptr(), weight.data_ptr(),
+                 mask.data_ptr() if mask is not None else None, rows, cols)
+        return values, meta, bad
+
+    return pack
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="host library loading is tested on Linux")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(32, 64), (96, 192), (160, 448)])
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_kernel_code_gives_the_twins_bits(host_packer, shape, dtype, with_mask):
+    g = torch.Generator().manual_seed(shape[0] + shape[1])
+    w = torch.randn(*shape, generator=g).to(dtype)
+    keep = nm_mask(torch.rand(*shape, generator=g), 2, 4)
+    if with_mask:
+        mask = keep
+    else:
+        mask = None
+        w = torch.where(keep & (torch.rand(*shape, generator=g) > 0.3), w, torch.zeros((), dtype=dtype))
+    values, meta, bad = host_packer(w, mask)
+    ref_values, ref_meta = pack_cutlass_torch(w, mask)
+    assert bad == 0
+    assert torch.equal(values.view(torch.int16), ref_values.view(torch.int16))
+    assert torch.equal(meta, ref_meta)
+
+
+def test_kernel_code_flags_what_is_not_24(host_packer):
+    dense = torch.ones(32, 64, dtype=torch.float16)
+    assert host_packer(dense, None)[2] == 1
+    three = torch.zeros(32, 64, dtype=torch.bool)
+    three[:, 0::4] = three[:, 1::4] = three[:, 2::4] = True
+    assert host_packer(dense, three)[2] == 1
