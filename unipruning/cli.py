@@ -1,4 +1,4 @@
-"""`unipruning prune | mask | eval | demo`: argument parsing and printing only; the work is in api.py.
+"""`unipruning prune | mask | eval | pack | demo`: argument parsing and printing only; the work is in api.py.
 
 Bad input is one line on stderr and exit code 2, never a traceback (UsageError, and argparse's own
 errors, which are reduced to their message).
@@ -81,6 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=DTYPES, default="auto")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: --model)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    p = sub.add_parser("pack", help="pack a 2:4-pruned checkpoint for sparse tensor cores (values + metadata)")
+    p.add_argument("--model", required=True, help="a checkpoint pruned with --pattern 2:4")
+    p.add_argument("--out", required=True, help="output directory (load it with unipruning.load_packed)")
+    p.add_argument("--dtype", choices=("auto", "float16", "bfloat16"), default="auto",
+                   help="cast floating tensors first (2:4 packing needs float16 or bfloat16; auto: as stored)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
 
     p = sub.add_parser("demo", help="train a small Llama on shipped Shakespeare, prune it, compare perplexity")
     p.add_argument("--out", default=None, help="keep the pruned checkpoints here (default: temporary)")
@@ -167,6 +174,16 @@ def run(args) -> int:
         else:
             print(f"perplexity {result['perplexity']:.4f} on {result['data']} "
                   f"(seqlen {result['seqlen']}, {result['windows']} windows, {result['tokens']} tokens)")
+    elif args.command == "pack":
+        from .packed_checkpoint import pack_checkpoint
+
+        report = pack_checkpoint(args.model, args.out, args.dtype, args.overwrite)
+        print(f"packed {report['packed_matrices']} matrices ({report['layout']}, {report['dtype']}): "
+              f"{report['packed_matrix_bytes_dense'] / 2**20:.1f} MiB dense -> "
+              f"{report['packed_matrix_bytes'] / 2**20:.1f} MiB ({report['packed_fraction']:.4f})")
+        for name, reason in report["dense_matrices"].items():
+            print(f"kept dense: {name}: {reason}")
+        print(f"wrote {args.out}")
     elif args.command == "demo":
         from .demo import run_demo
 

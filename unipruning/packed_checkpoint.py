@@ -1,0 +1,170 @@
+"""Packed 2:4 checkpoints: `unipruning pack` writes them, `load_packed` rebuilds a sparse model from them.
+
+A packed checkpoint is the Hugging Face directory of a 2:4-pruned model in which every 2:4-valid
+prunable matrix `X.weight` (m, k) is stored as `X.weight_packed` (m, k/2, the kept values) and
+`X.weight_meta` (m, k/16 int16, CUTLASS metadata; see packing.py): 9/16 of the dense bytes. Every
+other tensor is copied unchanged (cast only with --dtype). config.json gains an entry
+`unipruning_packed` {format_version, layout, dtype, packed: [names], dense: {name: reason}}. Plain
+`from_pretrained` cannot read it (the packed weights are not dense tensors): `load_packed` can.
+
+The CUTLASS layout is stored because it is documented and portable; cuSPARSELt's is version-dependent,
+so `load_packed(..., layout="cusparselt")` compresses each layer on the GPU when it is loaded (through a
+transient dense copy of that one layer).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .errors import UsageError
+from .export import SAFE_INDEX, check_out, copy_side_files, staged_directory, weight_shards, write_json
+from .models import family_for, load_config, prunable_names
+from .packing import LAYOUTS, PACKABLE_DTYPES, pack_24, pack_cutlass_torch, skip_reason
+
+FORMAT_VERSION = 1
+CONFIG_KEY = "unipruning_packed"
+PACKED_SUFFIX, META_SUFFIX = "_packed", "_meta"
+REPORT = "packing_report.json"
+_DTYPES = {"auto": None, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def pack_checkpoint(model_dir: str, out: str, dtype: str = "auto", overwrite: bool = False) -> dict:
+    """`unipruning pack`: write the packed checkpoint of a 2:4-pruned model directory to `out`."""
+    start = time.perf_counter()
+    if dtype not in _DTYPES:
+        raise UsageError(f"--dtype: expected one of {', '.join(_DTYPES)}, got {dtype!r}")
+    config = load_config(model_dir)
+    prunable = set(prunable_names(config))
+    shards = weight_shards(model_dir)
+    check_out(out, overwrite, {"--model": model_dir})
+    target = _DTYPES[dtype]
+
+    packed, dense, index = [], {}, {}
+    stored: torch.dtype | None = None
+    bytes_dense = bytes_packed = 0
+    with staged_directory(out) as staging:
+        for shard in shards:
+            with safe_open(os.path.join(model_dir, shard), framework="pt") as handle:
+                metadata = handle.metadata() or {"format": "pt"}
+                tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+            written = {}
+            for name, tensor in tensors.items():
+                if target is not None and tensor.is_floating_point():
+                    tensor = tensor.to(target)
+                if name in prunable and tensor.dtype not in PACKABLE_DTYPES:
+                    raise UsageError(f"--model: weights are {tensor.dtype}; 2:4 packing needs float16 or "
+                                     "bfloat16 (pass --dtype bfloat16 or --dtype float16)")
+                reason = skip_reason(tensor) if name in prunable else "not prunable"
+                if reason is None:
+                    values, meta = pack_cutlass_torch(tensor.contiguous())
+                    written[name + PACKED_SUFFIX], written[name + META_SUFFIX] = values, meta
+                    packed.append(name)
+                    stored = tensor.dtype
+                    bytes_dense += tensor.numel() * tensor.element_size()
+                    bytes_packed += values.numel() * values.element_size() + meta.numel() * meta.element_size()
+                else:
+                    written[name] = tensor
+                    if name in prunable:
+                        dense[name] = reason
+            save_file(written, os.path.join(staging, shard), metadata=metadata)
+            index.update(dict.fromkeys(written, shard))
+        if not packed:
+            first = next(iter(dense.items()), ("", "no prunable matrices"))
+            raise UsageError(f"--model: no 2:4 matrix to pack (e.g. {first[0]}: {first[1]})")
+        if os.path.isfile(os.path.join(model_dir, SAFE_INDEX)):
+            with open(os.path.join(model_dir, SAFE_INDEX)) as f:
+                source_index = json.load(f)
+            source_index["weight_map"] = dict(sorted(index.items()))
+            write_json(os.path.join(staging, SAFE_INDEX), source_index)
+        dtype_name = str(stored).removeprefix("torch.")
+        entry = {"format_version": FORMAT_VERSION, "layout": "cutlass", "dtype": dtype_name,
+                 "packed": sorted(packed), "dense": dict(sorted(dense.items()))}
+        copy_side_files(model_dir, staging, _existing_sparsity_config(model_dir))
+        _add_config_entry(os.path.join(staging, "config.json"), entry, target)
+        report = {
+            "command": "pack", "model": os.path.abspath(model_dir), "layout": "cutlass", "dtype": dtype_name,
+            "packed_matrices": len(packed), "dense_matrices": dense,
+            "packed_matrix_bytes_dense": bytes_dense, "packed_matrix_bytes": bytes_packed,
+            "packed_fraction": bytes_packed / bytes_dense, "wall_seconds": time.perf_counter() - start,
+        }
+        write_json(os.path.join(staging, REPORT), report)
+    return report
+
+
+def _existing_sparsity_config(model_dir: str) -> dict | None:
+    with open(os.path.join(model_dir, "config.json")) as f:
+        return json.load(f).get("sparsity_config")
+
+
+def _add_config_entry(path: str, entry: dict, dtype: torch.dtype | None) -> None:
+    with open(path) as f:
+        config = json.load(f)
+    if config.get("sparsity_config") is None:
+        config.pop("sparsity_config", None)
+    config[CONFIG_KEY] = entry
+    if dtype is not None:
+        config["dtype"] = str(dtype).removeprefix("torch.")
+    write_json(path, config)
+
+
+def load_packed(model_dir: str, device: str | torch.device = "cuda", layout: str = "cutlass") -> nn.Module:
+    """The causal LM of a packed checkpoint, its 2:4 matrices as semi-structured tensors on `device`.
+
+    No packed layer is ever made dense with layout "cutlass" (the stored format); "cusparselt"
+    compresses each layer on the GPU through a transient dense copy. Sparse matmuls need a CUDA GPU of
+    compute capability 8.0+; on a CPU the model is built (for inspection) but cannot run forward."""
+    from torch.sparse import SparseSemiStructuredTensorCUTLASS
+    from transformers import AutoModelForCausalLM
+
+    from .packing import _semi_structured, unpack_cutlass_torch
+    from .stream import _assign, _rebuild_meta_buffers
+
+    if layout not in LAYOUTS:
+        raise UsageError(f"layout: expected one of {', '.join(LAYOUTS)}, got {layout!r}")
+    config = load_config(model_dir)
+    entry = getattr(config, CONFIG_KEY, None)
+    if not isinstance(entry, dict) or entry.get("format_version") != FORMAT_VERSION:
+        raise UsageError(f"--model: {model_dir} is not a packed checkpoint of format version {FORMAT_VERSION} "
+                         "(write one with `unipruning pack`)")
+    device = torch.device(device)
+    dtype = getattr(torch, entry["dtype"])
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.eval()
+    packed = set(entry["packed"])
+    for shard in weight_shards(model_dir):
+        with safe_open(os.path.join(model_dir, shard), framework="pt") as handle:
+            keys = list(handle.keys())  # noqa: SIM118
+            for key in keys:
+                if key.endswith(PACKED_SUFFIX) and key.removesuffix(PACKED_SUFFIX) in packed:
+                    name = key.removesuffix(PACKED_SUFFIX)
+                    values = handle.get_tensor(key).to(device)
+                    meta = handle.get_tensor(name + META_SUFFIX).to(device)
+                    shape = (values.shape[0], 2 * values.shape[1])
+                    if layout == "cutlass":
+                        weight = _semi_structured(SparseSemiStructuredTensorCUTLASS, torch.Size(shape), packed=values,
+                                                  meta=meta, packed_t=None, meta_t=None,
+                                                  compressed_swizzled_bitmask=None, requires_grad=False)
+                    else:
+                        weight = pack_24(unpack_cutlass_torch(values, meta), "cusparselt")
+                    _assign(model, name, weight)
+                elif not (key.endswith(META_SUFFIX) and key.removesuffix(META_SUFFIX) in packed):
+                    _assign(model, key, handle.get_tensor(key).to(device))
+    if any(p.is_meta for p in model.parameters()):
+        model.tie_weights()
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise UsageError(f"--model: the packed checkpoint lacks {missing[0]!r}")
+    _rebuild_meta_buffers(model, family_for(config).blocks + ".")
+    for module in model.modules():  # rebuilt on the CPU: move the computed buffers to `device`
+        for name, buffer in list(module._buffers.items()):
+            if buffer is not None and buffer.device != device:
+                module._buffers[name] = buffer.to(device)
+    return model
