@@ -25,9 +25,10 @@ def implementation(provider):
 
 @pytest.fixture
 def measure(benchmark):
-    """measure(fn, bytes_moved): time fn (synchronised) and record bytes, median ms and GB/s."""
+    """measure(fn, bytes_moved, flops=None): time fn (synchronised) and record bytes, median ms, GB/s
+    (and TFLOP/s when flops are given)."""
 
-    def run(fn, bytes_moved, rounds=10):
+    def run(fn, bytes_moved, rounds=10, flops=None):
         def call(*args):
             fn(*args)
             torch.cuda.synchronize()
@@ -37,5 +38,7 @@ def measure(benchmark):
         median = benchmark.stats.stats.median
         benchmark.extra_info.update({"bytes": int(bytes_moved), "ms": median * 1e3,
                                      "mean_ms": benchmark.stats.stats.mean * 1e3, "gbps": bytes_moved / median / 1e9})
+        if flops is not None:
+            benchmark.extra_info.update({"flops": int(flops), "tflops": flops / median / 1e12})
 
     return run
