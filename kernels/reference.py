@@ -45,6 +45,9 @@ __all__ = [
     "row_topk_mask",
     "nm_mask",
     "global_keep_counts",
+    "hessian_accumulate_",
+    "obs_inverse_factor",
+    "obs_sweep_",
 ]
 
 MASK32 = 0xFFFFFFFF
@@ -481,3 +484,82 @@ def global_keep_counts(
     return [int(v) for v in counts]
 
 
+
+
+# ------------------------------------------------------------------ OBS reconstruction (SPEC 9)
+def hessian_accumulate_(h: torch.Tensor, x: torch.Tensor) -> None:
+    """h (in, in) float32 += x^T x over the tokens of x (..., in), accumulated in float32."""
+    xf = x.reshape(-1, x.shape[-1]).to(torch.float32)
+    h.addmm_(xf.T, xf)
+
+
+def obs_inverse_factor(h: torch.Tensor, damp: float) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(U, dead): U the upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, or None when a
+    factorisation fails (the caller retries with more dampening); dead: inputs with H_ii == 0, whose
+    diagonal is set to 1 first (their weight columns are to be zeroed)."""
+    h = h.to(torch.float32).clone()
+    diag = h.diagonal()
+    dead = diag == 0
+    diag[dead] = 1.0
+    diag += damp * diag.mean()
+    lower, info = torch.linalg.cholesky_ex(h)
+    if int(info) != 0:
+        return None, dead
+    u, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+    if int(info) != 0 or not bool(torch.isfinite(u).all()):
+        return None, dead
+    return u, dead
+
+
+def _smallest_flat(score: torch.Tensor, count: int) -> torch.Tensor:
+    """Flat indices of the `count` smallest scores, ties to the lower index."""
+    return score.reshape(-1).sort(stable=True).indices[:count]
+
+
+def obs_sweep_(
+    w: torch.Tensor,
+    u: torch.Tensor,
+    keep: torch.Tensor | None = None,
+    prune_count: int | None = None,
+    nm: tuple[int, int] | None = None,
+    blocksize: int = 128,
+) -> torch.Tensor:
+    """The lazy-batch OBS sweep of SparseGPT, in place on w (rows, cols) float32; returns the keep mask.
+
+    For each block of columns and each column i in it: q = the column with its pruned entries zeroed,
+    err = (w - q) / U[i, i], the block's later columns -= err * U[i, i:]; after the block, the later
+    columns -= Err @ U[block, later]. Vectorised over rows. The mask is `keep` when given; otherwise
+    SparseGPT's rule on the current (updated) weights, score w^2 / U[i, i]^2: with `nm` = (n, m), the
+    m - n smallest of every group of m columns of a row when the sweep reaches the group; else
+    `prune_count` entries in all, the smallest of each block, spread over blocks in proportion to
+    their columns. Pruned entries end as +0.0.
+    """
+    rows, cols = w.shape
+    choose = keep is None
+    keep = torch.ones_like(w, dtype=torch.bool) if choose else keep.clone()
+    if nm is not None:
+        blocksize = max(nm[1], blocksize // nm[1] * nm[1])  # a group never straddles two blocks
+    d = u.diagonal()
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        w1, u1, k1 = w[:, i1:i2].clone(), u[i1:i2, i1:i2], keep[:, i1:i2]
+        err1 = torch.zeros_like(w1)
+        if choose and nm is None:
+            count = prune_count * i2 // cols - prune_count * i1 // cols
+            flat = _smallest_flat(w1.square() / d[i1:i2].square(), count)
+            k1[flat // (i2 - i1), flat % (i2 - i1)] = False
+        for i in range(i2 - i1):
+            if choose and nm is not None and i % nm[1] == 0:
+                n, m = nm
+                score = w1[:, i:i + m].square() / d[i1 + i:i1 + i + m].square()
+                k1[:, i:i + m].scatter_(1, score.sort(dim=1, stable=True).indices[:, : m - n], False)
+            col = w1[:, i]
+            q = torch.where(k1[:, i], col, 0.0)
+            err = (col - q) / u1[i, i]
+            w1[:, i:] -= err[:, None] * u1[i, i:][None, :]
+            w1[:, i] = q
+            err1[:, i] = err
+        w[:, i1:i2] = w1
+        w[:, i2:] -= err1 @ u[i1:i2, i2:]
+    w.masked_fill_(~keep, 0.0)
+    return keep

@@ -10,6 +10,7 @@ from .metrics import step_vectors_triton as step_vectors
 from .mirror import mirror_step_triton as mirror_step_
 from .mirror import mirror_update_triton as mirror_update_
 from .nm import nm_mask_triton as nm_mask
+from .reference import hessian_accumulate_, obs_sweep_  # no fused kernels yet: torch matmul and the twin
 from .select import global_keep_counts_triton as global_keep_counts
 from .select import kth_smallest_triton as kth_smallest
 from .select import rank_keys_triton as rank_keys
@@ -19,10 +20,12 @@ from .select import topk_mask_triton as topk_mask
 __all__ = [
     "act_sqsum_",
     "global_keep_counts",
+    "hessian_accumulate_",
     "kth_smallest",
     "mirror_step_",
     "mirror_update_",
     "nm_mask",
+    "obs_sweep_",
     "rank_keys",
     "row_topk_mask",
     "step_vectors",

@@ -60,3 +60,21 @@ def nm_mask(keys: torch.Tensor, n: int, m: int, backend: str | None = None) -> t
 
 def global_keep_counts(keys, total_keep, lower, upper, backend: str | None = None) -> list[int]:
     return _impl(backend, keys[0]).global_keep_counts(keys, total_keep, lower, upper)
+
+
+def hessian_accumulate_(h: torch.Tensor, x: torch.Tensor, backend: str | None = None) -> None:
+    """h (in, in) float32 += x^T x over the tokens of x (..., in)."""
+    _impl(backend, x).hessian_accumulate_(h, x)
+
+
+def obs_inverse_factor(h: torch.Tensor, damp: float):
+    """(U, dead inputs) of a dampened Hessian, U None when the factorisation fails (torch.linalg on
+    any device: a dense factorisation, not a kernel of ours)."""
+    from .kernels.reference import obs_inverse_factor as factor
+
+    return factor(h, damp)
+
+
+def obs_sweep_(w, u, keep=None, prune_count=None, nm=None, blocksize=128, backend: str | None = None):
+    """The lazy-batch OBS sweep, in place on w (float32); returns the keep mask (kernels/reference.py)."""
+    return _impl(backend, w).obs_sweep_(w, u, keep, prune_count, nm, blocksize)
