@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from . import __version__, backends
-from .config import MaskSpec, PruneConfig
+from .config import RECONSTRUCTIONS, MaskSpec, PruneConfig
 from .data import calibration_windows, windows_hash
 from .errors import UsageError
 from .export import (
@@ -39,15 +39,17 @@ from .export import (
     write_json,
     write_pruned_weights,
 )
-from .masks import global_counts, iter_masks, mask_stats, matrix_mask
+from .masks import global_counts, iter_masks, mask_stats, masked, matrix_mask
 from .models import (
     check_nm_divisible,
+    family_for,
     fingerprint,
     load_config,
     prunable_names,
     resolve_device,
     resolve_dtype,
 )
+from .reconstruct import BLOCKSIZE, DAMP, reconstruct, reconstructed, reconstructed_files
 from .saliency import Saliency, calibrate
 from .stream import LazyCheckpoint
 
@@ -56,6 +58,7 @@ log = logging.getLogger("unipruning")
 REPORT = "pruning_report.json"
 SALIENCY_DIR = "saliency"
 BLOCK_STATE = ".blocks"  # per-block saliency of a run in progress, inside its partial directory
+RECON_STATE = ".recon"  # per-block reconstructed weights of a run in progress
 
 
 @dataclass
@@ -86,6 +89,9 @@ def prune(
     then split into steps of `config.batch_size` windows). The model's weights are left untouched.
     """
     config = config or PruneConfig()
+    if config.reconstruct != "none" or config.metric == "sparsegpt":
+        raise UsageError("prune(): weight reconstruction changes weights and runs on checkpoints: use "
+                         "prune_checkpoint(model_dir, out, config, calib)")
     windows = _as_windows(calibration_batches)
     names = prunable_names(model.config)
     params = dict(model.named_parameters())
@@ -111,11 +117,12 @@ def prune(
 
 
 # ------------------------------------------------------------------------------ checkpoint jobs
-def sparsity_config(spec: MaskSpec, names: list[str]) -> dict:
+def sparsity_config(spec: MaskSpec, names: list[str], metric: str = "unipruning", reconstruct: str = "none") -> dict:
     """The `sparsity_config` entry of the pruned config.json."""
     return {
         "format": "dense",
-        "method": "unipruning",
+        "method": "sparsegpt" if metric == "sparsegpt" else "unipruning",
+        "reconstruct": reconstruct,
         "pattern": spec.pattern,
         "sparsity_structure": spec.pattern,
         "sparsity": spec.sparsity,
@@ -125,30 +132,55 @@ def sparsity_config(spec: MaskSpec, names: list[str]) -> dict:
     }
 
 
+def keep_function(
+    model_dir: str, saliency: Saliency, spec: MaskSpec, backend: str, device: torch.device
+) -> Callable[[str, torch.Tensor], torch.Tensor]:
+    """keep(name, stored weight) -> the saliency's mask of that matrix (on `device`); with allocation
+    global the per-matrix counts are settled first, over every matrix."""
+    counts = {}
+    if spec.allocation == "global":
+        weights = {n: w.to(device) for n, w in read_tensors(model_dir, list(saliency.z)).items()}
+        counts = global_counts(saliency, weights, spec, backend)
+        del weights
+
+    def keep(name: str, weight: torch.Tensor) -> torch.Tensor:
+        return matrix_mask(saliency.z[name].to(device), weight.to(device), spec, counts.get(name), backend)
+
+    return keep
+
+
 def export_checkpoint(
     model_dir: str,
     staging: str,
-    saliency: Saliency,
+    names: list[str],
+    saliency: Saliency | None,
     spec: MaskSpec,
     backend: str,
     device: torch.device,
     report: dict,
+    recon_dir: str | None = None,
 ) -> dict:
-    """Write weights (masked), side files, saliency and report into `staging`; return the report.
-    Masks are computed on `device` with `backend` (every backend gives the same masks)."""
-    names = list(saliency.z)
-    counts = {}
-    if spec.allocation == "global":
-        weights = {n: w.to(device) for n, w in read_tensors(model_dir, names).items()}
-        counts = global_counts(saliency, weights, spec, backend)
-        del weights
+    """Write weights, side files, saliency (when there is one) and report into `staging`; return the
+    report. The weights are the saliency's masks applied to the source (computed on `device` with
+    `backend`: every backend gives the same masks), or, with `recon_dir`, the reconstructed ones."""
+    if recon_dir is not None:
+        files = reconstructed_files(recon_dir)
 
-    def keep_mask(name: str, weight: torch.Tensor) -> torch.Tensor:
-        return matrix_mask(saliency.z[name].to(device), weight.to(device), spec, counts.get(name), backend)
+        def pruned(name: str, weight: torch.Tensor):
+            return reconstructed(files[name], name)
+    else:
+        keep = keep_function(model_dir, saliency, spec, backend, device)
 
-    matrices = write_pruned_weights(model_dir, staging, keep_mask, names, spec.nm)
-    copy_side_files(model_dir, staging, sparsity_config(spec, names))
-    saliency.save(os.path.join(staging, SALIENCY_DIR))
+        def pruned(name: str, weight: torch.Tensor):
+            mask = keep(name, weight).cpu()
+            return masked(weight, mask), mask
+
+    matrices = write_pruned_weights(model_dir, staging, pruned, names, spec.nm)
+    settings = report.get("settings", {})
+    copy_side_files(model_dir, staging, sparsity_config(spec, names, settings.get("metric", ""),
+                                                        settings.get("reconstruct", "none")))
+    if saliency is not None:
+        saliency.save(os.path.join(staging, SALIENCY_DIR))
     report = {
         **report,
         "mask": {"sparsity": spec.sparsity, "pattern": spec.pattern, "allocation": spec.allocation,
@@ -172,6 +204,26 @@ def _checked_model_dir(model_dir: str, spec: MaskSpec):
     return config, names, shapes
 
 
+def _reconstruct_pass(
+    staging: str, model_dir: str, model_cfg, windows: torch.Tensor, batch_size: int, device: torch.device,
+    dtype: torch.dtype, spec: MaskSpec, keep: Callable | None, backend: str, progress=None,
+) -> tuple[str, dict]:
+    """Run the OBS reconstruction (reconstruct.py) into `staging`; (its state directory, report entry)."""
+    start = time.perf_counter()
+    recon_dir = os.path.join(staging, RECON_STATE)
+    os.makedirs(recon_dir, exist_ok=True)
+    checkpoint = LazyCheckpoint(model_dir, model_cfg)
+    model = checkpoint.skeleton(dtype)
+    blocks = reconstruct(model, windows, batch_size, device, checkpoint, recon_dir, spec, keep, backend, progress)
+    groups = len(family_for(model_cfg).sequential)
+    return recon_dir, {
+        "method": "obs", "damp": DAMP, "blocksize": BLOCKSIZE, "seconds": time.perf_counter() - start,
+        "blocks": blocks,
+        "cost": f"a second forward per layer on the pruned stream ({groups} partial forwards to collect each "
+                "group's Hessian, then one for the block's output), beside the calibration's own",
+    }
+
+
 def prune_checkpoint(
     model_dir: str,
     out: str,
@@ -185,12 +237,13 @@ def prune_checkpoint(
 ) -> dict:
     """`unipruning prune`: calibrate on `calib`, write the pruned checkpoint, saliency and report."""
     start = time.perf_counter()
-    model_cfg, _, shapes = _checked_model_dir(model_dir, config.mask)
+    model_cfg, names, shapes = _checked_model_dir(model_dir, config.mask)
     check_out(out, overwrite, {"--model": model_dir})
     if nsamples < 1 or nsamples % config.batch_size:
         raise UsageError(f"--batch-size {config.batch_size} must divide --nsamples {nsamples}")
     device = resolve_device(config.device)
     backend = backends.resolve(config.backend, device)
+    dtype = resolve_dtype(config.dtype, model_cfg, device)
     tokenizer = load_tokenizer(tokenizer_dir or model_dir)
     windows = calibration_windows(tokenizer, calib, nsamples, seqlen, config.seed)
     windows_sha = windows_hash(windows)
@@ -209,27 +262,44 @@ def prune_checkpoint(
     with resumable_directory(out, run_key, overwrite) as staging:
         state_dir = os.path.join(staging, BLOCK_STATE)
         os.makedirs(state_dir, exist_ok=True)
-        # never the whole model: a meta-device skeleton, each block read from the shards in its turn
-        checkpoint = LazyCheckpoint(model_dir, model_cfg)
-        model = checkpoint.skeleton(resolve_dtype(config.dtype, model_cfg, device))
-        saliency, per_block = calibrate(model, windows, config, device, progress, checkpoint, state_dir)
-        del model
-        report["blocks"] = per_block
-        report["calibration_seconds"] = time.perf_counter() - start
-        report = export_checkpoint(model_dir, staging, saliency, config.mask, backend, device, report)
+        saliency, keep, recon_dir = None, None, None
+        if config.metric != "sparsegpt":  # sparsegpt: no saliency, its masks come from the OBS sweep
+            # never the whole model: a meta-device skeleton, each block read from the shards in its turn
+            checkpoint = LazyCheckpoint(model_dir, model_cfg)
+            model = checkpoint.skeleton(dtype)
+            saliency, report["blocks"] = calibrate(model, windows, config, device, progress, checkpoint, state_dir)
+            del model
+            report["calibration_seconds"] = time.perf_counter() - start
+        if config.reconstruct == "obs":
+            if saliency is not None:
+                keep = keep_function(model_dir, saliency, config.mask, backend, device)
+            recon_dir, report["reconstruction"] = _reconstruct_pass(
+                staging, model_dir, model_cfg, windows, config.batch_size, device, dtype, config.mask, keep,
+                backend, progress)
+        report = export_checkpoint(model_dir, staging, names, saliency, config.mask, backend, device, report,
+                                   recon_dir)
         report["wall_seconds"] = time.perf_counter() - start
         write_json(os.path.join(staging, REPORT), report)
-        shutil.rmtree(state_dir)
+        for partial in (state_dir, recon_dir):
+            if partial is not None:
+                shutil.rmtree(partial)
     return report
 
 
 def mask_checkpoint(
     model_dir: str, saliency_dir: str, out: str, spec: MaskSpec, overwrite: bool = False,
-    backend: str = "auto", device: str = "auto",
+    backend: str = "auto", device: str = "auto", reconstruct: str = "none", calib: str | None = None,
+    nsamples: int | None = None, seqlen: int | None = None, seed: int | None = None, batch_size: int = 1,
+    dtype: str = "auto", tokenizer_dir: str | None = None, progress: Callable[[int, int], None] | None = None,
 ) -> dict:
-    """`unipruning mask`: new masks from a saved saliency, no calibration."""
+    """`unipruning mask`: new masks from a saved saliency, no calibration; with reconstruct "obs" the
+    kept weights are reconstructed on `calib` (windows as in the saliency's run unless given)."""
     start = time.perf_counter()
     config, names, shapes = _checked_model_dir(model_dir, spec)
+    if reconstruct not in RECONSTRUCTIONS:
+        raise UsageError(f"--reconstruct: expected one of {', '.join(RECONSTRUCTIONS)}, got {reconstruct!r}")
+    if reconstruct == "obs" and not calib:
+        raise UsageError("--reconstruct obs: pass --calib (the windows are run through the pruned model)")
     check_out(out, overwrite, {"--model": model_dir, "--saliency": saliency_dir})
     compute = resolve_device(device)
     used = backends.resolve(backend, compute)
@@ -240,12 +310,31 @@ def mask_checkpoint(
         "command": "mask",
         "model": os.path.abspath(model_dir),
         "saliency": os.path.abspath(saliency_dir),
-        "settings": {**saliency.metadata, "backend_used": used, "device_used": str(compute)},
+        "settings": {**saliency.metadata, "reconstruct": reconstruct, "backend_used": used,
+                     "device_used": str(compute)},
     }
+    windows = None
+    if reconstruct == "obs":
+        meta = saliency.metadata
+        nsamples, seqlen = nsamples or meta["nsamples"], seqlen or meta["seqlen"]
+        seed = meta["seed"] if seed is None else seed
+        if nsamples % batch_size:
+            raise UsageError(f"--batch-size {batch_size} must divide --nsamples {nsamples}")
+        windows = calibration_windows(load_tokenizer(tokenizer_dir or model_dir), calib, nsamples, seqlen, seed)
+        report["calibration"] = {"source": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed,
+                                 "windows_sha256": windows_hash(windows)}
     with staged_directory(out) as staging:
-        report = export_checkpoint(model_dir, staging, saliency, spec, used, compute, report)
+        recon_dir = None
+        if windows is not None:
+            keep = keep_function(model_dir, saliency, spec, used, compute)
+            recon_dir, report["reconstruction"] = _reconstruct_pass(
+                staging, model_dir, config, windows, batch_size, compute, resolve_dtype(dtype, config, compute),
+                spec, keep, used, progress)
+        report = export_checkpoint(model_dir, staging, names, saliency, spec, used, compute, report, recon_dir)
         report["wall_seconds"] = time.perf_counter() - start
         write_json(os.path.join(staging, REPORT), report)
+        if recon_dir is not None:
+            shutil.rmtree(recon_dir)
     return report
 
 

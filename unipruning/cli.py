@@ -11,9 +11,8 @@ import json
 import logging
 import sys
 
-from .config import ALLOCATIONS, BACKENDS, DEVICES, DTYPES, MaskSpec, PruneConfig
+from .config import ALLOCATIONS, BACKENDS, DEVICES, DTYPES, METRICS, RECONSTRUCTIONS, MaskSpec, PruneConfig
 from .errors import UsageError
-from .kernels.reference import METRICS
 
 log = logging.getLogger("unipruning")
 
@@ -50,7 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="Hugging Face model directory (safetensors)")
     p.add_argument("--out", required=True, help="output directory (pruned checkpoint + saliency/ + report)")
     _mask_arguments(p)
-    p.add_argument("--metric", choices=METRICS, default="stochria")
+    p.add_argument("--metric", choices=METRICS, default="stochria",
+                   help="local score anchoring the saliency; sparsegpt: SparseGPT's masks (needs --reconstruct obs)")
+    p.add_argument("--reconstruct", choices=RECONSTRUCTIONS, default="none",
+                   help="obs: update the kept weights after masking (OBS sweep, a second forward per layer)")
     p.add_argument("--calib", default="c4", help="c4, wikitext2, or a .txt / directory of .txt / .jsonl PATH")
     p.add_argument("--nsamples", type=int, default=128, help="calibration windows")
     p.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window")
@@ -71,6 +73,15 @@ def build_parser() -> argparse.ArgumentParser:
     _mask_arguments(p)
     p.add_argument("--backend", choices=BACKENDS, default="auto")
     p.add_argument("--device", choices=DEVICES, default="auto", help="where the masks are computed")
+    p.add_argument("--reconstruct", choices=RECONSTRUCTIONS, default="none",
+                   help="obs: update the kept weights after masking (needs --calib)")
+    p.add_argument("--calib", default=None, help="calibration text of --reconstruct obs (as for prune)")
+    p.add_argument("--nsamples", type=int, default=None, help="default: the saliency's")
+    p.add_argument("--seqlen", type=int, default=None, help="default: the saliency's")
+    p.add_argument("--seed", type=int, default=None, help="default: the saliency's")
+    p.add_argument("--batch-size", type=int, default=1, help="windows per forward of the reconstruction")
+    p.add_argument("--dtype", choices=DTYPES, default="auto")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: --model)")
 
     p = sub.add_parser("eval", help="perplexity of a checkpoint")
     p.add_argument("--model", required=True)
@@ -102,19 +113,21 @@ def _mask_spec(args) -> MaskSpec:
 
 
 def print_block_table(report: dict) -> None:
-    """Per-block summary: matrices, kept fraction and calibration time."""
+    """Per-block summary: matrices, kept fraction, calibration and reconstruction time."""
     names = list(report["matrices"])
     by_block: dict[int, list[dict]] = {}
     for name in names:
         parts = name.split(".")
         block = int(next(p for p in parts if p.isdigit()))
         by_block.setdefault(block, []).append(report["matrices"][name])
-    seconds = {b["block"]: b["seconds"] for b in report.get("blocks", [])}
-    print(f"{'block':>5} {'matrices':>8} {'params':>12} {'sparsity':>9} {'calib s':>8}")
+    calib = {b["block"]: b["seconds"] for b in report.get("blocks", [])}
+    recon = {b["block"]: b["seconds"] for b in report.get("reconstruction", {}).get("blocks", [])}
+    print(f"{'block':>5} {'matrices':>8} {'params':>12} {'sparsity':>9} {'calib s':>8} {'recon s':>8}")
     for block, mats in sorted(by_block.items()):
         numel = sum(m["numel"] for m in mats)
         kept = sum(m["kept"] for m in mats)
-        print(f"{block:>5} {len(mats):>8} {numel:>12,} {1 - kept / numel:>9.4f} {seconds.get(block, 0.0):>8.2f}")
+        times = "".join(f" {t[block]:>8.2f}" if block in t else f" {'-':>8}" for t in (calib, recon))
+        print(f"{block:>5} {len(mats):>8} {numel:>12,} {1 - kept / numel:>9.4f}{times}")
 
 
 def print_summary(report: dict) -> None:
@@ -130,14 +143,17 @@ def print_summary(report: dict) -> None:
 
 
 def _progress_bar():
+    """A progress callable (done, total); each pass over the blocks (calibration, then reconstruction)
+    gets its own bar."""
     from tqdm.auto import tqdm
 
-    bar = None
+    bar, passes = None, 0
 
     def update(done: int, total: int) -> None:
-        nonlocal bar
-        if bar is None:
-            bar = tqdm(total=total, desc="calibrating blocks", unit="block", file=sys.stderr)
+        nonlocal bar, passes
+        if done == 1:
+            passes += 1
+            bar = tqdm(total=total, desc=f"blocks, pass {passes}", unit="block", file=sys.stderr)
         bar.update(1)
         if done == total:
             bar.close()
@@ -152,16 +168,19 @@ def run(args) -> int:
         config = PruneConfig(
             mask=_mask_spec(args), metric=args.metric, kappa=args.kappa, lam=args.lam,
             batch_size=args.batch_size, seed=args.seed, device=args.device, dtype=args.dtype,
-            backend=args.backend,
+            backend=args.backend, reconstruct=args.reconstruct,
         )
         report = api.prune_checkpoint(args.model, args.out, config, args.calib, args.nsamples, args.seqlen,
                                       args.overwrite, args.tokenizer, progress=_progress_bar())
         print_block_table(report)
         print_summary(report)
-        print(f"wrote {args.out} (report: {args.out}/{api.REPORT}, saliency: {args.out}/{api.SALIENCY_DIR})")
+        saliency = f", saliency: {args.out}/{api.SALIENCY_DIR}" if args.metric != "sparsegpt" else ""
+        print(f"wrote {args.out} (report: {args.out}/{api.REPORT}{saliency})")
     elif args.command == "mask":
-        report = api.mask_checkpoint(args.model, args.saliency, args.out, _mask_spec(args), args.overwrite,
-                                     args.backend, args.device)
+        report = api.mask_checkpoint(
+            args.model, args.saliency, args.out, _mask_spec(args), args.overwrite, args.backend, args.device,
+            args.reconstruct, args.calib, args.nsamples, args.seqlen, args.seed, args.batch_size, args.dtype,
+            args.tokenizer, progress=_progress_bar() if args.reconstruct == "obs" else None)
         print_summary(report)
         print(f"wrote {args.out}")
     elif args.command == "eval":

@@ -8,8 +8,11 @@ from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 
 from .errors import UsageError
-from .kernels.reference import METRICS
+from .kernels.reference import METRICS as SALIENCY_METRICS
 
+# the saliency's local scores, and SparseGPT's rule (masks chosen during the OBS sweep, no saliency)
+METRICS = (*SALIENCY_METRICS, "sparsegpt")
+RECONSTRUCTIONS = ("none", "obs")
 ALLOCATIONS = ("layer", "row", "global")
 FEEDBACKS = ("none",)  # "full" comes with the breadth issue
 DEVICES = ("auto", "cpu", "cuda")
@@ -96,8 +99,10 @@ class MaskSpec:
 class PruneConfig:
     """Calibration settings (SPEC section 4) plus the mask to cut at the end.
 
-    metric: local score S; kappa: mirror step size; lam: fraction of entries below the threshold t;
-    batch_size: windows per mirror step; seed: calibration windows and stochria subsets.
+    metric: local score S (or 'sparsegpt': SparseGPT's own masks, no saliency); kappa: mirror step
+    size; lam: fraction of entries below the threshold t; batch_size: windows per mirror step (and per
+    forward of the reconstruction); seed: calibration windows and stochria subsets; reconstruct: 'obs'
+    updates the kept weights after masking (SPEC section 9).
     """
 
     mask: MaskSpec = field(default_factory=MaskSpec)
@@ -107,6 +112,7 @@ class PruneConfig:
     batch_size: int = 1
     seed: int = 0
     feedback: str = "none"
+    reconstruct: str = "none"
     device: str = "auto"
     dtype: str = "auto"
     backend: str = "auto"
@@ -126,6 +132,14 @@ class PruneConfig:
             raise UsageError(
                 f"--feedback: only 'none' is implemented in this version, got {self.feedback!r}"
             )
+        if self.reconstruct not in RECONSTRUCTIONS:
+            raise UsageError(f"--reconstruct: expected one of {', '.join(RECONSTRUCTIONS)}, got {self.reconstruct!r}")
+        if self.metric == "sparsegpt":
+            if self.reconstruct != "obs":
+                raise UsageError("--metric sparsegpt chooses its masks during the OBS sweep: pass --reconstruct obs")
+            if self.mask.nm is None and self.mask.allocation != "layer":
+                raise UsageError(f"--metric sparsegpt: --allocation {self.mask.allocation} is not SparseGPT's rule "
+                                 "(use layer, or an N:M pattern)")
         for name, value, allowed in (
             ("--device", self.device, DEVICES),
             ("--dtype", self.dtype, DTYPES),

@@ -23,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import UsageError
-from .masks import mask_stats, masked
+from .masks import mask_stats
 
 SAFE_SINGLE = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -140,12 +140,13 @@ def read_tensors(model_dir: str, names: list[str]) -> dict[str, torch.Tensor]:
 def write_pruned_weights(
     model_dir: str,
     out_dir: str,
-    keep_mask: Callable[[str, torch.Tensor], torch.Tensor],
+    pruned: Callable[[str, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
     prunable: list[str],
     nm: tuple[int, int] | None,
 ) -> dict[str, dict]:
-    """Copy every shard of `model_dir` to `out_dir`, masking the prunable tensors. Returns per-matrix
-    statistics {name: {shape, numel, kept, sparsity, nm_valid}}."""
+    """Copy every shard of `model_dir` to `out_dir`, replacing each prunable tensor by the first item of
+    `pruned(name, weight)` -> (pruned weight, keep mask). Returns per-matrix statistics of the masks
+    {name: {shape, numel, kept, sparsity, nm_valid}}."""
     wanted = set(prunable)
     stats: dict[str, dict] = {}
     for shard in weight_shards(model_dir):
@@ -155,8 +156,7 @@ def write_pruned_weights(
         for name, weight in tensors.items():
             if name not in wanted:
                 continue
-            keep = keep_mask(name, weight).cpu()
-            tensors[name] = masked(weight, keep)
+            tensors[name], keep = pruned(name, weight)
             stats[name] = mask_stats(keep, nm)
         save_file(tensors, os.path.join(out_dir, shard), metadata=metadata)
     if os.path.isfile(os.path.join(model_dir, SAFE_INDEX)):

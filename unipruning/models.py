@@ -28,16 +28,27 @@ _LLAMA_LINEARS = (
 )
 
 
+# linears that read the same input, in the order a block computes them: weight reconstruction
+# (SPEC section 9) updates a group, then collects the next group's input from the updated block
+_LLAMA_SEQUENTIAL = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("self_attn.o_proj",),
+    ("mlp.gate_proj", "mlp.up_proj"),
+    ("mlp.down_proj",),
+)
+
+
 @dataclass(frozen=True)
 class Family:
     name: str
     model_types: tuple[str, ...]
     blocks: str  # attribute path of the decoder block list, from the causal-LM module
     linears: tuple[str, ...]  # prunable linears inside one block
+    sequential: tuple[tuple[str, ...], ...]  # the linears grouped by shared input, in compute order
 
 
 FAMILIES = (
-    Family("llama", ("llama", "mistral", "qwen2"), "model.layers", _LLAMA_LINEARS),
+    Family("llama", ("llama", "mistral", "qwen2"), "model.layers", _LLAMA_LINEARS, _LLAMA_SEQUENTIAL),
 )
 
 

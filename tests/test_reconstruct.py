@@ -1,0 +1,207 @@
+"""Weight reconstruction (`--reconstruct obs`) and SparseGPT's masks (`--metric sparsegpt`): the OBS twin
+against an independent oracle, exact counts, the Hessian's failure modes, and the CLI end to end."""
+
+import logging
+import os
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+from unipruning.kernels.reference import hessian_accumulate_, nm_mask, obs_inverse_factor, obs_sweep_
+
+from tests._utils import prunable, read_all
+from unipruning import PruneConfig, UsageError, prune
+from unipruning.cli import main
+from unipruning.config import keep_count
+from unipruning.reconstruct import _inverse_factor
+
+SMALL = ["--nsamples", "8", "--seqlen", "32"]
+
+
+def run_cli(*args) -> int:
+    return main([str(a) for a in args])
+
+
+def problem(rows=48, cols=320, tokens=1024, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    # correlated inputs (a few directions dominate), as in real activations: reconstruction has room
+    x = torch.randn(tokens, 24, generator=g) @ torch.randn(24, cols, generator=g) + 0.3 * torch.randn(
+        tokens, cols, generator=g)
+    w = torch.randn(rows, cols, generator=g)
+    h = torch.zeros(cols, cols)
+    hessian_accumulate_(h, x)
+    return x, w, h.mul_(2 / tokens)
+
+
+def classical_obs(w, h, keep, damp=0.01):
+    """Sequential OBS with explicit inverse-Hessian downdates (no Cholesky trick): for column i in order,
+    err = (w_i - q_i) / Hinv_ii, w -= err * Hinv[i, :], then remove i from Hinv."""
+    h = h.clone()
+    h.diagonal().add_(damp * h.diagonal().mean())
+    hinv = torch.linalg.inv(h.double())
+    w = w.double().clone()
+    for i in range(w.shape[1]):
+        q = torch.where(keep[:, i], w[:, i], 0.0)
+        err = (w[:, i] - q) / hinv[i, i]
+        w -= err[:, None] * hinv[i][None, :]
+        w[:, i] = q
+        hinv = hinv - hinv[:, i : i + 1] @ hinv[i : i + 1, :] / hinv[i, i]
+    return w.float()
+
+
+def test_sweep_equals_classical_obs_and_lazy_batches_change_nothing():
+    _, w, h = problem()
+    keep = nm_mask(torch.rand(w.shape, generator=torch.Generator().manual_seed(1)), 2, 4)
+    u, dead = obs_inverse_factor(h, 0.01)
+    assert not dead.any()
+    blocked, whole = w.clone(), w.clone()
+    obs_sweep_(blocked, u, keep, blocksize=128)  # 320 columns: blocks of 128, 128, 64
+    obs_sweep_(whole, u, keep, blocksize=320)
+    torch.testing.assert_close(blocked, whole, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(blocked, classical_obs(w, h, keep), rtol=1e-3, atol=1e-3)
+
+
+def test_reconstruction_beats_masking_and_keeps_the_mask():
+    x, w, h = problem(seed=2)
+    keep = torch.zeros_like(w, dtype=torch.bool)
+    keep.view(-1)[w.abs().view(-1).argsort(descending=True)[: w.numel() * 3 // 10]] = True  # 70% sparse
+    u, _ = obs_inverse_factor(h, 0.01)
+    rebuilt = w.clone()
+    assert torch.equal(obs_sweep_(rebuilt, u, keep), keep)
+    assert not torch.signbit(rebuilt[~keep]).any() and bool((rebuilt[~keep] == 0).all())
+
+    def error(v):
+        return float(((x @ (w - v).T) ** 2).mean())
+
+    assert error(rebuilt) < 0.6 * error(w * keep)
+
+
+@pytest.mark.parametrize("nm", [None, (2, 4), (4, 8)])
+def test_sparsegpt_rule_counts_are_exact(nm):
+    _, w, h = problem(rows=40, cols=384, seed=3)
+    u, _ = obs_inverse_factor(h, 0.01)
+    rebuilt = w.clone()
+    if nm is None:
+        count = w.numel() - keep_count(0.7, w.numel())
+        keep = obs_sweep_(rebuilt, u, prune_count=count)
+        assert int((~keep).sum()) == count
+    else:
+        keep = obs_sweep_(rebuilt, u, nm=nm)
+        assert bool((keep.reshape(40, -1, nm[1]).sum(-1) == nm[0]).all())
+    assert bool((rebuilt[~keep] == 0).all())
+
+
+def test_dead_inputs_and_failed_factorisations_do_not_crash(caplog):
+    _, _, h = problem(cols=64)
+    h[5, :] = h[:, 5] = 0  # an input that is always zero
+    u, dead = obs_inverse_factor(h, 0.01)
+    assert u is not None and dead.nonzero().flatten().tolist() == [5]
+    indefinite = torch.eye(64)
+    indefinite[0, 0] = -2.0  # Cholesky fails until the dampening (relative to the mean diagonal) dominates
+    with caplog.at_level(logging.WARNING, logger="unipruning"):
+        u, _ = _inverse_factor(indefinite, "m")
+    assert u is not None and "needed dampening" in caplog.text
+    with caplog.at_level(logging.WARNING, logger="unipruning"):
+        u, _ = _inverse_factor(torch.full((64, 64), float("nan")), "nan")
+    assert u is None and "masked without reconstruction" in caplog.text
+
+
+# ---------------------------------------------------------------------------------- end to end
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_llama, text_file):
+    base = tmp_path_factory.mktemp("recon")
+    out = {}
+    for key, extra in {
+        "mask": [],
+        "obs": ["--reconstruct", "obs"],
+        "sparsegpt": ["--metric", "sparsegpt", "--reconstruct", "obs"],
+    }.items():
+        out[key] = str(base / key)
+        assert run_cli("prune", "--model", tiny_llama, "--out", out[key], "--sparsity", "0.7", "--calib", text_file,
+                       *SMALL, *extra) == 0
+    return out
+
+
+def test_obs_keeps_the_saliency_mask_and_changes_only_kept_weights(runs, tiny_llama):
+    source, masked_only, rebuilt = read_all(tiny_llama), read_all(runs["mask"]), read_all(runs["obs"])
+    names = set(prunable(tiny_llama))
+    for key, tensor in rebuilt.items():
+        if key not in names:
+            assert torch.equal(tensor, source[key]), key
+            continue
+        assert torch.equal(tensor == 0, masked_only[key] == 0), key  # same mask (no kept weight hit 0 here)
+        assert not torch.signbit(tensor[tensor == 0]).any()
+        assert not torch.equal(tensor, masked_only[key]), f"{key} was not reconstructed"
+        assert int((tensor != 0).sum()) == keep_count(0.7, tensor.numel())
+    assert os.path.isdir(os.path.join(runs["obs"], "saliency"))
+    assert not os.path.isdir(os.path.join(runs["sparsegpt"], "saliency"))
+
+
+def test_reconstruction_brings_the_model_closer_to_the_dense_one(runs, tiny_llama):
+    ids = torch.randint(0, 400, (4, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        dense = AutoModelForCausalLM.from_pretrained(tiny_llama)(ids).logits
+
+        def distance(path):
+            return float((AutoModelForCausalLM.from_pretrained(path)(ids).logits - dense).pow(2).mean())
+
+        assert distance(runs["obs"]) < distance(runs["mask"])
+        assert distance(runs["sparsegpt"]) < distance(runs["mask"])
+
+
+def test_mask_with_reconstruction_equals_prune_with_it(runs, tiny_llama, text_file, tmp_path):
+    out = tmp_path / "remasked"
+    assert run_cli("mask", "--model", tiny_llama, "--saliency", os.path.join(runs["obs"], "saliency"), "--out", out,
+                   "--sparsity", "0.7", "--reconstruct", "obs", "--calib", text_file) == 0
+    a, b = read_all(out), read_all(runs["obs"])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_interrupted_reconstruction_resumes_to_the_same_bytes(runs, tiny_llama, text_file, tmp_path, monkeypatch):
+    import unipruning.reconstruct as recon
+
+    out = tmp_path / "resumed"
+    argv = ["prune", "--model", tiny_llama, "--out", out, "--sparsity", "0.7", "--calib", text_file, *SMALL,
+            "--reconstruct", "obs"]
+    original, calls = recon.reconstruct_linear, {"n": 0}
+
+    def dies_in_block_1(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 7:  # block 0's seven matrices are done and saved
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(recon, "reconstruct_linear", dies_in_block_1)
+    assert run_cli(*argv) == 130
+    partial = [p for p in os.listdir(tmp_path) if p.startswith(".resumed.partial-")]
+    assert len(partial) == 1 and os.listdir(tmp_path / partial[0] / ".recon") == ["block-00000.safetensors"]
+    monkeypatch.setattr(recon, "reconstruct_linear", original)
+    assert run_cli(*argv) == 0
+    a, b = read_all(out), read_all(runs["obs"])
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["--metric", "sparsegpt"], "pass --reconstruct obs"),
+        (["--metric", "sparsegpt", "--reconstruct", "obs", "--allocation", "row"], "--allocation row"),
+        (["--reconstruct", "sgd"], "--reconstruct"),
+    ],
+)
+def test_bad_reconstruction_settings(argv, needle, tiny_llama, text_file, tmp_path, capsys):
+    assert run_cli("prune", "--model", tiny_llama, "--out", tmp_path / "o", "--calib", text_file, *argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1
+    assert not os.listdir(tmp_path)
+
+
+def test_mask_reconstruction_needs_calib(runs, tiny_llama, tmp_path, capsys):
+    assert run_cli("mask", "--model", tiny_llama, "--saliency", os.path.join(runs["obs"], "saliency"),
+                   "--out", tmp_path / "o", "--reconstruct", "obs") == 2
+    assert "pass --calib" in capsys.readouterr().err
+
+
+def test_in_memory_prune_refuses_reconstruction():
+    with pytest.raises(UsageError, match="prune_checkpoint"):
+        prune(torch.nn.Module(), torch.zeros(1, 4, dtype=torch.long), PruneConfig(reconstruct="obs"))
