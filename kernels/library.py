@@ -8,6 +8,7 @@ implementation, so they trace under torch.compile and work with tensor subclasse
     torch.ops.unipruning.topk_mask(keys, k) -> keep              bool, k largest, ties to lower index
     torch.ops.unipruning.row_topk_mask(keys, k) -> keep          bool, k largest of every row
     torch.ops.unipruning.nm_mask(keys, n, m) -> keep             bool, n largest of every m in a row
+    torch.ops.unipruning.hessian_accumulate_(h, x)               h += x^T x, float32 (in place)
 
 The orchestrator calls the launchers directly (no dispatcher overhead); these ops are for users who
 compose the kernels in their own compiled code. Registered on import of this module.
@@ -20,6 +21,7 @@ import torch
 from .act_stats import act_sqsum_triton
 from .mirror import mirror_update_triton
 from .nm import nm_mask_triton
+from .obs import hessian_accumulate_triton
 from .select import kth_smallest_triton, rank_keys_triton, row_topk_mask_triton, topk_mask_triton
 
 _NS = "unipruning"
@@ -32,6 +34,16 @@ def act_sqsum_op(sqsum: torch.Tensor, x: torch.Tensor) -> None:
 
 @act_sqsum_op.register_fake
 def _(sqsum, x):
+    return None
+
+
+@torch.library.custom_op(f"{_NS}::hessian_accumulate_", mutates_args=("h",))
+def hessian_accumulate_op(h: torch.Tensor, x: torch.Tensor) -> None:
+    hessian_accumulate_triton(h, x)
+
+
+@hessian_accumulate_op.register_fake
+def _(h, x):
     return None
 
 

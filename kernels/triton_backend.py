@@ -10,7 +10,8 @@ from .metrics import step_vectors_triton as step_vectors
 from .mirror import mirror_step_triton as mirror_step_
 from .mirror import mirror_update_triton as mirror_update_
 from .nm import nm_mask_triton as nm_mask
-from .reference import hessian_accumulate_, obs_sweep_  # no fused kernels yet: torch matmul and the twin
+from .obs import hessian_accumulate_triton as hessian_accumulate_
+from .obs import obs_sweep_triton as obs_sweep_
 from .select import global_keep_counts_triton as global_keep_counts
 from .select import kth_smallest_triton as kth_smallest
 from .select import rank_keys_triton as rank_keys
