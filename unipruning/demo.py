@@ -125,11 +125,9 @@ def cache_root() -> str:
     return os.path.join(base, "unipruning")
 
 
-def build_trained_model(
-    directory: str, recipe: TinyLlama, train_plays=TRAIN_PLAYS, heldout_plays=HELDOUT_PLAYS
-) -> dict:
-    """Train tokenizer and model, save them (fp32 safetensors) plus texts/{train,heldout}.txt."""
-    train_texts, heldout_texts = packaged_text(train_plays), packaged_text(heldout_plays)
+def build_trained_model(directory: str, recipe: TinyLlama, train_texts: list[str], heldout_texts: list[str]) -> dict:
+    """Train tokenizer and model on `train_texts`, save them (fp32 safetensors) plus
+    texts/{train,heldout}.txt (documents joined by blank lines)."""
     start = time.perf_counter()
     tokenizer = train_tokenizer(train_texts, recipe.vocab_size)
     model = build_model(recipe, len(tokenizer))
@@ -148,17 +146,28 @@ def build_trained_model(
     return info
 
 
+def cached_trained_model(
+    recipe: TinyLlama, train_texts: list[str], heldout_texts: list[str], prefix: str, what: str
+) -> str:
+    """Directory of a model trained by `build_trained_model`, keyed by its recipe and texts: trained on
+    first use, reused afterwards."""
+    digest = hashlib.sha256(json.dumps(asdict(recipe), sort_keys=True).encode())
+    for text in (*train_texts, "\0", *heldout_texts):
+        digest.update(hashlib.sha256(text.encode()).digest())
+    directory = os.path.join(cache_root(), f"{prefix}-{digest.hexdigest()[:12]}")
+    if os.path.isfile(os.path.join(directory, "demo_training.json")):
+        log.info("using the cached model in %s", directory)
+        return directory
+    print(f"Training {what}; cached in {directory}", flush=True)
+    with staged_directory(directory) as staging:
+        build_trained_model(staging, recipe, train_texts, heldout_texts)
+    return directory
+
+
 def cached_demo_model(recipe: TinyLlama = TinyLlama()) -> str:
     """Directory of the trained demo model, training it on first use."""
-    key = hashlib.sha256(json.dumps(asdict(recipe), sort_keys=True).encode()).hexdigest()[:12]
-    directory = os.path.join(cache_root(), f"demo-llama-{key}")
-    if os.path.isfile(os.path.join(directory, "demo_training.json")):
-        log.info("using the cached demo model in %s", directory)
-        return directory
-    print(f"Training the demo model (seeded, about a minute on 2 CPU cores); cached in {directory}", flush=True)
-    with staged_directory(directory) as staging:
-        build_trained_model(staging, recipe)
-    return directory
+    return cached_trained_model(recipe, packaged_text(TRAIN_PLAYS), packaged_text(HELDOUT_PLAYS), "demo-llama",
+                                "the demo model (seeded, about a minute on 2 CPU cores)")
 
 
 def run_demo(out: str | None = None, overwrite: bool = False, device: str = "auto") -> dict:
