@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import __version__, backends
+from . import __version__, backends, distributed
 from .config import RECONSTRUCTIONS, MaskSpec, PruneConfig
 from .data import calibration_windows, windows_hash
 from .errors import UsageError
@@ -29,6 +29,7 @@ from .export import (
     copy_side_files,
     count_parameters,
     git_hash,
+    partial_directory,
     peak_memory,
     read_tensors,
     resumable_directory,
@@ -241,15 +242,19 @@ def prune_checkpoint(
     check_out(out, overwrite, {"--model": model_dir})
     if nsamples < 1 or nsamples % config.batch_size:
         raise UsageError(f"--batch-size {config.batch_size} must divide --nsamples {nsamples}")
-    device = resolve_device(config.device)
+    device = distributed.init_from_env(resolve_device(config.device))
     backend = backends.resolve(config.backend, device)
     dtype = resolve_dtype(config.dtype, model_cfg, device)
+    rank, processes = distributed.world()
+    if processes > 1 and (config.batch_size % processes or config.metric == "sparsegpt"):
+        raise UsageError(f"{processes} processes: --batch-size must be a multiple of the process count and "
+                         "the saliency must be calibrated (--metric sparsegpt has none)")
     tokenizer = load_tokenizer(tokenizer_dir or model_dir)
     windows = calibration_windows(tokenizer, calib, nsamples, seqlen, config.seed)
     windows_sha = windows_hash(windows)
     run_key = hashlib.sha256(json.dumps({
         "model": os.path.realpath(model_dir), "fingerprint": fingerprint(model_cfg, shapes), "version": __version__,
-        "windows": windows_sha, "config": config.to_dict(), "device": str(device), "backend": backend,
+        "windows": windows_sha, "config": config.to_dict(), "device": device.type, "backend": backend,
     }, sort_keys=True).encode()).hexdigest()
     report = {
         "command": "prune",
@@ -257,6 +262,13 @@ def prune_checkpoint(
         "settings": {**config.to_dict(), "backend_used": backend, "device_used": str(device)},
         "calibration": {"source": calib, "nsamples": nsamples, "seqlen": seqlen, "windows_sha256": windows_sha},
     }
+    if rank != 0:  # a data-parallel worker: its share of every step, nothing written (see distributed.py)
+        checkpoint = LazyCheckpoint(model_dir, model_cfg)
+        state_dir = os.path.join(partial_directory(out, run_key), BLOCK_STATE)
+        calibrate(checkpoint.skeleton(dtype), windows, config, device, None, checkpoint,
+                  state_dir if os.path.isdir(state_dir) else None)
+        return {"command": "prune", "rank": rank, "processes": processes}
+    report["processes"] = processes
     # the partial state lives next to --out, named by the run: the same command resumes after the last
     # finished block (a killed run included); --overwrite discards it
     with resumable_directory(out, run_key, overwrite) as staging:

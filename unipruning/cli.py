@@ -172,6 +172,8 @@ def run(args) -> int:
         )
         report = api.prune_checkpoint(args.model, args.out, config, args.calib, args.nsamples, args.seqlen,
                                       args.overwrite, args.tokenizer, progress=_progress_bar())
+        if report.get("rank", 0) != 0:  # a data-parallel worker (torchrun): rank 0 reports
+            return 0
         print_block_table(report)
         print_summary(report)
         saliency = f", saliency: {args.out}/{api.SALIENCY_DIR}" if args.metric != "sparsegpt" else ""

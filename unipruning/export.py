@@ -85,6 +85,12 @@ def staged_directory(out: str) -> Iterator[str]:
     _commit(tmp, out)
 
 
+def partial_directory(out: str, run_key: str) -> str:
+    """Where the run named `run_key` keeps its partial state: a hidden directory next to `out`."""
+    out = os.path.abspath(out)
+    return os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.partial-{run_key[:16]}")
+
+
 @contextlib.contextmanager
 def resumable_directory(out: str, run_key: str, overwrite: bool) -> Iterator[str]:
     """Like `staged_directory`, but the directory's name is fixed by `run_key` (a hash of everything
@@ -92,7 +98,7 @@ def resumable_directory(out: str, run_key: str, overwrite: bool) -> Iterator[str
     finds it again and resumes; `overwrite` discards it. On success it replaces `out`."""
     out = os.path.abspath(out)
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    tmp = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.partial-{run_key[:16]}")
+    tmp = partial_directory(out, run_key)
     if overwrite and os.path.isdir(tmp):
         shutil.rmtree(tmp)
     os.makedirs(tmp, exist_ok=True)

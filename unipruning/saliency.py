@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from . import backends, ops
+from . import backends, distributed, ops
 from .config import PruneConfig, floor_count
 from .errors import UsageError
 from .kernels.reference import derive_key
@@ -211,6 +211,9 @@ def _calibrate_block(block, linears, stream: BlockStream, index: int, config: Pr
                 if s is not None:
                     s.reset()
             stream.hidden[k] = stream.run(block, index, k)
+            for st in stats.values():  # other processes ran the other windows of this step
+                if st is not None:
+                    st.sqsum, st.tokens = distributed.sum_over_ranks(st.sqsum, st.tokens)
             for name, lin in linears.items():
                 base_key = derive_key(config.seed, matrix_id(name), k)
                 thresholds[name] = mirror_step(
@@ -266,7 +269,7 @@ def calibrate(
     """
     backend = backends.resolve(config.backend, device)
     steps = steps_of(windows, config.batch_size)
-    stream: BlockStream = capture_block_inputs(model, steps, device)
+    stream: BlockStream = capture_block_inputs(model, [distributed.share(b) for b in steps], device)
     z: dict = {}  # {name: z}, or {name: (block file, key)} with a state_dir
     t: dict[str, float] = {}
     per_block = []
@@ -284,7 +287,7 @@ def calibrate(
             if saved is None:
                 block_z, block_t = _calibrate_block(block, linears, stream, index, config, backend)
                 seconds = time.perf_counter() - start
-                if state_dir:
+                if state_dir and distributed.is_main():
                     _save_block(state_dir, index, block_z, block_t, seconds)
             else:
                 saved_t, seconds = saved  # files list names sorted: restore the family's order
