@@ -1,26 +1,28 @@
 """Outputs (SPEC section 7): the pruned checkpoint, the saliency directory, the report; all atomic.
 
-The checkpoint is written from the SOURCE safetensors shard by shard: every tensor is copied as it is
-(same names, dtype, shards and index) except the prunable matrices, which get +0.0 at the dropped
-entries. So non-prunable tensors are bit-identical and tied embeddings stay tied (the source stores
-them once). Outputs are staged in a hidden temporary directory next to --out and renamed when complete.
+The checkpoint is written from the SOURCE safetensors, shard by shard and tensor by tensor (one tensor
+in memory at a time): every tensor is copied as it is (same names, dtype, shards and index) except the
+prunable matrices, which get +0.0 at the dropped entries (or their reconstructed values). So
+non-prunable tensors are bit-identical and tied embeddings stay tied (the source stores them once).
+Outputs are staged in a hidden temporary directory next to --out and renamed when complete.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import platform
 import resource
 import shutil
+import struct
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from .errors import UsageError
 from .masks import mask_stats
@@ -143,6 +145,44 @@ def read_tensors(model_dir: str, names: list[str]) -> dict[str, torch.Tensor]:
     return {n: found[n] for n in names}
 
 
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+def _read_one(path: str, name: str) -> torch.Tensor:
+    """One tensor copied out of a shard, the file closed again: no mapping of the shard stays resident."""
+    with safe_open(path, framework="pt") as handle:
+        return handle.get_tensor(name)
+
+
+def stream_shard(source: str, target: str, transform: Callable[[str, torch.Tensor], torch.Tensor]) -> None:
+    """Write `target` with the tensors of the safetensors file `source` (same names, dtypes, shapes,
+    order and metadata), each replaced by transform(name, tensor), one tensor in memory at a time: the
+    header is known from the source's, then the tensors are read, transformed and appended in turn."""
+    with safe_open(source, framework="pt") as handle:
+        metadata = handle.metadata() or {"format": "pt"}
+        specs = [(k, handle.get_slice(k).get_dtype(), list(handle.get_slice(k).get_shape())) for k in handle.keys()]  # noqa: SIM118
+    header, offset = {}, 0
+    for name, dtype, shape in specs:
+        size = math.prod(shape) * _SAFETENSORS_DTYPES[dtype].itemsize
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    header["__metadata__"] = metadata
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+    with open(target, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name, dtype, shape in specs:
+            tensor = transform(name, _read_one(source, name))
+            if tensor.dtype != _SAFETENSORS_DTYPES[dtype] or list(tensor.shape) != shape:
+                raise ValueError(f"{name}: transform changed dtype or shape")
+            f.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
 def write_pruned_weights(
     model_dir: str,
     out_dir: str,
@@ -150,21 +190,21 @@ def write_pruned_weights(
     prunable: list[str],
     nm: tuple[int, int] | None,
 ) -> dict[str, dict]:
-    """Copy every shard of `model_dir` to `out_dir`, replacing each prunable tensor by the first item of
-    `pruned(name, weight)` -> (pruned weight, keep mask). Returns per-matrix statistics of the masks
-    {name: {shape, numel, kept, sparsity, nm_valid}}."""
+    """Copy every shard of `model_dir` to `out_dir` tensor by tensor (never a whole shard in memory),
+    replacing each prunable tensor by the first item of `pruned(name, weight)` -> (pruned weight, keep
+    mask). Returns per-matrix statistics of the masks {name: {shape, numel, kept, sparsity, nm_valid}}."""
     wanted = set(prunable)
     stats: dict[str, dict] = {}
+
+    def transform(name: str, tensor: torch.Tensor) -> torch.Tensor:
+        if name not in wanted:
+            return tensor
+        weight, keep = pruned(name, tensor)
+        stats[name] = mask_stats(keep, nm)
+        return weight
+
     for shard in weight_shards(model_dir):
-        with safe_open(os.path.join(model_dir, shard), framework="pt") as handle:
-            metadata = handle.metadata() or {"format": "pt"}
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
-        for name, weight in tensors.items():
-            if name not in wanted:
-                continue
-            tensors[name], keep = pruned(name, weight)
-            stats[name] = mask_stats(keep, nm)
-        save_file(tensors, os.path.join(out_dir, shard), metadata=metadata)
+        stream_shard(os.path.join(model_dir, shard), os.path.join(out_dir, shard), transform)
     if os.path.isfile(os.path.join(model_dir, SAFE_INDEX)):
         shutil.copy2(os.path.join(model_dir, SAFE_INDEX), os.path.join(out_dir, SAFE_INDEX))
     return {name: stats[name] for name in prunable}
