@@ -3,7 +3,7 @@ learns the same saliency as the in-memory path."""
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests._utils import make_checkpoint, read_all, tokenizer
 from unipruning import MaskSpec, PruneConfig, prune
@@ -124,3 +124,39 @@ def test_overwrite_discards_the_partial_state(tmp_path, text_file, monkeypatch):
     assert not [d for d in os.listdir(tmp_path) if ".partial-" in d]
     assert (tmp_path / "b" / "model.safetensors").read_bytes() == (tmp_path / "a" / "model.safetensors").read_bytes()
 
+
+
+def test_micro_batches_and_batch_slicing(tiny_llama, text_file, monkeypatch):
+    """A step's windows run in micro-batches (keyword arguments sliced along the batch): the saliency
+    matches the whole-batch forward to rounding, and every token reaches the statistics."""
+    import unipruning.stream as stream_module
+    from unipruning.saliency import calibrate
+    from unipruning.stream import _batch_slice
+
+    pos = (torch.ones(4, 6, 2), torch.zeros(1, 6, 2))
+    sliced = _batch_slice(pos, 1, 3, 4)
+    assert sliced[0].shape == (2, 6, 2) and sliced[1].shape == (1, 6, 2)  # broadcast ones stay whole
+    assert _batch_slice(None, 0, 1, 4) is None
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    windows = calibration_windows(AutoTokenizer.from_pretrained(tiny_llama), text_file, 8, 32, 0)
+    config = PruneConfig(batch_size=4)
+    whole, _ = calibrate(model, windows, config, torch.device("cpu"))
+    monkeypatch.setattr(stream_module, "MAX_TOKENS", 40)  # one window (32 tokens) per forward
+    chunked, _ = calibrate(model, windows, config, torch.device("cpu"))
+    for name in whole.z:
+        torch.testing.assert_close(chunked.z[name], whole.z[name], rtol=1e-5, atol=1e-6)
+
+
+def test_activation_home():
+    from unipruning import UsageError
+    from unipruning.stream import activation_home
+
+    cpu = torch.device("cpu")
+    assert activation_home(cpu, 1 << 40, "always") == cpu  # nothing to offload from
+    with pytest.raises(UsageError, match="--offload-activations"):
+        activation_home(cpu, 1, "sometimes")
+    if torch.cuda.is_available():
+        gpu = torch.device("cuda")
+        assert activation_home(gpu, 1, "always") == cpu and activation_home(gpu, 1, "auto") == gpu
+        assert activation_home(gpu, torch.cuda.mem_get_info()[0], "auto") == cpu

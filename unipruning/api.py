@@ -207,7 +207,7 @@ def _checked_model_dir(model_dir: str, spec: MaskSpec):
 
 def _reconstruct_pass(
     staging: str, model_dir: str, model_cfg, windows: torch.Tensor, batch_size: int, device: torch.device,
-    dtype: torch.dtype, spec: MaskSpec, keep: Callable | None, backend: str, progress=None,
+    dtype: torch.dtype, spec: MaskSpec, keep: Callable | None, backend: str, progress=None, offload: str = "auto",
 ) -> tuple[str, dict]:
     """Run the OBS reconstruction (reconstruct.py) into `staging`; (its state directory, report entry)."""
     start = time.perf_counter()
@@ -215,7 +215,8 @@ def _reconstruct_pass(
     os.makedirs(recon_dir, exist_ok=True)
     checkpoint = LazyCheckpoint(model_dir, model_cfg)
     model = checkpoint.skeleton(dtype)
-    blocks = reconstruct(model, windows, batch_size, device, checkpoint, recon_dir, spec, keep, backend, progress)
+    blocks = reconstruct(model, windows, batch_size, device, checkpoint, recon_dir, spec, keep, backend, progress,
+                         offload)
     groups = len(family_for(model_cfg).sequential)
     return recon_dir, {
         "method": "obs", "damp": DAMP, "blocksize": BLOCKSIZE, "seconds": time.perf_counter() - start,
@@ -235,8 +236,10 @@ def prune_checkpoint(
     overwrite: bool = False,
     tokenizer_dir: str | None = None,
     progress: Callable[[int, int], None] | None = None,
+    offload: str = "auto",
 ) -> dict:
-    """`unipruning prune`: calibrate on `calib`, write the pruned checkpoint, saliency and report."""
+    """`unipruning prune`: calibrate on `calib`, write the pruned checkpoint, saliency and report.
+    offload: where activations live between blocks, 'auto', 'always' (pinned CPU memory), 'never'."""
     start = time.perf_counter()
     model_cfg, names, shapes = _checked_model_dir(model_dir, config.mask)
     check_out(out, overwrite, {"--model": model_dir})
@@ -266,7 +269,7 @@ def prune_checkpoint(
         checkpoint = LazyCheckpoint(model_dir, model_cfg)
         state_dir = os.path.join(partial_directory(out, run_key), BLOCK_STATE)
         calibrate(checkpoint.skeleton(dtype), windows, config, device, None, checkpoint,
-                  state_dir if os.path.isdir(state_dir) else None)
+                  state_dir if os.path.isdir(state_dir) else None, offload)
         return {"command": "prune", "rank": rank, "processes": processes}
     report["processes"] = processes
     # the partial state lives next to --out, named by the run: the same command resumes after the last
@@ -279,7 +282,8 @@ def prune_checkpoint(
             # never the whole model: a meta-device skeleton, each block read from the shards in its turn
             checkpoint = LazyCheckpoint(model_dir, model_cfg)
             model = checkpoint.skeleton(dtype)
-            saliency, report["blocks"] = calibrate(model, windows, config, device, progress, checkpoint, state_dir)
+            saliency, report["blocks"] = calibrate(model, windows, config, device, progress, checkpoint, state_dir,
+                                                   offload)
             del model
             report["calibration_seconds"] = time.perf_counter() - start
         if config.reconstruct == "obs":
@@ -287,7 +291,7 @@ def prune_checkpoint(
                 keep = keep_function(model_dir, saliency, config.mask, backend, device)
             recon_dir, report["reconstruction"] = _reconstruct_pass(
                 staging, model_dir, model_cfg, windows, config.batch_size, device, dtype, config.mask, keep,
-                backend, progress)
+                backend, progress, offload)
         report = export_checkpoint(model_dir, staging, names, saliency, config.mask, backend, device, report,
                                    recon_dir)
         report["wall_seconds"] = time.perf_counter() - start
@@ -303,6 +307,7 @@ def mask_checkpoint(
     backend: str = "auto", device: str = "auto", reconstruct: str = "none", calib: str | None = None,
     nsamples: int | None = None, seqlen: int | None = None, seed: int | None = None, batch_size: int = 1,
     dtype: str = "auto", tokenizer_dir: str | None = None, progress: Callable[[int, int], None] | None = None,
+    offload: str = "auto",
 ) -> dict:
     """`unipruning mask`: new masks from a saved saliency, no calibration; with reconstruct "obs" the
     kept weights are reconstructed on `calib` (windows as in the saliency's run unless given)."""
@@ -341,7 +346,7 @@ def mask_checkpoint(
             keep = keep_function(model_dir, saliency, spec, used, compute)
             recon_dir, report["reconstruction"] = _reconstruct_pass(
                 staging, model_dir, config, windows, batch_size, compute, resolve_dtype(dtype, config, compute),
-                spec, keep, used, progress)
+                spec, keep, used, progress, offload)
         report = export_checkpoint(model_dir, staging, names, saliency, spec, used, compute, report, recon_dir)
         report["wall_seconds"] = time.perf_counter() - start
         write_json(os.path.join(staging, REPORT), report)

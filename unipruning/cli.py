@@ -13,6 +13,7 @@ import sys
 
 from .config import ALLOCATIONS, BACKENDS, DEVICES, DTYPES, METRICS, RECONSTRUCTIONS, MaskSpec, PruneConfig
 from .errors import UsageError
+from .stream import OFFLOAD_MODES
 
 log = logging.getLogger("unipruning")
 
@@ -40,6 +41,12 @@ def _mask_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
 
 
+def _offload_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--offload-activations", choices=OFFLOAD_MODES, default="auto",
+                   help="activations between blocks in pinned CPU memory: always, never, or auto (when they "
+                        "would take over a third of the GPU's free memory)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="unipruning", description="UniPruning: mirror-descent saliency, masks for any sparsity.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -65,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute dtype (auto: the checkpoint's on a GPU, float32 on a CPU)")
     p.add_argument("--backend", choices=BACKENDS, default="auto")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: --model)")
+    _offload_argument(p)
 
     p = sub.add_parser("mask", help="cut new masks from a saved saliency (no calibration)")
     p.add_argument("--model", required=True, help="the dense model the saliency was computed on")
@@ -82,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=1, help="windows per forward of the reconstruction")
     p.add_argument("--dtype", choices=DTYPES, default="auto")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: --model)")
+    _offload_argument(p)
 
     p = sub.add_parser("eval", help="perplexity of a checkpoint")
     p.add_argument("--model", required=True)
@@ -171,7 +180,8 @@ def run(args) -> int:
             backend=args.backend, reconstruct=args.reconstruct,
         )
         report = api.prune_checkpoint(args.model, args.out, config, args.calib, args.nsamples, args.seqlen,
-                                      args.overwrite, args.tokenizer, progress=_progress_bar())
+                                      args.overwrite, args.tokenizer, progress=_progress_bar(),
+                                      offload=args.offload_activations)
         if report.get("rank", 0) != 0:  # a data-parallel worker (torchrun): rank 0 reports
             return 0
         print_block_table(report)
@@ -182,7 +192,8 @@ def run(args) -> int:
         report = api.mask_checkpoint(
             args.model, args.saliency, args.out, _mask_spec(args), args.overwrite, args.backend, args.device,
             args.reconstruct, args.calib, args.nsamples, args.seqlen, args.seed, args.batch_size, args.dtype,
-            args.tokenizer, progress=_progress_bar() if args.reconstruct == "obs" else None)
+            args.tokenizer, progress=_progress_bar() if args.reconstruct == "obs" else None,
+            offload=args.offload_activations)
         print_summary(report)
         print(f"wrote {args.out}")
     elif args.command == "eval":

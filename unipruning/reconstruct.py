@@ -57,10 +57,7 @@ def _group_hessian(block: nn.Module, first: nn.Linear, stream: BlockStream, inde
     handle = first.register_forward_pre_hook(collect)
     try:
         for k in range(len(stream.hidden)):
-            try:
-                stream.run(block, index, k)
-            except _StopForward:
-                pass
+            stream.run(block, index, k, partial=True)
     finally:
         handle.remove()
     return h.mul_(2.0 / max(tokens, 1))
@@ -123,13 +120,14 @@ def reconstruct(
     keep_for: Callable[[str, torch.Tensor], torch.Tensor] | None,
     backend: str,
     progress: Callable[[int, int], None] | None = None,
+    offload: str = "auto",
 ) -> list[dict]:
     """Reconstruct every prunable matrix of the meta-device skeleton `model`, block by block (read from
     `checkpoint`, released afterwards), writing each finished block to `state_dir` (see `state_file`).
     Returns per-block timings. Masks are cut from the stored weights (as mask-only export does), and
     the pruned stream runs the reconstructed weights as they will be stored (in the checkpoint's dtype)."""
     groups = family_for(model.config).sequential
-    stream = capture_block_inputs(model, steps_of(windows, batch_size), device)
+    stream = capture_block_inputs(model, steps_of(windows, batch_size), device, offload)
     compute_dtype = next(p for p in model.parameters() if not p.is_meta).dtype
     blocks = decoder_blocks(model)
     per_block = []
@@ -163,7 +161,7 @@ def reconstruct(
                 save_file(tensors, path + ".tmp", metadata={"seconds": repr(seconds)})
                 os.replace(path + ".tmp", path)
             for k in range(len(stream.hidden)):
-                stream.hidden[k] = stream.run(block, index, k)
+                stream.advance(block, index, k)
         finally:
             checkpoint.release_block(model, index)
         per_block.append({"block": index, "seconds": time.perf_counter() - start, "resumed": resumed})

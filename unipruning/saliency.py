@@ -210,7 +210,7 @@ def _calibrate_block(block, linears, stream: BlockStream, index: int, config: Pr
             for s in stats.values():
                 if s is not None:
                     s.reset()
-            stream.hidden[k] = stream.run(block, index, k)
+            stream.advance(block, index, k)
             for st in stats.values():  # other processes ran the other windows of this step
                 if st is not None:
                     st.sqsum, st.tokens = distributed.sum_over_ranks(st.sqsum, st.tokens)
@@ -257,6 +257,7 @@ def calibrate(
     progress: Callable[[int, int], None] | None = None,
     checkpoint: LazyCheckpoint | None = None,
     state_dir: str | None = None,
+    offload: str = "auto",
 ) -> tuple[Saliency, list[dict]]:
     """Learn the saliency of every prunable matrix, block by block. Returns it and per-block timings.
 
@@ -266,10 +267,11 @@ def calibrate(
     instead and released afterwards, so only one block is ever resident. With a `state_dir`, every
     finished block's saliency is saved there, and blocks found there are not calibrated again: their
     forward passes are replayed to rebuild the next block's inputs (a resumed run gives the same bytes).
+    offload: where the activations live between blocks (stream.activation_home).
     """
     backend = backends.resolve(config.backend, device)
     steps = steps_of(windows, config.batch_size)
-    stream: BlockStream = capture_block_inputs(model, [distributed.share(b) for b in steps], device)
+    stream: BlockStream = capture_block_inputs(model, [distributed.share(b) for b in steps], device, offload)
     z: dict = {}  # {name: z}, or {name: (block file, key)} with a state_dir
     t: dict[str, float] = {}
     per_block = []
@@ -293,7 +295,7 @@ def calibrate(
                 saved_t, seconds = saved  # files list names sorted: restore the family's order
                 block_z, block_t = None, {n: saved_t[n] for n in linears}
                 for k in range(len(steps)):
-                    stream.hidden[k] = stream.run(block, index, k)
+                    stream.advance(block, index, k)
         finally:
             if checkpoint is None:
                 block.to(home)

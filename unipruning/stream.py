@@ -51,18 +51,79 @@ def _block_kwargs(kwargs: dict) -> dict:
     return kwargs
 
 
+MAX_TOKENS = 16384  # tokens per forward: a step's windows run in micro-batches of at most this many
+
+
+def _batch_slice(value, start: int, stop: int, batch: int):
+    """A block keyword argument restricted to windows [start, stop) of a batch of `batch` (tensors whose
+    first dimension is the batch; broadcast ones, and everything else, unchanged)."""
+    if isinstance(value, torch.Tensor):
+        return value[start:stop] if batch > 1 and value.dim() >= 1 and value.shape[0] == batch else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_batch_slice(v, start, stop, batch) for v in value)
+    return value
+
+
 @dataclass
 class BlockStream:
     """Activations between blocks: hidden[k] is the (B, L, H) input of the current block at step k;
     kwargs[l] the keyword arguments of block l (identical for all steps: every step has the same
-    window shape)."""
+    window shape).
+
+    The activations live on the compute device, or, offloaded, in pinned CPU memory (`device` is then
+    the compute device): each micro-batch is copied in before its forward and the block's output copied
+    back into the same buffer. A step's windows run in micro-batches of at most `max_tokens` tokens, so
+    a large --batch-size never needs the MLP intermediate of all its tokens at once."""
 
     hidden: list[torch.Tensor]
     kwargs: list[dict]
+    device: torch.device | None = None
+    max_tokens: int = MAX_TOKENS
 
-    def run(self, block: nn.Module, index: int, step: int) -> torch.Tensor:
-        out = block(self.hidden[step], **self.kwargs[index])
-        return out[0] if isinstance(out, (tuple, list)) else out
+    def run(self, block: nn.Module, index: int, step: int, partial: bool = False) -> torch.Tensor | None:
+        """The block's output for step `step` (on the compute device). partial: a hook stops each forward
+        early (_StopForward) once it has what it needs; nothing is returned."""
+        x = self.hidden[step]
+        device = self.device or x.device
+        batch, length = x.shape[0], x.shape[1]
+        per = max(1, self.max_tokens // max(length, 1))
+        outs = []
+        for start in range(0, batch, per):
+            stop = min(start + per, batch)
+            kwargs = {k: _batch_slice(v, start, stop, batch) for k, v in self.kwargs[index].items()}
+            try:
+                out = block(x[start:stop].to(device, non_blocking=True), **kwargs)
+            except _StopForward:
+                if not partial:
+                    raise
+                continue
+            outs.append(out[0] if isinstance(out, (tuple, list)) else out)
+        if partial:
+            return None
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def advance(self, block: nn.Module, index: int, step: int) -> None:
+        """Replace step `step`'s input by the block's output (the next block's input)."""
+        out = self.run(block, index, step)
+        if self.hidden[step].device == out.device:
+            self.hidden[step] = out
+        else:
+            self.hidden[step].copy_(out, non_blocking=True)
+
+
+def activation_home(device: torch.device, nbytes: int, offload: str) -> torch.device:
+    """Where the activations live: on the compute device, or on the CPU (pinned) with offload 'always',
+    or 'auto' when they would take more than a third of the GPU's free memory."""
+    if offload not in OFFLOAD_MODES:
+        raise UsageError(f"--offload-activations: expected one of {', '.join(OFFLOAD_MODES)}, got {offload!r}")
+    if device.type != "cuda" or offload == "never":
+        return device
+    if offload == "always" or nbytes > torch.cuda.mem_get_info(device)[0] / 3:
+        return torch.device("cpu")
+    return device
+
+
+OFFLOAD_MODES = ("auto", "always", "never")
 
 
 def _embedding_side(model: nn.Module) -> list[nn.Module]:
@@ -73,8 +134,15 @@ def _embedding_side(model: nn.Module) -> list[nn.Module]:
 
 
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, steps: list[torch.Tensor], device: torch.device) -> BlockStream:
-    """Inputs of decoder block 0 for each step's batch (B, L) of token ids, on `device`."""
+def capture_block_inputs(
+    model: nn.Module, steps: list[torch.Tensor], device: torch.device, offload: str = "auto"
+) -> BlockStream:
+    """Inputs of decoder block 0 for each step's batch (B, L) of token ids, computed on `device` and kept
+    where `activation_home` says (see BlockStream)."""
+    hidden_size = int(model.config.hidden_size)
+    itemsize = next(p for p in model.parameters() if not p.is_meta).element_size()
+    home = activation_home(device, sum(ids.numel() for ids in steps) * hidden_size * itemsize, offload)
+    pin = home.type == "cpu" and device.type == "cuda"
     blocks = decoder_blocks(model)
     originals = list(blocks)
     leaves = _embedding_side(model)
@@ -93,7 +161,8 @@ def capture_block_inputs(model: nn.Module, steps: list[torch.Tensor], device: to
                 model(input_ids=ids.to(device), use_cache=False)
             except _StopForward:
                 pass
-            hidden.append(sink.pop("hidden"))
+            h = sink.pop("hidden")
+            hidden.append(h if home == h.device else h.to(home).pin_memory() if pin else h.to(home))
             if k == 0:
                 kwargs = [_block_kwargs(sink["kwargs"][i]) for i in range(len(blocks))]
     finally:
@@ -101,7 +170,7 @@ def capture_block_inputs(model: nn.Module, steps: list[torch.Tensor], device: to
             blocks[i] = block
         for m, home in zip(leaves, homes, strict=True):
             m.to(home)
-    return BlockStream(hidden=hidden, kwargs=kwargs)
+    return BlockStream(hidden=hidden, kwargs=kwargs, device=device, max_tokens=MAX_TOKENS)
 
 
 # ------------------------------------------------------------------------------ lazy checkpoints
