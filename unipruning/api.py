@@ -268,6 +268,7 @@ def prune_checkpoint(
     if rank != 0:  # a data-parallel worker: its share of every step, nothing written (see distributed.py)
         checkpoint = LazyCheckpoint(model_dir, model_cfg)
         state_dir = os.path.join(partial_directory(out, run_key), BLOCK_STATE)
+        distributed.barrier()  # rank 0 has kept (or, with --overwrite, discarded) the partial state
         calibrate(checkpoint.skeleton(dtype), windows, config, device, None, checkpoint,
                   state_dir if os.path.isdir(state_dir) else None, offload)
         return {"command": "prune", "rank": rank, "processes": processes}
@@ -277,6 +278,7 @@ def prune_checkpoint(
     with resumable_directory(out, run_key, overwrite) as staging:
         state_dir = os.path.join(staging, BLOCK_STATE)
         os.makedirs(state_dir, exist_ok=True)
+        distributed.barrier()  # the workers may now look for finished blocks in it
         saliency, keep, recon_dir = None, None, None
         if config.metric != "sparsegpt":  # sparsegpt: no saliency, its masks come from the OBS sweep
             # never the whole model: a meta-device skeleton, each block read from the shards in its turn
