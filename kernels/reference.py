@@ -22,6 +22,8 @@ Masks rank entries by a total order: z descending, then |W| descending, then fla
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 __all__ = [
@@ -419,7 +421,7 @@ def nm_mask(keys: torch.Tensor, n: int, m: int) -> torch.Tensor:
 
 _KEY_OFFSET = 1 << 62  # rank keys lie in [-2^62, 2^62): shift them to [0, 2^63)
 _KEY_BITS = 63
-_DIGIT_BITS = 8
+_DIGIT_BITS = 16  # 4 passes over the keys (which may be recomputed from disk for every pass)
 
 
 def _digit_counts(keys: torch.Tensor, prefix: int, prefix_shift: int, digit_shift: int) -> torch.Tensor:
@@ -433,14 +435,15 @@ def _digit_counts(keys: torch.Tensor, prefix: int, prefix_shift: int, digit_shif
 
 
 def global_keep_counts(
-    keys: list[torch.Tensor], total_keep: int, lower: list[int], upper: list[int]
+    keys: Sequence[torch.Tensor], total_keep: int, lower: list[int], upper: list[int]
 ) -> list[int]:
     """Per-matrix kept counts for one global threshold with per-matrix bounds (water-filling).
 
-    keys: rank keys of each matrix, in the tie-break order of matrices (name order). Matrix i keeps
+    keys: rank keys of each matrix, in the tie-break order of matrices (name order); any sequence, read
+    once per pass, one matrix at a time (it may compute them on access). Matrix i keeps
     clamp(#entries above the global cut, lower[i], upper[i]); the cut runs through the total order
     (key desc, matrix order, index asc) so that the counts sum to exactly `total_keep`. Found by radix
-    select on the key bits (8 bits a pass, per-matrix histograms on the keys' device): no sort, no
+    select on the key bits (16 bits a pass, per-matrix histograms on the keys' device): no sort, no
     concatenation.
     """
     lo = torch.tensor(lower, dtype=torch.int64)
@@ -463,7 +466,8 @@ def global_keep_counts(
     passes = -(-_KEY_BITS // digit_bits)
     for p in range(passes):
         digit_shift = (passes - 1 - p) * digit_bits
-        hist = torch.stack([_digit_counts(k, prefix, digit_shift + digit_bits, digit_shift) for k in keys])
+        hist = torch.stack([_digit_counts(keys[i], prefix, digit_shift + digit_bits, digit_shift)
+                            for i in range(len(keys))])
         # counts from bucket b upwards (inclusive) and above b (exclusive), for every b at once
         from_b = above[:, None] + hist.flip(1).cumsum(1).flip(1)  # (matrices, buckets)
         above_b = from_b - hist

@@ -242,7 +242,7 @@ def row_topk_mask_triton(keys: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def global_keep_counts_triton(
-    keys: list[torch.Tensor], total_keep: int, lower: list[int], upper: list[int]
+    keys, total_keep: int, lower: list[int], upper: list[int]
 ) -> list[int]:
     """Per-matrix kept counts of the global budget with bounds (see `reference.global_keep_counts`)."""
     from .reference import global_keep_counts

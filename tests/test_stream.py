@@ -160,3 +160,19 @@ def test_activation_home():
         gpu = torch.device("cuda")
         assert activation_home(gpu, 1, "always") == cpu and activation_home(gpu, 1, "auto") == gpu
         assert activation_home(gpu, torch.cuda.mem_get_info()[0], "auto") == cpu
+
+
+def test_global_masks_read_one_matrix_at_a_time(tiny_llama, text_file, tmp_path, monkeypatch):
+    """--allocation global with no room to cache keys (each pass recomputes them from z and W on disk)
+    cuts the same masks as with every key cached."""
+    import unipruning.masks as masks_module
+
+    pruned = tmp_path / "p"
+    assert main(["prune", "--model", tiny_llama, "--out", str(pruned), "--calib", text_file, "--nsamples", "4",
+                 "--seqlen", "32", "--allocation", "global", "--sparsity", "0.7"]) == 0
+    monkeypatch.setattr(masks_module, "KEY_CACHE_BYTES", 0)
+    streamed = tmp_path / "m"
+    assert main(["mask", "--model", tiny_llama, "--saliency", str(pruned / "saliency"), "--out", str(streamed),
+                 "--allocation", "global", "--sparsity", "0.7"]) == 0
+    a, b = read_all(pruned), read_all(streamed)
+    assert all(torch.equal(a[k], b[k]) for k in a)

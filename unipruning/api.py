@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -31,7 +32,6 @@ from .export import (
     git_hash,
     partial_directory,
     peak_memory,
-    read_tensors,
     resumable_directory,
     staged_directory,
     summarize,
@@ -139,10 +139,11 @@ def keep_function(
     """keep(name, stored weight) -> the saliency's mask of that matrix (on `device`); with allocation
     global the per-matrix counts are settled first, over every matrix."""
     counts = {}
-    if spec.allocation == "global":
-        weights = {n: w.to(device) for n, w in read_tensors(model_dir, list(saliency.z)).items()}
-        counts = global_counts(saliency, weights, spec, backend)
-        del weights
+    if spec.allocation == "global":  # one matrix in memory at a time (masks.global_counts)
+        names = list(saliency.z)
+        stored = LazyCheckpoint(model_dir, load_config(model_dir))
+        numels = {n: math.prod(shape) for n, shape in tensor_shapes(model_dir, names).items()}
+        counts = global_counts(saliency, stored.lazy(names), spec, backend, numels, device)
 
     def keep(name: str, weight: torch.Tensor) -> torch.Tensor:
         return matrix_mask(saliency.z[name].to(device), weight.to(device), spec, counts.get(name), backend)

@@ -135,16 +135,6 @@ def tensor_shapes(model_dir: str, names: list[str]) -> dict[str, tuple[int, ...]
     return {n: shapes[n] for n in names}
 
 
-def read_tensors(model_dir: str, names: list[str]) -> dict[str, torch.Tensor]:
-    wanted, found = set(names), {}
-    for shard in weight_shards(model_dir):
-        with safe_open(os.path.join(model_dir, shard), framework="pt") as handle:
-            for key in handle.keys():  # noqa: SIM118
-                if key in wanted:
-                    found[key] = handle.get_tensor(key)
-    return {n: found[n] for n in names}
-
-
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,

@@ -8,7 +8,7 @@ bounds met by water-filling; N:M keeps the N best of every M consecutive inputs 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -18,17 +18,49 @@ from .config import MaskSpec, keep_count
 from .models import check_nm_divisible
 
 
+class _KeySource(Sequence):
+    """The rank keys of each matrix, computed when asked for (z and W read then, one matrix in memory),
+    kept while they fit in `cache_bytes`: the global selection reads every matrix's keys once per pass,
+    so a small model computes them once and a 70B model re-reads z and W instead of holding 8 bytes per
+    weight."""
+
+    def __init__(self, names, z, weights, device, backend, cache_bytes: int):
+        self.names, self.z, self.weights, self.device, self.backend = names, z, weights, device, backend
+        self.cache: dict[int, torch.Tensor] = {}
+        self.free = cache_bytes
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if i in self.cache:
+            return self.cache[i]
+        name = self.names[i]
+        weight = self.weights[name]
+        device = self.device if self.device is not None else weight.device
+        keys = ops.rank_keys(self.z[name].to(device), weight.to(device), backend=self.backend)
+        if keys.numel() * keys.element_size() <= self.free:
+            self.cache[i] = keys
+            self.free -= keys.numel() * keys.element_size()
+        return keys
+
+
+KEY_CACHE_BYTES = 4 << 30
+
+
 def global_counts(
-    saliency, weights: dict[str, torch.Tensor], spec: MaskSpec, backend: str | None = None
+    saliency, weights: Mapping[str, torch.Tensor], spec: MaskSpec, backend: str | None = None,
+    numels: Mapping[str, int] | None = None, device: torch.device | None = None,
 ) -> dict[str, int]:
-    """Kept count per matrix under the global budget with bounds (names tie-broken in sorted order)."""
+    """Kept count per matrix under the global budget with bounds (names tie-broken in sorted order).
+    `weights` may be a lazy mapping (read on access); `numels` saves reading them for their sizes."""
     names = sorted(saliency.z)
-    keys = [ops.rank_keys(saliency.z[n].to(weights[n].device), weights[n], backend=backend) for n in names]
-    numels = [k.numel() for k in keys]
+    keys = _KeySource(names, saliency.z, weights, device, backend, KEY_CACHE_BYTES)
+    sizes = [numels[n] if numels is not None else weights[n].numel() for n in names]
     s_min, s_max = spec.bounds
-    total = keep_count(spec.sparsity, sum(numels))
-    lower = [keep_count(s_max, n) for n in numels]
-    upper = [keep_count(s_min, n) for n in numels]
+    total = keep_count(spec.sparsity, sum(sizes))
+    lower = [keep_count(s_max, n) for n in sizes]
+    upper = [keep_count(s_min, n) for n in sizes]
     try:
         counts = ops.global_keep_counts(keys, total, lower, upper, backend=backend)
     except ValueError as exc:

@@ -11,6 +11,7 @@ stream today; the pruned stream of weight reconstruction will sit beside it.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -204,6 +205,10 @@ class LazyCheckpoint:
                     out[key] = handle.get_tensor(key)
         return out
 
+    def lazy(self, names: list[str]) -> Mapping[str, torch.Tensor]:
+        """The named tensors as a mapping that reads each one when it is looked up (nothing kept)."""
+        return _OnDemand(self, names)
+
     def skeleton(self, dtype: torch.dtype) -> nn.Module:
         """The causal LM on the meta device, its non-block tensors loaded on the CPU in `dtype`."""
         from transformers import AutoModelForCausalLM
@@ -241,6 +246,20 @@ class LazyCheckpoint:
     @staticmethod
     def release_block(model: nn.Module, index: int) -> None:
         decoder_blocks(model)[index].to("meta")
+
+
+class _OnDemand(Mapping):
+    def __init__(self, checkpoint: LazyCheckpoint, names: list[str]):
+        self.checkpoint, self.names = checkpoint, names
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.checkpoint.read([name])[name]
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
 
 
 def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
