@@ -135,3 +135,23 @@ def test_packed_model_runs_sparse_on_gpu_like_the_dense_pruned_model(packed, pru
     sparse = load_packed(packed, device="cuda", layout=layout)
     with torch.no_grad():
         torch.testing.assert_close(sparse(ids).logits, dense(ids).logits, rtol=5e-2, atol=5e-2)
+
+
+def test_pack_and_load_a_sharded_checkpoint(pruned_24, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    sharded = tmp_path / "sharded"
+    model = AutoModelForCausalLM.from_pretrained(pruned_24, dtype=torch.bfloat16)
+    model.save_pretrained(sharded, max_shard_size="60KB")
+    assert run_cli("pack", "--model", sharded, "--out", tmp_path / "packed") == 0
+    with open(tmp_path / "packed" / "model.safetensors.index.json") as f:
+        weight_map = json.load(f)["weight_map"]
+    stored = read_all(tmp_path / "packed")
+    assert set(weight_map) == set(stored)  # the index names every packed and copied tensor
+    for name, shard in weight_map.items():
+        assert os.path.isfile(tmp_path / "packed" / shard), name
+    dense = read_all(sharded)
+    model = load_packed(str(tmp_path / "packed"), device="cpu")
+    for name, param in model.named_parameters():
+        got = unpack_24(param) if isinstance(param, SparseSemiStructuredTensorCUTLASS) else param.detach()
+        assert torch.equal(got, dense[name]), name
