@@ -71,19 +71,33 @@ def write_checkpoint(directory: str, shape: str, layers: int, texts: list[str]) 
     tokenizer.save_pretrained(directory)
 
 
-def disk_read_seconds(directory: str, layers: int) -> list[float]:
-    """Seconds to read each decoder layer's tensors from the shards (as the engine does, copied out)."""
+def drop_page_cache() -> bool:
+    """Ask the kernel to drop clean cached pages (root only), so that reads come from the disk."""
+    try:
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def disk_read_seconds(directory: str, layers: int) -> tuple[list[float], bool]:
+    """Seconds to read each decoder layer's tensors from the shards into memory (every byte touched, as
+    the engine's copy into the layer does), and whether the page cache was dropped first."""
     from unipruning.models import load_config
     from unipruning.stream import LazyCheckpoint
 
     checkpoint = LazyCheckpoint(directory, load_config(directory))
+    dropped = drop_page_cache()
     seconds = []
     for i in range(layers):
         names = [n for n in checkpoint.shard_of if n.startswith(f"model.layers.{i}.")]
         start = time.perf_counter()
-        checkpoint.read(names)
+        tensors = {n: t.clone() for n, t in checkpoint.read(names).items()}  # a mapped tensor is read on touch
         seconds.append(time.perf_counter() - start)
-    return seconds
+        del tensors
+    return seconds, dropped
 
 
 def main(argv=None) -> None:
@@ -110,7 +124,8 @@ def main(argv=None) -> None:
         calib = os.path.join(work, "calib.txt")
         with open(calib, "w", encoding="utf-8") as f:
             f.write("\n\n".join(texts))
-        reads = disk_read_seconds(model, args.layers)
+        reads, cold = disk_read_seconds(model, args.layers)
+        drop_page_cache()
         out = os.path.join(work, "pruned")
         start = time.perf_counter()
         done = subprocess.run(
@@ -136,6 +151,7 @@ def main(argv=None) -> None:
         "metric": args.metric, "checkpoint_write_seconds": write_seconds,
         "prune_process_seconds": wall, "prune_report_wall_seconds": report["wall_seconds"],
         "calibration_seconds_per_layer": per_layer, "disk_read_seconds_per_layer": reads,
+        "disk_reads_cold": cold,  # False: the page cache could not be dropped (reads may come from memory)
         "setup_seconds": setup, "export_seconds": export,
         "peak_cpu_rss_bytes": report["peak_memory"]["cpu_max_rss_bytes"],
         "peak_gpu_allocated_bytes": report["peak_memory"]["gpu_max_allocated_bytes"],
