@@ -27,4 +27,4 @@ def test_demo_trains_prunes_and_reports(tmp_path):
         assert os.path.isfile(out / name / "model.safetensors")
     # the second run reuses the cached model instead of training again
     again = subprocess.run(["unipruning", "demo"], capture_output=True, text=True, env=env, timeout=600)
-    assert again.returncode == 0 and "using the cached demo model" in again.stderr
+    assert again.returncode == 0 and "using the cached model" in again.stderr
