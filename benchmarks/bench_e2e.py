@@ -48,23 +48,18 @@ def write_checkpoint(directory: str, shape: str, layers: int, texts: list[str]) 
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
     shards: dict[str, dict[str, torch.Tensor]] = {}
+    weight_map: dict[str, str] = {}
     gen = torch.Generator().manual_seed(0)
     for name, param in skeleton.named_parameters():
         parts = name.split(".")
         shard = f"model-layer-{int(parts[2]):05d}.safetensors" if parts[1] == "layers" else "model-rest.safetensors"
         value = torch.ones(param.shape) if "norm" in name else torch.randn(param.shape, generator=gen) * 0.02
         shards.setdefault(shard, {})[name] = value.to(torch.bfloat16)
+        weight_map[name] = shard
         if len(shards[shard]) == 9 and shard != "model-rest.safetensors":  # a layer is complete: write it
             save_file(shards.pop(shard), os.path.join(directory, shard), metadata={"format": "pt"})
-    weight_map = {}
     for shard, tensors in shards.items():
         save_file(tensors, os.path.join(directory, shard), metadata={"format": "pt"})
-    for shard in os.listdir(directory):
-        if shard.endswith(".safetensors"):
-            from safetensors import safe_open
-
-            with safe_open(os.path.join(directory, shard), framework="pt") as handle:
-                weight_map.update(dict.fromkeys(handle.keys(), shard))  # noqa: SIM118
     with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {}, "weight_map": dict(sorted(weight_map.items()))}, f)
     config.save_pretrained(directory)

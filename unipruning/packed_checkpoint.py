@@ -120,10 +120,9 @@ def load_packed(model_dir: str, device: str | torch.device = "cuda", layout: str
     No packed layer is ever made dense with layout "cutlass" (the stored format); "cusparselt"
     compresses each layer on the GPU through a transient dense copy. Sparse matmuls need a CUDA GPU of
     compute capability 8.0+; on a CPU the model is built (for inspection) but cannot run forward."""
-    from torch.sparse import SparseSemiStructuredTensorCUTLASS
     from transformers import AutoModelForCausalLM
 
-    from .packing import _semi_structured, unpack_cutlass_torch
+    from .packing import cutlass_tensor, unpack_cutlass_torch
     from .stream import _assign, _rebuild_meta_buffers
 
     if layout not in LAYOUTS:
@@ -147,11 +146,8 @@ def load_packed(model_dir: str, device: str | torch.device = "cuda", layout: str
                     name = key.removesuffix(PACKED_SUFFIX)
                     values = handle.get_tensor(key).to(device)
                     meta = handle.get_tensor(name + META_SUFFIX).to(device)
-                    shape = (values.shape[0], 2 * values.shape[1])
                     if layout == "cutlass":
-                        weight = _semi_structured(SparseSemiStructuredTensorCUTLASS, torch.Size(shape), packed=values,
-                                                  meta=meta, packed_t=None, meta_t=None,
-                                                  compressed_swizzled_bitmask=None, requires_grad=False)
+                        weight = cutlass_tensor(values, meta)
                     else:
                         weight = pack_24(unpack_cutlass_torch(values, meta), "cusparselt")
                     _assign(model, name, weight)

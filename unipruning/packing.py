@@ -169,12 +169,21 @@ def _semi_structured(cls, shape, **inner) -> torch.Tensor:
         return cls(shape, **inner)
 
 
+def cutlass_tensor(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+    """PyTorch's CUTLASS semi-structured tensor of a packed pair: values (m, k/2), metadata (m, k/16)."""
+    from torch.sparse import SparseSemiStructuredTensorCUTLASS
+
+    shape = torch.Size((values.shape[0], 2 * values.shape[1]))
+    return _semi_structured(SparseSemiStructuredTensorCUTLASS, shape, packed=values, meta=meta, packed_t=None,
+                            meta_t=None, compressed_swizzled_bitmask=None, requires_grad=False)
+
+
 def pack_24(weight: torch.Tensor, layout: str = "cutlass", *, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Pack a 2:4 weight (or a dense weight and its 2:4 keep `mask`) for sparse tensor cores.
 
     Returns PyTorch's semi-structured tensor of `layout` ("cutlass" on any device, "cusparselt" on CUDA),
     usable as an nn.Linear weight; `unpack_24` is its inverse."""
-    from torch.sparse import SparseSemiStructuredTensorCUSPARSELT, SparseSemiStructuredTensorCUTLASS
+    from torch.sparse import SparseSemiStructuredTensorCUSPARSELT
 
     if layout not in LAYOUTS:
         raise UsageError(f"layout: expected one of {', '.join(LAYOUTS)}, got {layout!r}")
@@ -187,8 +196,7 @@ def pack_24(weight: torch.Tensor, layout: str = "cutlass", *, mask: torch.Tensor
             values, meta = torch.ops.unipruning.pack24_cutlass(weight, mask)
         else:
             values, meta = pack_cutlass_torch(weight, mask)
-        return _semi_structured(SparseSemiStructuredTensorCUTLASS, weight.shape, packed=values, meta=meta,
-                                packed_t=None, meta_t=None, compressed_swizzled_bitmask=None, requires_grad=False)
+        return cutlass_tensor(values, meta)
     if not weight.is_cuda:
         raise UsageError("layout 'cusparselt' needs the weight on a CUDA device (cuSPARSELt compresses on the GPU)")
     dense = weight  # dropped entries become +0.0 (weight * mask would leave -0.0 for negative ones)

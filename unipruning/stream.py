@@ -53,6 +53,7 @@ def _block_kwargs(kwargs: dict) -> dict:
 
 
 MAX_TOKENS = 16384  # tokens per forward: a step's windows run in micro-batches of at most this many
+OFFLOAD_MODES = ("auto", "always", "never")
 
 
 def _batch_slice(value, start: int, stop: int, batch: int):
@@ -122,9 +123,6 @@ def activation_home(device: torch.device, nbytes: int, offload: str) -> torch.de
     if offload == "always" or nbytes > torch.cuda.mem_get_info(device)[0] / 3:
         return torch.device("cpu")
     return device
-
-
-OFFLOAD_MODES = ("auto", "always", "never")
 
 
 def _embedding_side(model: nn.Module) -> list[nn.Module]:
