@@ -109,8 +109,8 @@ def test_overwrite_discards_the_partial_state(tmp_path, text_file, monkeypatch):
     assert main(args + ["--out", str(tmp_path / "a")]) == 0
     real_save, partials = sal._save_block, []
 
-    def crash_after_first_block(state_dir, index, z, t, seconds):
-        real_save(state_dir, index, z, t, seconds)
+    def crash_after_first_block(state_dir, index, *rest):
+        real_save(state_dir, index, *rest)
         partials.append(state_dir)
         with open(os.path.join(state_dir, "block-00001.safetensors"), "wb") as f:
             f.write(b"corrupt")

@@ -35,24 +35,30 @@ from .export import (
     resumable_directory,
     staged_directory,
     summarize,
-    tensor_shapes,
     versions,
     write_json,
     write_pruned_weights,
 )
-from .masks import global_counts, iter_masks, mask_stats, masked, matrix_mask
+from .masks import global_counts, mask_stats, masked, matrix_mask
 from .models import (
+    FAMILIES,
+    NEVER_PRUNED,
+    Matrix,
     check_nm_divisible,
     family_for,
     fingerprint,
     load_config,
-    prunable_names,
+    load_model,
+    model_matrices,
+    num_blocks,
     resolve_device,
     resolve_dtype,
+    weight_of,
 )
 from .reconstruct import BLOCKSIZE, DAMP, reconstruct, reconstructed, reconstructed_files
 from .saliency import Saliency, calibrate
 from .stream import LazyCheckpoint
+from .targeting import Targeting
 
 log = logging.getLogger("unipruning")
 
@@ -83,33 +89,36 @@ def prune(
     model: nn.Module,
     calibration_batches: torch.Tensor | Iterable[torch.Tensor],
     config: PruneConfig | None = None,
+    targeting: Targeting | None = None,
 ) -> PruneResult:
     """Learn the saliency of `model` on token windows and cut the masks of `config.mask`.
 
     calibration_batches: (nsamples, seqlen) token ids, or an iterable of (B, seqlen) tensors (joined,
-    then split into steps of `config.batch_size` windows). The model's weights are left untouched.
+    then split into steps of `config.batch_size` windows). The model's weights are left untouched
+    (feedback "full" fine-tunes a copy of the trajectory in place and restores them). `masks` is keyed by
+    the matrices' logical names (models.Matrix); targeting (targeting.py) restricts what is masked.
     """
     config = config or PruneConfig()
     if config.reconstruct != "none" or config.metric == "sparsegpt":
         raise UsageError("prune(): weight reconstruction changes weights and runs on checkpoints: use "
                          "prune_checkpoint(model_dir, out, config, calib)")
     windows = _as_windows(calibration_batches)
-    names = prunable_names(model.config)
-    params = dict(model.named_parameters())
-    if config.mask.nm is not None:
-        check_nm_divisible({n: tuple(params[n].shape) for n in names}, config.mask.nm[1])
+    matrices = model_matrices(model)
+    plan, skipped = (targeting or Targeting()).plan(matrices, num_blocks(model.config), config.mask)
+    _check_plan(matrices, plan)
     start = time.perf_counter()
     device = resolve_device(config.device)
-    saliency, per_block = calibrate(model, windows, config, device)
+    saliency, per_block = _calibrate(model, windows, config, device)
     backend = backends.resolve(config.backend, device)
-    masks = {name: keep.cpu() for name, keep in iter_masks(
-        saliency, {n: params[n].detach().to(device) for n in names}, config.mask, backend)}
-    matrices = {name: mask_stats(keep, config.mask.nm) for name, keep in masks.items()}
+    weights = {m.name: weight_of(model, m).detach().to(device) for m in matrices if m.name in plan}
+    masks = _masks(saliency, weights, plan, config.mask, backend)
+    stats = {name: mask_stats(keep, plan[name].nm) for name, keep in masks.items()}
     dense = sum(p.numel() for p in model.parameters())
     report = {
         "settings": config.to_dict(),
-        "matrices": matrices,
-        "total": summarize(matrices, dense),
+        "matrices": stats,
+        "total": summarize(stats, dense),
+        "targeting": {**(targeting or Targeting()).to_dict(), "skipped": skipped},
         "blocks": per_block,
         "wall_seconds": time.perf_counter() - start,
         "calibration": {"windows_sha256": windows_hash(windows), "shape": list(windows.shape)},
@@ -117,8 +126,32 @@ def prune(
     return PruneResult(saliency=saliency, masks=masks, report=report)
 
 
+def _calibrate(model, windows, config: PruneConfig, device, **streaming):
+    if config.feedback == "full":
+        from .feedback import calibrate_full
+
+        return calibrate_full(model, windows, config, device)
+    return calibrate(model, windows, config, device, **streaming)
+
+
+def _masks(saliency: Saliency, weights: dict, plan: dict[str, MaskSpec], spec: MaskSpec, backend) -> dict:
+    """{name: keep mask on the CPU} for the planned matrices (global: one budget over them all)."""
+    counts = {}
+    if spec.allocation == "global":
+        counts = global_counts(saliency, weights, spec, backend, names=sorted(plan))
+    return {name: matrix_mask(saliency.z[name], weights[name], plan[name], counts.get(name), backend).cpu()
+            for name in plan}
+
+
+def _check_plan(matrices: list[Matrix], plan: dict[str, MaskSpec]) -> None:
+    for m in matrices:
+        if m.name in plan and plan[m.name].nm is not None:
+            check_nm_divisible({m.name: m.shape}, plan[m.name].nm[1])
+
+
 # ------------------------------------------------------------------------------ checkpoint jobs
-def sparsity_config(spec: MaskSpec, names: list[str], metric: str = "unipruning", reconstruct: str = "none") -> dict:
+def sparsity_config(spec: MaskSpec, plan: dict[str, MaskSpec], skipped: dict[str, str], metric: str = "unipruning",
+                    reconstruct: str = "none") -> dict:
     """The `sparsity_config` entry of the pruned config.json."""
     return {
         "format": "dense",
@@ -128,33 +161,35 @@ def sparsity_config(spec: MaskSpec, names: list[str], metric: str = "unipruning"
         "sparsity_structure": spec.pattern,
         "sparsity": spec.sparsity,
         "allocation": spec.allocation,
-        "targets": names,
-        "ignore": ["lm_head", "embed_tokens", "norm"],
+        "targets": list(plan),
+        "ignore": [*NEVER_PRUNED, *skipped],
+        "overrides": {name: {"sparsity": s.sparsity, "pattern": s.pattern} for name, s in plan.items() if s != spec},
     }
 
 
 def keep_function(
-    model_dir: str, saliency: Saliency, spec: MaskSpec, backend: str, device: torch.device
+    checkpoint: LazyCheckpoint, saliency: Saliency, plan: dict[str, MaskSpec], spec: MaskSpec, backend: str,
+    device: torch.device,
 ) -> Callable[[str, torch.Tensor], torch.Tensor]:
-    """keep(name, stored weight) -> the saliency's mask of that matrix (on `device`); with allocation
-    global the per-matrix counts are settled first, over every matrix."""
+    """keep(name, stored weight) -> the saliency's mask of that matrix (on `device`) under its planned
+    spec; with allocation global the per-matrix counts are settled first, over every planned matrix."""
     counts = {}
     if spec.allocation == "global":  # one matrix in memory at a time (masks.global_counts)
-        names = list(saliency.z)
-        stored = LazyCheckpoint(model_dir, load_config(model_dir))
-        numels = {n: math.prod(shape) for n, shape in tensor_shapes(model_dir, names).items()}
-        counts = global_counts(saliency, stored.lazy(names), spec, backend, numels, device)
+        names = sorted(plan)
+        numels = {m.name: math.prod(m.shape) for m in checkpoint.matrices}
+        counts = global_counts(saliency, checkpoint.lazy(names), spec, backend, numels, device, names=names)
 
     def keep(name: str, weight: torch.Tensor) -> torch.Tensor:
-        return matrix_mask(saliency.z[name].to(device), weight.to(device), spec, counts.get(name), backend)
+        return matrix_mask(saliency.z[name].to(device), weight.to(device), plan[name], counts.get(name), backend)
 
     return keep
 
 
 def export_checkpoint(
-    model_dir: str,
+    checkpoint: LazyCheckpoint,
     staging: str,
-    names: list[str],
+    plan: dict[str, MaskSpec],
+    skipped: dict[str, str],
     saliency: Saliency | None,
     spec: MaskSpec,
     backend: str,
@@ -171,15 +206,17 @@ def export_checkpoint(
         def pruned(name: str, weight: torch.Tensor):
             return reconstructed(files[name], name)
     else:
-        keep = keep_function(model_dir, saliency, spec, backend, device)
+        keep = keep_function(checkpoint, saliency, plan, spec, backend, device)
 
         def pruned(name: str, weight: torch.Tensor):
             mask = keep(name, weight).cpu()
             return masked(weight, mask), mask
 
-    matrices = write_pruned_weights(model_dir, staging, pruned, names, spec.nm)
+    model_dir = checkpoint.model_dir
+    chosen = [m for m in checkpoint.matrices if m.name in plan]
+    matrices = write_pruned_weights(model_dir, staging, pruned, chosen, {n: s.nm for n, s in plan.items()})
     settings = report.get("settings", {})
-    copy_side_files(model_dir, staging, sparsity_config(spec, names, settings.get("metric", ""),
+    copy_side_files(model_dir, staging, sparsity_config(spec, plan, skipped, settings.get("metric", ""),
                                                         settings.get("reconstruct", "none")))
     if saliency is not None:
         saliency.save(os.path.join(staging, SALIENCY_DIR))
@@ -188,6 +225,7 @@ def export_checkpoint(
         "mask": {"sparsity": spec.sparsity, "pattern": spec.pattern, "allocation": spec.allocation,
                  "bounds": list(spec.bounds)},
         "matrices": matrices,
+        "skipped": skipped,
         "total": summarize(matrices, count_parameters(model_dir)),
         "peak_memory": peak_memory(),
         "versions": versions(),
@@ -197,28 +235,36 @@ def export_checkpoint(
     return report
 
 
-def _checked_model_dir(model_dir: str, spec: MaskSpec):
-    config = load_config(model_dir)
-    names = prunable_names(config)
-    shapes = tensor_shapes(model_dir, names)
-    if spec.nm is not None:
-        check_nm_divisible(shapes, spec.nm[1])
-    return config, names, shapes
+def _checked_model_dir(model_dir: str, spec: MaskSpec, targeting: Targeting | None, trust_remote_code: bool = False):
+    """(config, checkpoint, plan, skipped, shapes) of a model directory, or a one-line error."""
+    config = load_config(model_dir, trust_remote_code)
+    checkpoint = LazyCheckpoint(model_dir, config)
+    plan, skipped = (targeting or Targeting()).plan(checkpoint.matrices, num_blocks(config), spec)
+    _check_plan(checkpoint.matrices, plan)
+    return config, checkpoint, plan, skipped, {m.name: m.shape for m in checkpoint.matrices}
+
+
+def _check_reconstructable(config, checkpoint: LazyCheckpoint, plan: dict[str, MaskSpec]) -> None:
+    family = family_for(config)
+    if family.sequential is None or not all(m.plain for m in checkpoint.matrices if m.name in plan):
+        supported = sorted(t for f in FAMILIES if f.sequential is not None for t in f.model_types)
+        raise UsageError(f"--reconstruct obs supports models whose prunable matrices are whole linears "
+                         f"({', '.join(supported)}); {config.model_type} has fused or expert matrices")
 
 
 def _reconstruct_pass(
-    staging: str, model_dir: str, model_cfg, windows: torch.Tensor, batch_size: int, device: torch.device,
-    dtype: torch.dtype, spec: MaskSpec, keep: Callable | None, backend: str, progress=None, offload: str = "auto",
+    staging: str, checkpoint: LazyCheckpoint, windows: torch.Tensor, batch_size: int, device: torch.device,
+    dtype: torch.dtype, plan: dict[str, MaskSpec], keep: Callable | None, backend: str, progress=None,
+    offload: str = "auto",
 ) -> tuple[str, dict]:
     """Run the OBS reconstruction (reconstruct.py) into `staging`; (its state directory, report entry)."""
     start = time.perf_counter()
     recon_dir = os.path.join(staging, RECON_STATE)
     os.makedirs(recon_dir, exist_ok=True)
-    checkpoint = LazyCheckpoint(model_dir, model_cfg)
     model = checkpoint.skeleton(dtype)
-    blocks = reconstruct(model, windows, batch_size, device, checkpoint, recon_dir, spec, keep, backend, progress,
+    blocks = reconstruct(model, windows, batch_size, device, checkpoint, recon_dir, plan, keep, backend, progress,
                          offload)
-    groups = len(family_for(model_cfg).sequential)
+    groups = len(family_for(checkpoint.config).sequential)
     return recon_dir, {
         "method": "obs", "damp": DAMP, "blocksize": BLOCKSIZE, "seconds": time.perf_counter() - start,
         "blocks": blocks,
@@ -238,36 +284,54 @@ def prune_checkpoint(
     tokenizer_dir: str | None = None,
     progress: Callable[[int, int], None] | None = None,
     offload: str = "auto",
+    targeting: Targeting | None = None,
+    trust_remote_code: bool = False,
+    dry_run: bool = False,
 ) -> dict:
     """`unipruning prune`: calibrate on `calib`, write the pruned checkpoint, saliency and report.
-    offload: where activations live between blocks, 'auto', 'always' (pinned CPU memory), 'never'."""
+    offload: where activations live between blocks, 'auto', 'always' (pinned CPU memory), 'never'.
+    targeting: which matrices are cut (targeting.py). dry_run: return the plan (planning.py), write nothing."""
     start = time.perf_counter()
-    model_cfg, names, shapes = _checked_model_dir(model_dir, config.mask)
-    check_out(out, overwrite, {"--model": model_dir})
+    model_cfg, checkpoint, plan, skipped, shapes = _checked_model_dir(model_dir, config.mask, targeting,
+                                                                      trust_remote_code)
+    targeting = targeting or Targeting()
     if nsamples < 1 or nsamples % config.batch_size:
         raise UsageError(f"--batch-size {config.batch_size} must divide --nsamples {nsamples}")
+    if config.reconstruct == "obs":
+        _check_reconstructable(model_cfg, checkpoint, plan)
     device = distributed.init_from_env(resolve_device(config.device))
     backend = backends.resolve(config.backend, device)
     dtype = resolve_dtype(config.dtype, model_cfg, device)
+    if dry_run:
+        from .planning import dry_run_plan
+
+        return dry_run_plan(checkpoint, plan, skipped, config, nsamples, seqlen, device, dtype)
+    check_out(out, overwrite, {"--model": model_dir})
     rank, processes = distributed.world()
-    if processes > 1 and (config.batch_size % processes or config.metric == "sparsegpt"):
+    if processes > 1 and (config.batch_size % processes or config.metric == "sparsegpt"
+                          or config.feedback == "full"):
         raise UsageError(f"{processes} processes: --batch-size must be a multiple of the process count and "
-                         "the saliency must be calibrated (--metric sparsegpt has none)")
+                         "the saliency must be layer-streamed (not --metric sparsegpt, not --feedback full)")
+    if config.feedback == "full":
+        from .feedback import check_fits
+
+        check_fits(checkpoint, dtype, device)
     tokenizer = load_tokenizer(tokenizer_dir or model_dir)
     windows = calibration_windows(tokenizer, calib, nsamples, seqlen, config.seed)
     windows_sha = windows_hash(windows)
     run_key = hashlib.sha256(json.dumps({
         "model": os.path.realpath(model_dir), "fingerprint": fingerprint(model_cfg, shapes), "version": __version__,
         "windows": windows_sha, "config": config.to_dict(), "device": device.type, "backend": backend,
+        "targeting": targeting.to_dict(),
     }, sort_keys=True).encode()).hexdigest()
     report = {
         "command": "prune",
         "model": os.path.abspath(model_dir),
         "settings": {**config.to_dict(), "backend_used": backend, "device_used": str(device)},
+        "targeting": targeting.to_dict(),
         "calibration": {"source": calib, "nsamples": nsamples, "seqlen": seqlen, "windows_sha256": windows_sha},
     }
     if rank != 0:  # a data-parallel worker: its share of every step, nothing written (see distributed.py)
-        checkpoint = LazyCheckpoint(model_dir, model_cfg)
         state_dir = os.path.join(partial_directory(out, run_key), BLOCK_STATE)
         distributed.barrier()  # rank 0 has kept (or, with --overwrite, discarded) the partial state
         calibrate(checkpoint.skeleton(dtype), windows, config, device, None, checkpoint,
@@ -281,22 +345,33 @@ def prune_checkpoint(
         os.makedirs(state_dir, exist_ok=True)
         distributed.barrier()  # the workers may now look for finished blocks in it
         saliency, keep, recon_dir = None, None, None
-        if config.metric != "sparsegpt":  # sparsegpt: no saliency, its masks come from the OBS sweep
+        if config.feedback == "full":  # the whole model, fine-tuned along the way; the output keeps the source
+            from .feedback import calibrate_full
+
+            saliency, report["feedback"] = calibrate_full(load_model(model_dir, dtype, trust_remote_code), windows,
+                                                          config, device)
+            report["calibration_seconds"] = time.perf_counter() - start
+        elif config.metric != "sparsegpt":  # sparsegpt: no saliency, its masks come from the OBS sweep
             # never the whole model: a meta-device skeleton, each block read from the shards in its turn
-            checkpoint = LazyCheckpoint(model_dir, model_cfg)
             model = checkpoint.skeleton(dtype)
             saliency, report["blocks"] = calibrate(model, windows, config, device, progress, checkpoint, state_dir,
                                                    offload)
             del model
             report["calibration_seconds"] = time.perf_counter() - start
+        if saliency is not None and saliency.metadata.get("unseen"):
+            report["unseen_matrices"] = {
+                "matrices": saliency.metadata["unseen"],
+                "policy": "their input saw no calibration token (experts never routed to): z stays 0 and their "
+                          "masks are cut by |W|, the ranking's second key",
+            }
         if config.reconstruct == "obs":
             if saliency is not None:
-                keep = keep_function(model_dir, saliency, config.mask, backend, device)
+                keep = keep_function(checkpoint, saliency, plan, config.mask, backend, device)
             recon_dir, report["reconstruction"] = _reconstruct_pass(
-                staging, model_dir, model_cfg, windows, config.batch_size, device, dtype, config.mask, keep,
-                backend, progress, offload)
-        report = export_checkpoint(model_dir, staging, names, saliency, config.mask, backend, device, report,
-                                   recon_dir)
+                staging, checkpoint, windows, config.batch_size, device, dtype, plan, keep, backend, progress,
+                offload)
+        report = export_checkpoint(checkpoint, staging, plan, skipped, saliency, config.mask, backend, device,
+                                   report, recon_dir)
         report["wall_seconds"] = time.perf_counter() - start
         write_json(os.path.join(staging, REPORT), report)
         for partial in (state_dir, recon_dir):
@@ -310,16 +385,19 @@ def mask_checkpoint(
     backend: str = "auto", device: str = "auto", reconstruct: str = "none", calib: str | None = None,
     nsamples: int | None = None, seqlen: int | None = None, seed: int | None = None, batch_size: int = 1,
     dtype: str = "auto", tokenizer_dir: str | None = None, progress: Callable[[int, int], None] | None = None,
-    offload: str = "auto",
+    offload: str = "auto", targeting: Targeting | None = None, trust_remote_code: bool = False,
 ) -> dict:
     """`unipruning mask`: new masks from a saved saliency, no calibration; with reconstruct "obs" the
     kept weights are reconstructed on `calib` (windows as in the saliency's run unless given)."""
     start = time.perf_counter()
-    config, names, shapes = _checked_model_dir(model_dir, spec)
+    config, checkpoint, plan, skipped, shapes = _checked_model_dir(model_dir, spec, targeting, trust_remote_code)
+    names = list(shapes)
     if reconstruct not in RECONSTRUCTIONS:
         raise UsageError(f"--reconstruct: expected one of {', '.join(RECONSTRUCTIONS)}, got {reconstruct!r}")
     if reconstruct == "obs" and not calib:
         raise UsageError("--reconstruct obs: pass --calib (the windows are run through the pruned model)")
+    if reconstruct == "obs":
+        _check_reconstructable(config, checkpoint, plan)
     check_out(out, overwrite, {"--model": model_dir, "--saliency": saliency_dir})
     compute = resolve_device(device)
     used = backends.resolve(backend, compute)
@@ -332,6 +410,7 @@ def mask_checkpoint(
         "saliency": os.path.abspath(saliency_dir),
         "settings": {**saliency.metadata, "reconstruct": reconstruct, "backend_used": used,
                      "device_used": str(compute)},
+        "targeting": (targeting or Targeting()).to_dict(),
     }
     windows = None
     if reconstruct == "obs":
@@ -346,11 +425,12 @@ def mask_checkpoint(
     with staged_directory(out) as staging:
         recon_dir = None
         if windows is not None:
-            keep = keep_function(model_dir, saliency, spec, used, compute)
+            keep = keep_function(checkpoint, saliency, plan, spec, used, compute)
             recon_dir, report["reconstruction"] = _reconstruct_pass(
-                staging, model_dir, config, windows, batch_size, compute, resolve_dtype(dtype, config, compute),
-                spec, keep, used, progress, offload)
-        report = export_checkpoint(model_dir, staging, names, saliency, spec, used, compute, report, recon_dir)
+                staging, checkpoint, windows, batch_size, compute, resolve_dtype(dtype, config, compute),
+                plan, keep, used, progress, offload)
+        report = export_checkpoint(checkpoint, staging, plan, skipped, saliency, spec, used, compute, report,
+                                   recon_dir)
         report["wall_seconds"] = time.perf_counter() - start
         write_json(os.path.join(staging, REPORT), report)
         if recon_dir is not None:

@@ -26,6 +26,7 @@ from safetensors import safe_open
 
 from .errors import UsageError
 from .masks import mask_stats
+from .models import piece
 
 SAFE_SINGLE = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -177,27 +178,34 @@ def write_pruned_weights(
     model_dir: str,
     out_dir: str,
     pruned: Callable[[str, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
-    prunable: list[str],
-    nm: tuple[int, int] | None,
+    matrices: list,
+    nm_of: dict[str, tuple[int, int] | None],
 ) -> dict[str, dict]:
     """Copy every shard of `model_dir` to `out_dir` tensor by tensor (never a whole shard in memory),
-    replacing each prunable tensor by the first item of `pruned(name, weight)` -> (pruned weight, keep
+    replacing each prunable matrix (models.Matrix, at its stored place: a whole tensor, rows of a fused
+    one, or a per-expert tensor) by the first item of `pruned(name, weight)` -> (pruned weight, keep
     mask). Returns per-matrix statistics of the masks {name: {shape, numel, kept, sparsity, nm_valid}}."""
-    wanted = set(prunable)
+    inside: dict[str, list] = {}
+    for m in matrices:
+        inside.setdefault(m.stored, []).append(m)
     stats: dict[str, dict] = {}
 
     def transform(name: str, tensor: torch.Tensor) -> torch.Tensor:
-        if name not in wanted:
+        if name not in inside:
             return tensor
-        weight, keep = pruned(name, tensor)
-        stats[name] = mask_stats(keep, nm)
-        return weight
+        out = tensor.clone()
+        for m in inside[name]:
+            view = piece(out, m.stored_expert, m.stored_rows)
+            weight, keep = pruned(m.name, view)
+            view.copy_(weight)
+            stats[m.name] = mask_stats(keep, nm_of[m.name])
+        return out
 
     for shard in weight_shards(model_dir):
         stream_shard(os.path.join(model_dir, shard), os.path.join(out_dir, shard), transform)
     if os.path.isfile(os.path.join(model_dir, SAFE_INDEX)):
         shutil.copy2(os.path.join(model_dir, SAFE_INDEX), os.path.join(out_dir, SAFE_INDEX))
-    return {name: stats[name] for name in prunable}
+    return {m.name: stats[m.name] for m in matrices}
 
 
 def copy_side_files(model_dir: str, out_dir: str, sparsity_config: dict) -> None:

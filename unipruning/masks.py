@@ -15,7 +15,7 @@ from torch import nn
 
 from . import ops
 from .config import MaskSpec, keep_count
-from .models import check_nm_divisible
+from .models import check_nm_divisible, model_matrices, weight_of
 
 
 class _KeySource(Sequence):
@@ -50,11 +50,12 @@ KEY_CACHE_BYTES = 4 << 30
 
 def global_counts(
     saliency, weights: Mapping[str, torch.Tensor], spec: MaskSpec, backend: str | None = None,
-    numels: Mapping[str, int] | None = None, device: torch.device | None = None,
+    numels: Mapping[str, int] | None = None, device: torch.device | None = None, names: list[str] | None = None,
 ) -> dict[str, int]:
-    """Kept count per matrix under the global budget with bounds (names tie-broken in sorted order).
-    `weights` may be a lazy mapping (read on access); `numels` saves reading them for their sizes."""
-    names = sorted(saliency.z)
+    """Kept count per matrix under the global budget with bounds (names tie-broken in sorted order), over
+    `names` (default: every matrix of the saliency). `weights` may be a lazy mapping (read on access);
+    `numels` saves reading them for their sizes."""
+    names = sorted(saliency.z if names is None else names)
     keys = _KeySource(names, saliency.z, weights, device, backend, KEY_CACHE_BYTES)
     sizes = [numels[n] if numels is not None else weights[n].numel() for n in names]
     s_min, s_max = spec.bounds
@@ -113,15 +114,16 @@ def masked(weight: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
-    """Zero the dropped entries of the model's parameters in place (+0.0 zeros)."""
-    params = dict(model.named_parameters())
-    missing = [n for n in masks if n not in params]
+    """Zero the dropped entries of the model's prunable matrices in place (+0.0 zeros). Keys are the
+    matrices' logical names (models.Matrix: parameter names, with [part]/[expert] for fused and MoE)."""
+    views = {m.name: weight_of(model, m) for m in model_matrices(model)}
+    missing = [n for n in masks if n not in views]
     if missing:
-        raise KeyError(f"masks name parameters the model does not have: {missing[:3]}")
+        raise KeyError(f"masks name matrices the model does not have: {missing[:3]}")
     for name, keep in masks.items():
-        if tuple(keep.shape) != tuple(params[name].shape):
-            raise ValueError(f"{name}: mask shape {tuple(keep.shape)} != weight shape {tuple(params[name].shape)}")
-        params[name].copy_(masked(params[name], keep))
+        if tuple(keep.shape) != tuple(views[name].shape):
+            raise ValueError(f"{name}: mask shape {tuple(keep.shape)} != weight shape {tuple(views[name].shape)}")
+        views[name].copy_(masked(views[name], keep))
 
 
 def mask_stats(keep: torch.Tensor, nm: tuple[int, int] | None) -> dict:

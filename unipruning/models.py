@@ -10,46 +10,97 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
 from .errors import UsageError
 
-_LLAMA_LINEARS = (
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-)
+
+# --------------------------------------------------------------------------------------------------
+# Family tables
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Fused:
+    """A fused nn.Linear split into logical sub-matrices by output rows (SPEC section 2): Phi-3's
+    qkv_proj -> q, k, v and gate_up_proj -> gate, up. `sizes(config)` gives each part's rows."""
+
+    module: str
+    parts: tuple[str, ...]
+    sizes: Callable[[object], tuple[int, ...]]
 
 
-# linears that read the same input, in the order a block computes them: weight reconstruction
-# (SPEC section 9) updates a group, then collects the next group's input from the updated block
-_LLAMA_SEQUENTIAL = (
-    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    ("self_attn.o_proj",),
-    ("mlp.gate_proj", "mlp.up_proj"),
-    ("mlp.down_proj",),
-)
+@dataclass(frozen=True)
+class Experts:
+    """MoE experts stored by transformers v5 as 3-D parameters: gate_up_proj (E, 2I, H), whose rows are
+    [gate; up], and down_proj (E, H, I). Each expert slice is its own matrix. `stored` gives the per-expert
+    tensor names that checkpoints use on disk (transformers writes its legacy layout back), relative to
+    the block, with {e} for the expert index; a checkpoint holding the 3-D tensors is read as is."""
+
+    module: str
+    stored: dict[str, str]  # part ("gate", "up", "down") -> stored name template
+
+
+def _phi3_qkv(config) -> tuple[int, int, int]:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return config.num_attention_heads * head_dim, kv * head_dim, kv * head_dim
+
+
+def _halves(config) -> tuple[int, int]:
+    return config.intermediate_size, config.intermediate_size
+
+
+Entry = str | Fused | Experts  # a plain nn.Linear (path in the block), a fused linear, or experts
 
 
 @dataclass(frozen=True)
 class Family:
+    """model_types: config.model_type values; blocks: attribute path of the decoder block list from the
+    causal-LM module; entries: the prunable linears of a block in compute order (an entry a block lacks
+    is skipped: MoE configs mix dense and sparse blocks); renames: stored names of non-prunable block
+    tensors that checkpoints keep under another name; sequential: the plain linears grouped by shared
+    input, in compute order (weight reconstruction), None where reconstruction is not supported."""
+
     name: str
     model_types: tuple[str, ...]
-    blocks: str  # attribute path of the decoder block list, from the causal-LM module
-    linears: tuple[str, ...]  # prunable linears inside one block
-    sequential: tuple[tuple[str, ...], ...]  # the linears grouped by shared input, in compute order
+    blocks: str
+    entries: tuple[Entry, ...]
+    sequential: tuple[tuple[str, ...], ...] | None
+    renames: tuple[tuple[str, str], ...] = ()
 
+
+_ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+_MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+# linears that read the same input, in the order a block computes them: weight reconstruction
+# (SPEC section 9) updates a group, then collects the next group's input from the updated block
+_LLAMA_SEQUENTIAL = (_ATTN[:3], _ATTN[3:], _MLP[:2], _MLP[2:])
+_QWEN_EXPERTS = Experts("mlp.experts", {"gate": "mlp.experts.{e}.gate_proj.weight",
+                                        "up": "mlp.experts.{e}.up_proj.weight",
+                                        "down": "mlp.experts.{e}.down_proj.weight"})
+_SHARED = ("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj", "mlp.shared_expert.down_proj")
 
 FAMILIES = (
-    Family("llama", ("llama", "mistral", "qwen2"), "model.layers", _LLAMA_LINEARS, _LLAMA_SEQUENTIAL),
+    Family("llama", ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"), "model.layers",
+           _ATTN + _MLP, _LLAMA_SEQUENTIAL),
+    Family("phi3", ("phi3",), "model.layers",
+           (Fused("self_attn.qkv_proj", ("q", "k", "v"), _phi3_qkv), "self_attn.o_proj",
+            Fused("mlp.gate_up_proj", ("gate", "up"), _halves), "mlp.down_proj"), None),
+    Family("opt", ("opt",), "model.decoder.layers",
+           ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "fc1", "fc2"),
+           (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.out_proj",), ("fc1",),
+            ("fc2",))),
+    Family("mixtral", ("mixtral",), "model.layers",
+           (*_ATTN, Experts("mlp.experts", {"gate": "block_sparse_moe.experts.{e}.w1.weight",
+                                            "up": "block_sparse_moe.experts.{e}.w3.weight",
+                                            "down": "block_sparse_moe.experts.{e}.w2.weight"})),
+           None, renames=(("mlp.gate.weight", "block_sparse_moe.gate.weight"),)),
+    Family("qwen_moe", ("qwen2_moe", "qwen3_moe"), "model.layers", (*_ATTN, *_MLP, *_SHARED, _QWEN_EXPERTS), None),
 )
+# never prunable, whatever the family: embeddings, lm_head, norms, biases, routers (SPEC section 2)
+NEVER_PRUNED = ("embeddings", "lm_head", "norms", "biases", "MoE routers and shared-expert gates")
 
 
 def supported_model_types() -> list[str]:
@@ -70,12 +121,156 @@ def num_blocks(config) -> int:
     return int(config.num_hidden_layers)
 
 
+# --------------------------------------------------------------------------------------------------
+# Prunable matrices
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Matrix:
+    """One prunable matrix (out, in): a whole nn.Linear weight, rows of a fused one, or one expert's
+    slice of a 3-D expert parameter (and rows of it: gate or up).
+
+    name: its logical name, the key of its saliency, mask and report entry and what --ignore/--targets
+    match: the parameter name, with [part] for a fused part and [expert] for an expert slice, e.g.
+    model.layers.0.self_attn.qkv_proj.weight[k], model.layers.0.mlp.experts.gate_up_proj[3][up].
+    param/expert/rows: where it lives in the model; stored/stored_expert/stored_rows: in the checkpoint.
+    source: the input it reads, shared by the matrices that read the same activations (stats key)."""
+
+    name: str
+    block: int
+    param: str
+    expert: int | None
+    rows: tuple[int, int] | None
+    module: str
+    source: str
+    shape: tuple[int, int]
+    stored: str = ""
+    stored_expert: int | None = None
+    stored_rows: tuple[int, int] | None = None
+
+    @property
+    def plain(self) -> bool:
+        """A whole nn.Linear weight (what weight reconstruction supports)."""
+        return self.expert is None and self.rows is None
+
+
+def _spans(sizes) -> list[tuple[int, int]]:
+    spans, lo = [], 0
+    for size in sizes:
+        spans.append((lo, lo + size))
+        lo += size
+    return spans
+
+
+def block_matrices(model: nn.Module, index: int) -> list[Matrix]:
+    """The prunable matrices of decoder block `index` of `model` (real or on the meta device), in the
+    family's compute order."""
+    family = family_for(model.config)
+    block = decoder_blocks(model)[index]
+    prefix = f"{family.blocks}.{index}."
+    found: list[Matrix] = []
+    for entry in family.entries:
+        path = entry if isinstance(entry, str) else entry.module
+        try:
+            module = block.get_submodule(path)
+        except AttributeError:
+            continue  # e.g. the dense MLP of a sparse MoE block
+        if isinstance(entry, Experts):
+            gate_up, down = module.gate_up_proj, module.down_proj
+            half, full = gate_up.shape[1] // 2, prefix + path
+            for e in range(gate_up.shape[0]):
+                for part, rows in (("gate", (0, half)), ("up", (half, 2 * half))):
+                    found.append(Matrix(f"{full}.gate_up_proj[{e}][{part}]", index, f"{full}.gate_up_proj", e, rows,
+                                        full, f"{full}[{e}].in", (half, gate_up.shape[2])))
+                found.append(Matrix(f"{full}.down_proj[{e}]", index, f"{full}.down_proj", e, None, full,
+                                    f"{full}[{e}].mid", tuple(down.shape[1:])))
+            continue
+        if not isinstance(module, nn.Linear):
+            raise UsageError(f"{prefix}{path} is not an nn.Linear")
+        weight = f"{prefix}{path}.weight"
+        if isinstance(entry, Fused):
+            spans = _spans(entry.sizes(model.config))
+            if spans[-1][1] != module.out_features:
+                raise UsageError(f"{weight}: {module.out_features} rows do not split into {entry.parts}")
+            for part, rows in zip(entry.parts, spans, strict=True):
+                found.append(Matrix(f"{weight}[{part}]", index, weight, None, rows, prefix + path, prefix + path,
+                                    (rows[1] - rows[0], module.in_features)))
+        else:
+            found.append(Matrix(weight, index, weight, None, None, prefix + path, prefix + path,
+                                (module.out_features, module.in_features)))
+    return found
+
+
+def meta_model(config) -> nn.Module:
+    """The causal LM of `config` on the meta device (no memory): the shapes of every parameter."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+_MATRICES_OF_CONFIG: dict[str, list[Matrix]] = {}  # building a 70B meta model takes seconds: once per config
+
+
+def model_matrices(model_or_config) -> list[Matrix]:
+    """Every prunable matrix of a model (or of a config, through its meta-device model), block by block."""
+    if isinstance(model_or_config, nn.Module):
+        model = model_or_config
+        return [m for i in range(len(decoder_blocks(model))) for m in block_matrices(model, i)]
+    key = model_or_config.to_json_string()
+    if key not in _MATRICES_OF_CONFIG:
+        _MATRICES_OF_CONFIG.clear()
+        _MATRICES_OF_CONFIG[key] = model_matrices(meta_model(model_or_config))
+    return list(_MATRICES_OF_CONFIG[key])
+
+
 def prunable_names(config) -> list[str]:
-    """Parameter names of the prunable matrices, block by block, in the family's linear order."""
+    """Logical names of the prunable matrices, block by block, in the family's order."""
+    return [m.name for m in model_matrices(config)]
+
+
+def resolve_stored(matrices: list[Matrix], config, keys) -> list[Matrix]:
+    """Where each matrix is in a checkpoint whose tensor names are `keys`: its own parameter, or (MoE
+    experts) the per-expert tensor of the family's stored layout. A one-line error if neither exists."""
     family = family_for(config)
-    return [
-        f"{family.blocks}.{i}.{linear}.weight" for i in range(num_blocks(config)) for linear in family.linears
-    ]
+    experts = {e.module: e for e in family.entries if isinstance(e, Experts)}
+    resolved = []
+    for m in matrices:
+        if m.param in keys:
+            resolved.append(replace(m, stored=m.param, stored_expert=m.expert, stored_rows=m.rows))
+            continue
+        entry = experts.get(m.module.removeprefix(f"{family.blocks}.{m.block}."))
+        if entry is not None:
+            part = m.name.rsplit("[", 1)[1].rstrip("]") if m.rows is not None else "down"
+            stored = f"{family.blocks}.{m.block}." + entry.stored[part].format(e=m.expert)
+            if stored in keys:
+                resolved.append(replace(m, stored=stored, stored_expert=None, stored_rows=None))
+                continue
+        raise UsageError(f"--model: the checkpoint lacks the prunable tensor {m.param!r}")
+    return resolved
+
+
+def stored_name(config, param: str, keys) -> str | None:
+    """The checkpoint name of a non-prunable block tensor (its own, or the family's rename), or None."""
+    if param in keys:
+        return param
+    for model_side, stored in family_for(config).renames:
+        if param.endswith("." + model_side):
+            renamed = param[: -len(model_side)] + stored
+            if renamed in keys:
+                return renamed
+    return None
+
+
+def piece(tensor: torch.Tensor, expert: int | None, rows: tuple[int, int] | None) -> torch.Tensor:
+    """The view of a matrix inside its (model or stored) tensor."""
+    if expert is not None:
+        tensor = tensor[expert]
+    return tensor if rows is None else tensor[rows[0]:rows[1]]
+
+
+def weight_of(model: nn.Module, matrix: Matrix) -> torch.Tensor:
+    """The live view of a matrix in the model's parameter (writes go to the model)."""
+    return piece(model.get_parameter(matrix.param), matrix.expert, matrix.rows)
 
 
 def decoder_blocks(model: nn.Module) -> nn.ModuleList:
@@ -83,19 +278,6 @@ def decoder_blocks(model: nn.Module) -> nn.ModuleList:
     if not isinstance(blocks, nn.ModuleList):
         raise UsageError(f"model has no decoder block list at {family_for(model.config).blocks!r}")
     return blocks
-
-
-def block_linears(model: nn.Module, index: int) -> dict[str, nn.Linear]:
-    """{parameter name: nn.Linear} of the prunable linears of block `index`."""
-    family = family_for(model.config)
-    block = decoder_blocks(model)[index]
-    found = {}
-    for linear in family.linears:
-        module = block.get_submodule(linear)
-        if not isinstance(module, nn.Linear):
-            raise UsageError(f"{family.blocks}.{index}.{linear} is not an nn.Linear")
-        found[f"{family.blocks}.{index}.{linear}.weight"] = module
-    return found
 
 
 def fingerprint(config, shapes: dict[str, tuple[int, ...]]) -> str:
@@ -130,20 +312,33 @@ def check_nm_divisible(shapes: dict[str, tuple[int, ...]], m: int) -> None:
 # --------------------------------------------------------------------------------------------------
 # Checkpoint directories
 # --------------------------------------------------------------------------------------------------
-def load_config(model_dir: str):
-    """The transformers config of a model directory, with a one-line error for anything else."""
+def load_config(model_dir: str, trust_remote_code: bool = False):
+    """The transformers config of a model directory, with a one-line error for anything else: not a
+    model directory, custom code without --trust-remote-code, a quantized or FP8 checkpoint, an
+    architecture without a family table."""
     from transformers import AutoConfig
 
     if not os.path.isdir(model_dir):
         raise UsageError(f"--model: {model_dir!r} is not a directory")
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
         raise UsageError(f"--model: {model_dir!r} has no config.json (not a Hugging Face model directory)")
+    with open(os.path.join(model_dir, "config.json")) as f:
+        try:
+            raw = json.load(f)
+        except ValueError as exc:
+            raise UsageError(f"--model: {model_dir}/config.json is not valid JSON ({exc})") from None
+    if raw.get("auto_map") and not trust_remote_code:
+        raise UsageError(f"--model: {model_dir} ships its own modelling code (auto_map); it is not run unless "
+                         "you pass --trust-remote-code")
+    if raw.get("quantization_config") is not None:
+        quant = raw["quantization_config"]
+        method = quant.get("quant_method", "?") if isinstance(quant, dict) else "?"
+        raise UsageError(f"--model: {model_dir} is a quantized checkpoint ({method}); unipruning needs dense "
+                         "fp16/bf16/fp32 weights")
     try:
-        config = AutoConfig.from_pretrained(model_dir)
+        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     except Exception as exc:  # noqa: BLE001 - any parse failure is the user's file
         raise UsageError(f"--model: cannot read {model_dir}/config.json: {str(exc).splitlines()[0]}") from exc
-    if getattr(config, "quantization_config", None) is not None:
-        raise UsageError(f"--model: {model_dir} is a quantized checkpoint; unipruning needs dense weights")
     family_for(config)
     return config
 
@@ -169,10 +364,10 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_model(model_dir: str, dtype: torch.dtype):
+def load_model(model_dir: str, dtype: torch.dtype, trust_remote_code: bool = False):
     """The causal LM of a directory on the CPU, in `dtype`, in eval mode."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, trust_remote_code=trust_remote_code)
     model.eval()
     return model

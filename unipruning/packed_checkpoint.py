@@ -25,8 +25,9 @@ from torch import nn
 
 from .errors import UsageError
 from .export import SAFE_INDEX, check_out, copy_side_files, staged_directory, weight_shards, write_json
-from .models import family_for, load_config, prunable_names
+from .models import family_for, load_config
 from .packing import LAYOUTS, PACKABLE_DTYPES, pack_24, pack_cutlass_torch, skip_reason
+from .stream import LazyCheckpoint
 
 FORMAT_VERSION = 1
 CONFIG_KEY = "unipruning_packed"
@@ -41,7 +42,9 @@ def pack_checkpoint(model_dir: str, out: str, dtype: str = "auto", overwrite: bo
     if dtype not in _DTYPES:
         raise UsageError(f"--dtype: expected one of {', '.join(_DTYPES)}, got {dtype!r}")
     config = load_config(model_dir)
-    prunable = set(prunable_names(config))
+    # whole nn.Linear weights (fused ones included); MoE experts are 3-D parameters in the model, which
+    # PyTorch's semi-structured tensors cannot represent: they stay dense
+    prunable = {m.stored for m in LazyCheckpoint(model_dir, config).matrices if m.expert is None}
     shards = weight_shards(model_dir)
     check_out(out, overwrite, {"--model": model_dir})
     target = _DTYPES[dtype]

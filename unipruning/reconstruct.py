@@ -31,7 +31,7 @@ from torch import nn
 
 from . import ops
 from .config import MaskSpec, keep_count
-from .models import block_linears, decoder_blocks, family_for
+from .models import block_matrices, decoder_blocks, family_for
 from .saliency import steps_of
 from .stream import BlockStream, LazyCheckpoint, _StopForward, capture_block_inputs
 
@@ -116,14 +116,15 @@ def reconstruct(
     device: torch.device,
     checkpoint: LazyCheckpoint,
     state_dir: str,
-    spec: MaskSpec,
+    plan: dict[str, MaskSpec],
     keep_for: Callable[[str, torch.Tensor], torch.Tensor] | None,
     backend: str,
     progress: Callable[[int, int], None] | None = None,
     offload: str = "auto",
 ) -> list[dict]:
-    """Reconstruct every prunable matrix of the meta-device skeleton `model`, block by block (read from
-    `checkpoint`, released afterwards), writing each finished block to `state_dir` (see `state_file`).
+    """Reconstruct the planned matrices ({name: MaskSpec}) of the meta-device skeleton `model`, block by
+    block (read from `checkpoint`, released afterwards), writing each finished block to `state_dir`; the
+    others keep their weights.
     Returns per-block timings. Masks are cut from the stored weights (as mask-only export does), and
     the pruned stream runs the reconstructed weights as they will be stored (in the checkpoint's dtype)."""
     groups = family_for(model.config).sequential
@@ -134,7 +135,9 @@ def reconstruct(
     for index in range(len(blocks)):
         start = time.perf_counter()
         block = checkpoint.load_block(model, index, device, compute_dtype)
-        linears = block_linears(model, index)
+        prefix = f"{family_for(model.config).blocks}.{index}."
+        linears = {m.name: block.get_submodule(m.module.removeprefix(prefix))
+                   for m in block_matrices(model, index) if m.name in plan}
         path = _state_file(state_dir, index)
         resumed = os.path.isfile(path)
         try:
@@ -143,15 +146,17 @@ def reconstruct(
                     for name, lin in linears.items():
                         lin.weight.data.copy_(handle.get_tensor(name).to(device))
             else:
-                prefix = f"{family_for(model.config).blocks}.{index}."
                 originals = checkpoint.read(list(linears))  # stored dtype: what masks and outputs are cut from
                 stored, masks = {}, {}
                 for group in groups:
                     members = {prefix + g + ".weight": block.get_submodule(g) for g in group}
+                    members = {name: lin for name, lin in members.items() if name in linears}
+                    if not members:
+                        continue
                     h = _group_hessian(block, next(iter(members.values())), stream, index, backend)
                     for name, lin in members.items():
                         keep = keep_for(name, originals[name]) if keep_for is not None else None
-                        masks[name] = reconstruct_linear(lin, h, keep, spec, name, backend).cpu()
+                        masks[name] = reconstruct_linear(lin, h, keep, plan[name], name, backend).cpu()
                         # later groups (and the next block) see the weights exactly as they will be stored
                         stored[name] = lin.weight.data.to(originals[name].dtype).cpu()
                         lin.weight.data.copy_(stored[name])

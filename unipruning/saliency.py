@@ -24,8 +24,9 @@ from torch import nn
 from . import backends, distributed, ops
 from .config import PruneConfig, floor_count
 from .errors import UsageError
+from .inputs import observe
 from .kernels.reference import derive_key
-from .models import block_linears, decoder_blocks, fingerprint
+from .models import Matrix, block_matrices, decoder_blocks, fingerprint, model_matrices, weight_of
 from .stream import BlockStream, LazyCheckpoint, capture_block_inputs
 
 log = logging.getLogger("unipruning")
@@ -149,27 +150,37 @@ class Saliency:
         from .masks import compute_masks
 
         if isinstance(weights, nn.Module):
-            params = dict(weights.named_parameters())
-            weights = {name: params[name].detach() for name in self.z}
+            views = {m.name: weight_of(weights, m) for m in model_matrices(weights)}
+            weights = {name: views[name].detach() for name in self.z}
         return compute_masks(self, weights, spec)
 
 
 # ---------------------------------------------------------------------------------- calibration loop
 class _ActStats:
-    """Per-linear sum of x^2 over the tokens of the current step, fed by a forward pre-hook."""
+    """Sum of x^2 over the tokens of the current step for one input source (models.Matrix.source)."""
 
-    def __init__(self, linear: nn.Linear, backend: str | None):
-        self.sqsum = torch.zeros(linear.in_features, dtype=torch.float64, device=linear.weight.device)
+    def __init__(self, features: int, device: torch.device, backend: str | None):
+        self.sqsum = torch.zeros(features, dtype=torch.float64, device=device)
         self.tokens = 0
         self.backend = backend
-        self.handle = linear.register_forward_pre_hook(self._hook)
 
-    def _hook(self, module, args):
-        self.tokens += ops.act_sqsum_(self.sqsum, args[0].detach(), backend=self.backend)
+    def add(self, x: torch.Tensor) -> None:
+        self.tokens += ops.act_sqsum_(self.sqsum, x.detach(), backend=self.backend)
 
     def reset(self) -> None:
         self.sqsum.zero_()
         self.tokens = 0
+
+
+def source_stats(model: nn.Module, matrices: list[Matrix], config: PruneConfig, backend: str) -> dict:
+    """{source: _ActStats} of the inputs the matrices read (none for magnitude, which ignores X)."""
+    if config.metric == "magnitude":
+        return {}
+    stats = {}
+    for m in matrices:
+        if m.source not in stats:
+            stats[m.source] = _ActStats(m.shape[1], weight_of(model, m).device, backend)
+    return stats
 
 
 def mirror_step(
@@ -190,6 +201,54 @@ def mirror_step(
     return ops.mirror_step_(z, weight, row_inv, col_inv, col_scale, config.kappa, t, m, hint, backend=backend)
 
 
+class MirrorState:
+    """z, the threshold and the count of informative steps of each matrix, and the step that updates them
+    from the activation statistics of one calibration step (shared by feedback none and full).
+
+    A step in which a matrix's input saw no token (an MoE expert the router did not pick) carries no
+    information about it: its saliency is left as it was. An expert never routed to keeps z = 0, so its
+    mask is cut by |W| (the ranking's second key): the report lists such experts."""
+
+    def __init__(self, model: nn.Module, matrices: list[Matrix], config: PruneConfig, backend: str):
+        self.model, self.matrices, self.config, self.backend = model, matrices, config, backend
+        self.z = {m.name: torch.zeros(m.shape, dtype=torch.float32, device=weight_of(model, m).device)
+                  for m in matrices}
+        self.thresholds = {m.name: (0.0, -1) for m in matrices}  # (t, hint for the next threshold; -1: none)
+        self.steps = dict.fromkeys(self.z, 0)
+
+    def update(self, k: int, stats: dict) -> None:
+        for st in stats.values():  # other processes ran the other windows of this step
+            st.sqsum, st.tokens = distributed.sum_over_ranks(st.sqsum, st.tokens)
+        for m in self.matrices:
+            st = stats.get(m.source)
+            if st is not None and st.tokens == 0:
+                continue
+            base_key = derive_key(self.config.seed, matrix_id(m.name), k)
+            self.thresholds[m.name] = mirror_step(self.z[m.name], self.thresholds[m.name], weight_of(self.model, m),
+                                                  st, self.config, base_key, self.backend)
+            self.steps[m.name] += 1
+
+    def unseen(self) -> list[str]:
+        return [name for name, count in self.steps.items() if count == 0]
+
+
+def _calibrate_block(model, matrices: list[Matrix], stream: BlockStream, index: int, config: PruneConfig,
+                     backend: str):
+    """All steps of one block: its outputs replace its inputs in `stream`; returns (z, t, unseen) per
+    matrix, unseen listing the matrices whose input never saw a token."""
+    block = decoder_blocks(model)[index]
+    stats = source_stats(model, matrices, config, backend)
+    state = MirrorState(model, matrices, config, backend)
+    with observe(model, list(stats), lambda source, x: stats[source].add(x)):
+        for k in range(len(stream.hidden)):
+            for s in stats.values():
+                s.reset()
+            stream.advance(block, index, k)
+            state.update(k, stats)
+    z = {name: value.cpu() for name, value in state.z.items()}
+    return z, {name: state.thresholds[name][0] for name in z}, state.unseen()
+
+
 def steps_of(windows: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     if windows.shape[0] % batch_size:
         raise UsageError(
@@ -198,54 +257,26 @@ def steps_of(windows: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     return list(windows.split(batch_size))
 
 
-def _calibrate_block(block, linears, stream: BlockStream, index: int, config: PruneConfig, backend: str):
-    """All steps of one block: its outputs replace its inputs in `stream`; returns (z, t) per linear."""
-    stats = {
-        name: (_ActStats(lin, backend) if config.metric != "magnitude" else None) for name, lin in linears.items()
-    }
-    state = {name: torch.zeros_like(lin.weight, dtype=torch.float32) for name, lin in linears.items()}
-    thresholds = dict.fromkeys(linears, (0.0, -1))  # (t, hint for the next threshold; -1: none)
-    try:
-        for k in range(len(stream.hidden)):
-            for s in stats.values():
-                if s is not None:
-                    s.reset()
-            stream.advance(block, index, k)
-            for st in stats.values():  # other processes ran the other windows of this step
-                if st is not None:
-                    st.sqsum, st.tokens = distributed.sum_over_ranks(st.sqsum, st.tokens)
-            for name, lin in linears.items():
-                base_key = derive_key(config.seed, matrix_id(name), k)
-                thresholds[name] = mirror_step(
-                    state[name], thresholds[name], lin.weight, stats[name], config, base_key, backend
-                )
-    finally:
-        for s in stats.values():
-            if s is not None:
-                s.handle.remove()
-    return {name: state[name].cpu() for name in linears}, {name: thresholds[name][0] for name in linears}
-
-
 def _block_file(state_dir: str, index: int) -> str:
     return os.path.join(state_dir, f"block-{index:05d}.safetensors")
 
 
-def _save_block(state_dir: str, index: int, z: dict, t: dict, seconds: float) -> None:
+def _save_block(state_dir: str, index: int, z: dict, t: dict, seconds: float, unseen: list[str]) -> None:
     """Atomically record a finished block (a rename: a killed run leaves it whole or absent)."""
     tensors = _zt_tensors(list(z), z, t)
     path = _block_file(state_dir, index)
-    save_file(tensors, path + ".tmp", metadata={"seconds": repr(seconds)})
+    save_file(tensors, path + ".tmp", metadata={"seconds": repr(seconds), "unseen": json.dumps(unseen)})
     os.replace(path + ".tmp", path)
 
 
-def _load_block(state_dir: str, index: int) -> tuple[dict[str, float], float] | None:
-    """(thresholds, seconds) of a finished block, or None; its z stays in the file."""
+def _load_block(state_dir: str, index: int) -> tuple[dict[str, float], float, list[str]] | None:
+    """(thresholds, seconds, unseen matrices) of a finished block, or None; its z stays in the file."""
     path = _block_file(state_dir, index)
     if not os.path.isfile(path):
         return None
     with safe_open(path, framework="pt") as handle:
-        seconds = float(handle.metadata()["seconds"])
-    return _thresholds(path), seconds
+        metadata = handle.metadata()
+    return _thresholds(path), float(metadata["seconds"]), json.loads(metadata.get("unseen", "[]"))
 
 
 @torch.no_grad()
@@ -274,6 +305,7 @@ def calibrate(
     stream: BlockStream = capture_block_inputs(model, [distributed.share(b) for b in steps], device, offload)
     z: dict = {}  # {name: z}, or {name: (block file, key)} with a state_dir
     t: dict[str, float] = {}
+    unseen: list[str] = []  # matrices whose input never saw a token (experts never routed to)
     per_block = []
     blocks = decoder_blocks(model)
     for index, block in enumerate(blocks):
@@ -284,16 +316,17 @@ def calibrate(
         else:
             checkpoint.load_block(model, index, device, next(model.parameters()).dtype)
         saved = _load_block(state_dir, index) if state_dir else None
-        linears = block_linears(model, index)
+        matrices = block_matrices(model, index)
+        names = [m.name for m in matrices]
         try:
             if saved is None:
-                block_z, block_t = _calibrate_block(block, linears, stream, index, config, backend)
+                block_z, block_t, block_unseen = _calibrate_block(model, matrices, stream, index, config, backend)
                 seconds = time.perf_counter() - start
                 if state_dir and distributed.is_main():
-                    _save_block(state_dir, index, block_z, block_t, seconds)
+                    _save_block(state_dir, index, block_z, block_t, seconds, block_unseen)
             else:
-                saved_t, seconds = saved  # files list names sorted: restore the family's order
-                block_z, block_t = None, {n: saved_t[n] for n in linears}
+                saved_t, seconds, block_unseen = saved  # files list names sorted: restore the family's order
+                block_z, block_t = None, {n: saved_t[n] for n in names}
                 for k in range(len(steps)):
                     stream.advance(block, index, k)
         finally:
@@ -303,10 +336,11 @@ def calibrate(
                 checkpoint.release_block(model, index)
         if state_dir:  # the block's z stays in its file: memory holds one block, whatever the depth
             path = _block_file(state_dir, index)
-            z.update({name: (path, f"{name}.z") for name in linears})
+            z.update({name: (path, f"{name}.z") for name in names})
         else:
             z.update(block_z)
         t.update(block_t)
+        unseen.extend(block_unseen)
         per_block.append({"block": index, "seconds": seconds, "matrices": len(block_t),
                           "resumed": saved is not None})
         del block_z, saved
@@ -326,5 +360,6 @@ def calibrate(
         "feedback": config.feedback,
         "seed": config.seed,
         "names": list(z),
+        "unseen": unseen,
     }
     return Saliency(z=LazyTensors(z) if state_dir else z, t=t, metadata=metadata), per_block

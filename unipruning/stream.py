@@ -19,7 +19,7 @@ from safetensors import safe_open
 from torch import nn
 
 from .errors import UsageError
-from .models import decoder_blocks, family_for
+from .models import decoder_blocks, family_for, model_matrices, piece, resolve_stored, stored_name
 
 
 class _StopForward(Exception):
@@ -191,6 +191,13 @@ class LazyCheckpoint:
             with safe_open(os.path.join(model_dir, shard), framework="pt") as handle:
                 for key in handle.keys():  # noqa: SIM118 - safe_open has no __iter__
                     self.shard_of[key] = shard
+        # every prunable matrix with where the checkpoint stores it (per-expert tensors for MoE)
+        self.matrices = resolve_stored(model_matrices(config), config, self.shard_of)
+        self.matrix = {m.name: m for m in self.matrices}
+        first = self.matrices[0].stored
+        if (dtype := self.stored_dtype(first)) not in ("F32", "F16", "BF16"):
+            raise UsageError(f"--model: {first} is stored as {dtype}; unipruning needs dense fp16/bf16/fp32 "
+                             "weights (FP8 and integer-quantized checkpoints are refused)")
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
         by_shard: dict[str, list[str]] = {}
@@ -203,8 +210,18 @@ class LazyCheckpoint:
                     out[key] = handle.get_tensor(key)
         return out
 
+    def stored_dtype(self, name: str) -> str:
+        """The safetensors dtype string of a stored tensor (from its header, no data read)."""
+        with safe_open(os.path.join(self.model_dir, self.shard_of[name]), framework="pt") as handle:
+            return handle.get_slice(name).get_dtype()
+
+    def read_matrix(self, name: str) -> torch.Tensor:
+        """One prunable matrix (logical name) in the stored dtype, read from its checkpoint tensor."""
+        m = self.matrix[name]
+        return piece(self.read([m.stored])[m.stored], m.stored_expert, m.stored_rows)
+
     def lazy(self, names: list[str]) -> Mapping[str, torch.Tensor]:
-        """The named tensors as a mapping that reads each one when it is looked up (nothing kept)."""
+        """The named matrices as a mapping that reads each one when it is looked up (nothing kept)."""
         return _OnDemand(self, names)
 
     def skeleton(self, dtype: torch.dtype) -> nn.Module:
@@ -230,15 +247,24 @@ class LazyCheckpoint:
     def load_block(self, model: nn.Module, index: int, device: torch.device, dtype: torch.dtype) -> nn.Module:
         block = decoder_blocks(model)[index]
         prefix = f"{family_for(self.config).blocks}.{index}."
-        names = [prefix + n for n, _ in block.named_parameters()]
-        missing = [n for n in names if n not in self.shard_of]
-        if missing:
-            raise UsageError(f"--model: the checkpoint lacks {missing[0]!r}")
-        tensors = self.read(names)
+        whole, pieces = {}, {}  # parameter -> its stored tensor; or -> the matrices it is assembled from
+        for name, _ in block.named_parameters():
+            stored = stored_name(self.config, prefix + name, self.shard_of)
+            if stored is not None:
+                whole[name] = stored
+                continue
+            pieces[name] = [m for m in self.matrices if m.block == index and m.param == prefix + name]
+            if not pieces[name]:
+                raise UsageError(f"--model: the checkpoint lacks {prefix + name!r}")
+        tensors = self.read([*whole.values(), *(m.stored for ms in pieces.values() for m in ms)])
         block.to_empty(device=device)
         with torch.no_grad():
             for name, param in block.named_parameters():
-                param.copy_(tensors[prefix + name].to(dtype))
+                if name in whole:
+                    param.copy_(tensors[whole[name]].to(dtype))
+                    continue
+                for m in pieces[name]:  # MoE experts stored per expert: gate and up rows, down
+                    piece(param, m.expert, m.rows).copy_(piece(tensors[m.stored], m.stored_expert, m.stored_rows))
         return block
 
     @staticmethod
@@ -251,7 +277,7 @@ class _OnDemand(Mapping):
         self.checkpoint, self.names = checkpoint, names
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        return self.checkpoint.read([name])[name]
+        return self.checkpoint.read_matrix(name)
 
     def __iter__(self):
         return iter(self.names)
