@@ -69,3 +69,49 @@ def prunable(config_or_dir) -> list[str]:
 
     config = load_config(config_or_dir) if isinstance(config_or_dir, str) else config_or_dir
     return prunable_names(config)
+
+
+# tiny random configs of every supported family (independent of the engine's tables); sizes keep every
+# prunable in_features a multiple of 4 and 8, so 2:4 and 4:8 apply everywhere
+FAMILY_CONFIGS = {
+    "llama": {},
+    "mistral": {},
+    "qwen2": {},
+    "qwen3": {"head_dim": 8},
+    "gemma": {"head_dim": 8},
+    "gemma2": {"head_dim": 8, "sliding_window": 8, "query_pre_attn_scalar": 8},
+    "gemma3_text": {"head_dim": 8, "sliding_window": 8, "query_pre_attn_scalar": 8, "sliding_window_pattern": 2,
+                    "layer_types": ["sliding_attention", "full_attention"]},
+    "phi3": {"pad_token_id": 0},
+    "opt": {"ffn_dim": 64, "word_embed_proj_dim": 32, "enable_bias": True, "pad_token_id": 0},
+    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
+    "qwen2_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                  "shared_expert_intermediate_size": 48},
+    "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "head_dim": 8},
+}
+
+
+def make_family_checkpoint(directory, model_type: str, layers: int = 2, seed: int = 0, **overrides) -> str:
+    """A random tiny causal LM of `model_type` saved with save_pretrained (transformers' own on-disk
+    layout, e.g. per-expert tensors for MoE), plus the shared test tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tok = tokenizer()
+    settings = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                    tie_word_embeddings=False, bos_token_id=0, eos_token_id=1)
+    if model_type == "opt":
+        settings.pop("intermediate_size")
+        settings.pop("num_key_value_heads")
+    settings.update(FAMILY_CONFIGS[model_type])
+    settings.update(overrides)
+    config = AutoConfig.for_model(model_type, **settings)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # spread the weights so that scores are far from ties
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.2)
+    model.save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return str(directory)

@@ -108,7 +108,7 @@ def prune(
     _check_plan(matrices, plan)
     start = time.perf_counter()
     device = resolve_device(config.device)
-    saliency, per_block = _calibrate(model, windows, config, device)
+    saliency, calibration = _calibrate(model, windows, config, device)
     backend = backends.resolve(config.backend, device)
     weights = {m.name: weight_of(model, m).detach().to(device) for m in matrices if m.name in plan}
     masks = _masks(saliency, weights, plan, config.mask, backend)
@@ -119,19 +119,20 @@ def prune(
         "matrices": stats,
         "total": summarize(stats, dense),
         "targeting": {**(targeting or Targeting()).to_dict(), "skipped": skipped},
-        "blocks": per_block,
+        "feedback" if config.feedback == "full" else "blocks": calibration,
         "wall_seconds": time.perf_counter() - start,
         "calibration": {"windows_sha256": windows_hash(windows), "shape": list(windows.shape)},
     }
     return PruneResult(saliency=saliency, masks=masks, report=report)
 
 
-def _calibrate(model, windows, config: PruneConfig, device, **streaming):
+def _calibrate(model, windows, config: PruneConfig, device):
+    """(saliency, per-block timings or the feedback report) of an in-memory model."""
     if config.feedback == "full":
         from .feedback import calibrate_full
 
         return calibrate_full(model, windows, config, device)
-    return calibrate(model, windows, config, device, **streaming)
+    return calibrate(model, windows, config, device)
 
 
 def _masks(saliency: Saliency, weights: dict, plan: dict[str, MaskSpec], spec: MaskSpec, backend) -> dict:
@@ -349,7 +350,7 @@ def prune_checkpoint(
             from .feedback import calibrate_full
 
             saliency, report["feedback"] = calibrate_full(load_model(model_dir, dtype, trust_remote_code), windows,
-                                                          config, device)
+                                                          config, device, restore=False)
             report["calibration_seconds"] = time.perf_counter() - start
         elif config.metric != "sparsegpt":  # sparsegpt: no saliency, its masks come from the OBS sweep
             # never the whole model: a meta-device skeleton, each block read from the shards in its turn

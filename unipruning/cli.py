@@ -11,7 +11,7 @@ import json
 import logging
 import sys
 
-from .config import ALLOCATIONS, BACKENDS, DEVICES, DTYPES, METRICS, RECONSTRUCTIONS, MaskSpec, PruneConfig
+from .config import ALLOCATIONS, BACKENDS, DEVICES, DTYPES, FEEDBACKS, METRICS, RECONSTRUCTIONS, MaskSpec, PruneConfig
 from .errors import UsageError
 from .stream import OFFLOAD_MODES
 
@@ -41,6 +41,25 @@ def _mask_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
 
 
+def _targeting_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--targets", nargs="+", metavar="REGEX", default=None,
+                   help="prune only matrices whose name matches one of these regular expressions (default: all)")
+    p.add_argument("--ignore", nargs="+", metavar="REGEX", default=None,
+                   help="never prune matrices whose name matches one of these regular expressions")
+    p.add_argument("--dense-layers", default=None, metavar="I,J",
+                   help="decoder blocks kept dense, comma-separated, negative from the end (e.g. 0,-1)")
+    p.add_argument("--recipe", default=None, metavar="FILE",
+                   help="YAML/JSON with ignore, targets, dense_layers and per-module overrides (sparsity, pattern)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow a checkpoint's own modelling code (off by default)")
+
+
+def _targeting(args):
+    from .targeting import Targeting
+
+    return Targeting.from_options(args.targets, args.ignore, args.dense_layers, args.recipe)
+
+
 def _offload_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--offload-activations", choices=OFFLOAD_MODES, default="auto",
                    help="activations between blocks in pinned CPU memory: always, never, or auto (when they "
@@ -60,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local score anchoring the saliency; sparsegpt: SparseGPT's masks (needs --reconstruct obs)")
     p.add_argument("--reconstruct", choices=RECONSTRUCTIONS, default="none",
                    help="obs: update the kept weights after masking (OBS sweep, a second forward per layer)")
+    p.add_argument("--feedback", choices=FEEDBACKS, default="none",
+                   help="none: layer-streamed, any size; full: S measured along AdamW fine-tuning of the whole "
+                        "model (must fit in memory; the output keeps the original weights)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="list the matrices, the sparsity each gets and a memory/time estimate; write nothing")
     p.add_argument("--calib", default="c4", help="c4, wikitext2, or a .txt / directory of .txt / .jsonl PATH")
     p.add_argument("--nsamples", type=int, default=128, help="calibration windows")
     p.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window")
@@ -72,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute dtype (auto: the checkpoint's on a GPU, float32 on a CPU)")
     p.add_argument("--backend", choices=BACKENDS, default="auto")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: --model)")
+    _targeting_arguments(p)
     _offload_argument(p)
 
     p = sub.add_parser("mask", help="cut new masks from a saved saliency (no calibration)")
@@ -90,9 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=1, help="windows per forward of the reconstruction")
     p.add_argument("--dtype", choices=DTYPES, default="auto")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: --model)")
+    _targeting_arguments(p)
     _offload_argument(p)
 
-    p = sub.add_parser("eval", help="perplexity of a checkpoint")
+    p = sub.add_parser("eval", help="perplexity of a checkpoint, or lm-eval tasks (--tasks)")
     p.add_argument("--model", required=True)
     p.add_argument("--data", default="wikitext2", help="wikitext2, c4, or a .txt / directory / .jsonl PATH")
     p.add_argument("--seqlen", type=int, default=2048)
@@ -101,6 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=DTYPES, default="auto")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: --model)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--tasks", default=None, metavar="T1,T2",
+                   help="lm-evaluation-harness tasks instead of perplexity, e.g. boolq,rte,hellaswag,winogrande,"
+                        "arc_easy,arc_challenge,openbookqa (needs pip install 'unipruning[eval]')")
+    p.add_argument("--include-path", default=None, help="directory of local lm-eval task definitions (YAML)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples of each task")
+    p.add_argument("--num-fewshot", type=int, default=None)
+    p.add_argument("--trust-remote-code", action="store_true", help="allow a checkpoint's own modelling code")
 
     p = sub.add_parser("pack", help="pack a 2:4-pruned checkpoint for sparse tensor cores (values + metadata)")
     p.add_argument("--model", required=True, help="a checkpoint pruned with --pattern 2:4")
@@ -119,6 +152,20 @@ def build_parser() -> argparse.ArgumentParser:
 def _mask_spec(args) -> MaskSpec:
     return MaskSpec(sparsity=args.sparsity, pattern=args.pattern, allocation=args.allocation,
                     bounds=tuple(args.bounds))
+
+
+def print_dry_run(report: dict) -> None:
+    """The dry-run plan: one line per matrix, then the estimate."""
+    for m in report["matrices"]:
+        what = f"skip ({m['skipped']})" if "skipped" in m else f"{m['pattern']} sparsity {m['sparsity']:.4f}"
+        print(f"{m['name']:<64} {'x'.join(map(str, m['shape'])):>12}  {what}")
+    est = report["estimate"]
+    mem = est["memory"]
+    print(f"{report['pruned']} matrices pruned, {report['skipped']} skipped; parameters "
+          f"{report['prunable_params']:,} prunable")
+    print(f"estimate on {est['device']} ({est['dtype']}): peak memory ~{mem['total_bytes'] / 2**30:.2f} GiB "
+          f"({mem['what']}), time ~{est['seconds']:.1f} s ({est['note']})")
+    print("dry run: nothing written")
 
 
 def print_block_table(report: dict) -> None:
@@ -177,11 +224,15 @@ def run(args) -> int:
         config = PruneConfig(
             mask=_mask_spec(args), metric=args.metric, kappa=args.kappa, lam=args.lam,
             batch_size=args.batch_size, seed=args.seed, device=args.device, dtype=args.dtype,
-            backend=args.backend, reconstruct=args.reconstruct,
+            backend=args.backend, reconstruct=args.reconstruct, feedback=args.feedback,
         )
         report = api.prune_checkpoint(args.model, args.out, config, args.calib, args.nsamples, args.seqlen,
                                       args.overwrite, args.tokenizer, progress=_progress_bar(),
-                                      offload=args.offload_activations)
+                                      offload=args.offload_activations, targeting=_targeting(args),
+                                      trust_remote_code=args.trust_remote_code, dry_run=args.dry_run)
+        if args.dry_run:
+            print_dry_run(report)
+            return 0
         if report.get("rank", 0) != 0:  # a data-parallel worker (torchrun): rank 0 reports
             return 0
         print_block_table(report)
@@ -193,14 +244,26 @@ def run(args) -> int:
             args.model, args.saliency, args.out, _mask_spec(args), args.overwrite, args.backend, args.device,
             args.reconstruct, args.calib, args.nsamples, args.seqlen, args.seed, args.batch_size, args.dtype,
             args.tokenizer, progress=_progress_bar() if args.reconstruct == "obs" else None,
-            offload=args.offload_activations)
+            offload=args.offload_activations, targeting=_targeting(args), trust_remote_code=args.trust_remote_code)
         print_summary(report)
         print(f"wrote {args.out}")
+    elif args.command == "eval" and args.tasks is not None:
+        from .evaluate import evaluate_tasks
+
+        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        result = evaluate_tasks(args.model, tasks, args.device, args.dtype, args.tokenizer, args.batch_size,
+                                args.include_path, args.limit, args.num_fewshot, args.trust_remote_code)
+        if args.json:
+            print(json.dumps(result))
+        else:
+            for task, metrics in result["tasks"].items():
+                shown = ", ".join(f"{k.split(',')[0]} {v:.4f}" for k, v in metrics.items() if "stderr" not in k)
+                print(f"{task}: {shown}")
     elif args.command == "eval":
         from .evaluate import evaluate_checkpoint
 
         result = evaluate_checkpoint(args.model, args.data, args.seqlen, args.device, args.dtype,
-                                     args.tokenizer, args.batch_size)
+                                     args.tokenizer, args.batch_size, args.trust_remote_code)
         if args.json:
             print(json.dumps(result))
         else:

@@ -14,7 +14,7 @@ from .kernels.reference import METRICS as SALIENCY_METRICS
 METRICS = (*SALIENCY_METRICS, "sparsegpt")
 RECONSTRUCTIONS = ("none", "obs")
 ALLOCATIONS = ("layer", "row", "global")
-FEEDBACKS = ("none",)  # "full" comes with the breadth issue
+FEEDBACKS = ("none", "full")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 BACKENDS = ("auto", "torch", "triton", "cuda")
@@ -129,9 +129,9 @@ class PruneConfig:
         if not (isinstance(self.seed, int) and self.seed >= 0):
             raise UsageError(f"--seed: expected a non-negative integer, got {self.seed!r}")
         if self.feedback not in FEEDBACKS:
-            raise UsageError(
-                f"--feedback: only 'none' is implemented in this version, got {self.feedback!r}"
-            )
+            raise UsageError(f"--feedback: expected one of {', '.join(FEEDBACKS)}, got {self.feedback!r}")
+        if self.feedback == "full" and self.metric == "sparsegpt":
+            raise UsageError("--feedback full calibrates a saliency; --metric sparsegpt has none")
         if self.reconstruct not in RECONSTRUCTIONS:
             raise UsageError(f"--reconstruct: expected one of {', '.join(RECONSTRUCTIONS)}, got {self.reconstruct!r}")
         if self.metric == "sparsegpt":

@@ -1,9 +1,15 @@
-"""Perplexity with the standard protocol: documents joined with "\n\n", non-overlapping windows of
-`seqlen` tokens, mean next-token negative log-likelihood over every predicted token."""
+"""Evaluation of a checkpoint: perplexity, and zero-shot tasks through lm-evaluation-harness.
+
+Perplexity follows the standard protocol: documents joined with "\n\n", non-overlapping windows of
+`seqlen` tokens, mean next-token negative log-likelihood over every predicted token. Tasks (boolq, rte,
+hellaswag, winogrande, arc_easy, arc_challenge, openbookqa, or any task lm-eval knows, including local
+task definitions through `include_path`) run with `lm_eval.simple_evaluate` on an `HFLM` wrapping the
+model we load, when the optional extra is installed (`pip install 'unipruning[eval]'`)."""
 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -28,18 +34,61 @@ def perplexity(model: nn.Module, windows: torch.Tensor, device: torch.device, ba
 
 def evaluate_checkpoint(
     model_dir: str, data: str, seqlen: int, device_name: str = "auto", dtype_name: str = "auto",
-    tokenizer_dir: str | None = None, batch_size: int = 8,
+    tokenizer_dir: str | None = None, batch_size: int = 8, trust_remote_code: bool = False,
 ) -> dict:
     """`unipruning eval`: perplexity of a checkpoint directory on a text source."""
     from .api import load_tokenizer
     from .data import eval_windows
     from .models import load_config, load_model, resolve_device, resolve_dtype
 
-    config = load_config(model_dir)
+    config = load_config(model_dir, trust_remote_code)
     device = resolve_device(device_name)
     tokenizer = load_tokenizer(tokenizer_dir or model_dir)
     windows = eval_windows(tokenizer, data, seqlen)
-    model = load_model(model_dir, resolve_dtype(dtype_name, config, device)).to(device)
+    model = load_model(model_dir, resolve_dtype(dtype_name, config, device), trust_remote_code).to(device)
     ppl = perplexity(model, windows, device, batch_size)
     return {"model": model_dir, "data": data, "seqlen": seqlen, "windows": int(windows.shape[0]),
             "tokens": int(windows.numel()), "perplexity": ppl}
+
+
+PAPER_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
+
+
+def evaluate_tasks(
+    model_dir: str, tasks: list[str], device_name: str = "auto", dtype_name: str = "auto",
+    tokenizer_dir: str | None = None, batch_size: int = 8, include_path: str | None = None,
+    limit: int | None = None, num_fewshot: int | None = None, trust_remote_code: bool = False,
+) -> dict:
+    """`unipruning eval --tasks`: lm-evaluation-harness accuracies of a checkpoint directory.
+    Returns {"model", "tasks": {task: {metric: value}}, "versions"}."""
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        from .errors import UsageError
+
+        raise UsageError("--tasks needs lm-evaluation-harness: pip install 'unipruning[eval]'") from None
+    from .api import load_tokenizer
+    from .errors import UsageError
+    from .models import load_config, load_model, resolve_device, resolve_dtype
+
+    if not tasks:
+        raise UsageError(f"--tasks: name at least one task, e.g. {','.join(PAPER_TASKS)}")
+    if include_path is not None and not os.path.isdir(include_path):
+        raise UsageError(f"--include-path: {include_path!r} is not a directory of task definitions")
+    config = load_config(model_dir, trust_remote_code)
+    device = resolve_device(device_name)
+    tokenizer = load_tokenizer(tokenizer_dir or model_dir)
+    manager = TaskManager(include_path=include_path)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        raise UsageError(f"--tasks: lm-eval knows no task {unknown[0]!r} (local definitions: --include-path DIR)")
+    model = load_model(model_dir, resolve_dtype(dtype_name, config, device), trust_remote_code).to(device)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device))
+    out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
+                                  task_manager=manager, log_samples=False)
+    results = {task: {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "alias"}
+               for task, metrics in out["results"].items()}
+    return {"model": model_dir, "tasks": results, "lm_eval": lm_eval.__version__, "limit": limit,
+            "num_fewshot": num_fewshot}

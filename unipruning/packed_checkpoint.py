@@ -25,7 +25,7 @@ from torch import nn
 
 from .errors import UsageError
 from .export import SAFE_INDEX, check_out, copy_side_files, staged_directory, weight_shards, write_json
-from .models import family_for, load_config
+from .models import load_config
 from .packing import LAYOUTS, PACKABLE_DTYPES, pack_24, pack_cutlass_torch, skip_reason
 from .stream import LazyCheckpoint
 
@@ -126,7 +126,7 @@ def load_packed(model_dir: str, device: str | torch.device = "cuda", layout: str
     from transformers import AutoModelForCausalLM
 
     from .packing import cutlass_tensor, unpack_cutlass_torch
-    from .stream import _assign, _rebuild_meta_buffers
+    from .stream import _assign, meta_parameters
 
     if layout not in LAYOUTS:
         raise UsageError(f"layout: expected one of {', '.join(LAYOUTS)}, got {layout!r}")
@@ -137,7 +137,7 @@ def load_packed(model_dir: str, device: str | torch.device = "cuda", layout: str
                          "(write one with `unipruning pack`)")
     device = torch.device(device)
     dtype = getattr(torch, entry["dtype"])
-    with torch.device("meta"):
+    with meta_parameters():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.eval()
     packed = set(entry["packed"])
@@ -161,7 +161,6 @@ def load_packed(model_dir: str, device: str | torch.device = "cuda", layout: str
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:
         raise UsageError(f"--model: the packed checkpoint lacks {missing[0]!r}")
-    _rebuild_meta_buffers(model, family_for(config).blocks + ".")
     for module in model.modules():  # rebuilt on the CPU: move the computed buffers to `device`
         for name, buffer in list(module._buffers.items()):
             if buffer is not None and buffer.device != device:

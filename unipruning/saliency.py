@@ -249,6 +249,26 @@ def _calibrate_block(model, matrices: list[Matrix], stream: BlockStream, index: 
     return z, {name: state.thresholds[name][0] for name in z}, state.unseen()
 
 
+def saliency_metadata(model: nn.Module, config: PruneConfig, windows: torch.Tensor, names: list[str],
+                      unseen: list[str]) -> dict:
+    """How a saliency was obtained (stored in its directory; `mask` checks the fingerprint)."""
+    shapes = {m.name: m.shape for m in model_matrices(model)}  # meta-device blocks keep their shapes
+    return {
+        "fingerprint": fingerprint(model.config, {name: shapes[name] for name in names}),
+        "metric": config.metric,
+        "kappa": config.kappa,
+        "lam": config.lam,
+        "steps": int(windows.shape[0]) // config.batch_size,
+        "batch_size": config.batch_size,
+        "nsamples": int(windows.shape[0]),
+        "seqlen": int(windows.shape[1]),
+        "feedback": config.feedback,
+        "seed": config.seed,
+        "names": names,
+        "unseen": unseen,
+    }
+
+
 def steps_of(windows: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     if windows.shape[0] % batch_size:
         raise UsageError(
@@ -346,20 +366,5 @@ def calibrate(
         del block_z, saved
         if progress is not None:
             progress(index + 1, len(blocks))
-    params = dict(model.named_parameters())  # released blocks are on the meta device: shapes remain
-    shapes = {name: tuple(params[name].shape) for name in z}
-    metadata = {
-        "fingerprint": fingerprint(model.config, shapes),
-        "metric": config.metric,
-        "kappa": config.kappa,
-        "lam": config.lam,
-        "steps": len(steps),
-        "batch_size": config.batch_size,
-        "nsamples": int(windows.shape[0]),
-        "seqlen": int(windows.shape[1]),
-        "feedback": config.feedback,
-        "seed": config.seed,
-        "names": list(z),
-        "unseen": unseen,
-    }
+    metadata = saliency_metadata(model, config, windows, list(z), unseen)
     return Saliency(z=LazyTensors(z) if state_dir else z, t=t, metadata=metadata), per_block

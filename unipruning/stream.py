@@ -10,6 +10,7 @@ stream today; the pruned stream of weight reconstruction will sit beside it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -228,7 +229,7 @@ class LazyCheckpoint:
         """The causal LM on the meta device, its non-block tensors loaded on the CPU in `dtype`."""
         from transformers import AutoModelForCausalLM
 
-        with torch.device("meta"):
+        with meta_parameters():
             model = AutoModelForCausalLM.from_config(self.config, dtype=dtype)
         model.eval()
         blocks_prefix = family_for(self.config).blocks + "."
@@ -241,7 +242,6 @@ class LazyCheckpoint:
         missing = [n for n, p in model.named_parameters() if not n.startswith(blocks_prefix) and p.is_meta]
         if missing:
             raise UsageError(f"--model: the checkpoint lacks {missing[0]!r}")
-        _rebuild_meta_buffers(model, blocks_prefix)
         return model
 
     def load_block(self, model: nn.Module, index: int, device: torch.device, dtype: torch.dtype) -> nn.Module:
@@ -257,7 +257,12 @@ class LazyCheckpoint:
             if not pieces[name]:
                 raise UsageError(f"--model: the checkpoint lacks {prefix + name!r}")
         tensors = self.read([*whole.values(), *(m.stored for ms in pieces.values() for m in ms)])
-        block.to_empty(device=device)
+        for module in block.modules():  # real storage for the parameters; computed buffers move along
+            for key, p in module._parameters.items():
+                if p is not None:
+                    module._parameters[key] = nn.Parameter(torch.empty(p.shape, dtype=dtype, device=device),
+                                                           requires_grad=False)
+        block.to(device)
         with torch.no_grad():
             for name, param in block.named_parameters():
                 if name in whole:
@@ -269,7 +274,13 @@ class LazyCheckpoint:
 
     @staticmethod
     def release_block(model: nn.Module, index: int) -> None:
-        decoder_blocks(model)[index].to("meta")
+        for module in decoder_blocks(model)[index].modules():
+            for key, p in module._parameters.items():
+                if p is not None:
+                    module._parameters[key] = nn.Parameter(p.to("meta"), requires_grad=False)
+            for key, b in module._buffers.items():  # the computed buffers (small) stay real
+                if b is not None:
+                    module._buffers[key] = b.to("cpu")
 
 
 class _OnDemand(Mapping):
@@ -292,13 +303,21 @@ def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
     module._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
 
 
-def _rebuild_meta_buffers(model: nn.Module, blocks_prefix: str) -> None:
-    """Buffers computed at construction (rotary inverse frequencies) are not in checkpoints: rebuild
-    the modules that hold them, on the CPU, from their config."""
-    for name, module in list(model.named_modules()):
-        if name.startswith(blocks_prefix) or not any(b.is_meta for b in module.buffers(recurse=False)):
-            continue
-        if not hasattr(module, "config"):
-            raise UsageError(f"cannot rebuild the computed buffers of {name} ({type(module).__name__})")
-        parent_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, attr, type(module)(config=module.config))
+@contextlib.contextmanager
+def meta_parameters():
+    """Build modules with their parameters on the meta device (no memory) but real buffers: computed
+    buffers (rotary inverse frequencies, Gemma's embedding scale) are not in checkpoints and must be
+    computed by the constructors. Each parameter is moved to meta as it is registered, so only one
+    parameter's uninitialised storage exists at a time."""
+    register = nn.Module.register_parameter
+
+    def to_meta(module, name, param):
+        register(module, name, param)
+        if param is not None and not param.is_meta:
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = to_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
