@@ -75,7 +75,8 @@ def test_unsupported_architecture_lists_the_supported_ones(capsys, tmp_path, tex
     model.mkdir()
     (model / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 1}))
     expect_usage_error(capsys, tmp_path, ["prune", "--model", model, "--out", tmp_path / "o",
-                                          "--calib", text_file], "supported model types are gemma, gemma2, gemma3_text, llama, mistral, mixtral, opt, phi3")
+                                          "--calib", text_file],
+                       "supported model types are gemma, gemma2, gemma3_text, llama, mistral, mixtral, opt, phi3")
 
 
 def test_short_calibration_text(capsys, tmp_path, tiny_llama):

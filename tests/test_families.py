@@ -26,7 +26,8 @@ STORED_PRUNABLE = {
     "phi3": r"\.layers\.\d+\.(self_attn\.(qkv|o)_proj|mlp\.(gate_up|down)_proj)\.weight$",
     "mixtral": r"\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|block_sparse_moe\.experts\.\d+\.w[123])\.weight$",
 }
-_DEFAULT = r"\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(shared_expert\.|experts\.\d+\.)?(gate|up|down)_proj)\.weight$"
+_DEFAULT = (r"\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(shared_expert\.|experts\.\d+\.)?(gate|up|down)_proj)"
+            r"\.weight$")
 # rows of each logical part inside a fused stored tensor (Phi-3: 4 heads of 8 for q, 2 kv heads of 8)
 PARTS = {"self_attn.qkv_proj.weight": (32, 16, 16), "mlp.gate_up_proj.weight": (64, 64)}
 
@@ -140,8 +141,9 @@ def test_fused_phi3_prunes_like_the_same_weights_unfused(tmp_path, text_file):
                      *COMMON, "--metric", "ria", "--sparsity", "0.6"]) == 0
     a, b = read_all(tmp_path / "out-phi"), read_all(tmp_path / "out-llama")
     pre = "model.layers.0."
-    pairs = [(a[pre + "self_attn.qkv_proj.weight"], torch.cat([b[pre + f"self_attn.{x}_proj.weight"] for x in "qkv"])),
-             (a[pre + "mlp.gate_up_proj.weight"], torch.cat([b[pre + "mlp.gate_proj.weight"], b[pre + "mlp.up_proj.weight"]])),
+    qkv = torch.cat([b[pre + f"self_attn.{x}_proj.weight"] for x in "qkv"])
+    gate_up = torch.cat([b[pre + "mlp.gate_proj.weight"], b[pre + "mlp.up_proj.weight"]])
+    pairs = [(a[pre + "self_attn.qkv_proj.weight"], qkv), (a[pre + "mlp.gate_up_proj.weight"], gate_up),
              (a[pre + "self_attn.o_proj.weight"], b[pre + "self_attn.o_proj.weight"]),
              (a[pre + "mlp.down_proj.weight"], b[pre + "mlp.down_proj.weight"])]
     for fused_w, split_w in pairs:
