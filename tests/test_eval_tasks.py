@@ -45,9 +45,10 @@ def test_eval_tasks_matches_lm_eval_directly(tmp_path, task_dir, capsys):
     assert main(["eval", "--model", str(no_tok), "--tokenizer", model, "--tasks", "local_yesno",
                  "--include-path", task_dir, "--device", "cpu", "--json"]) == 0
     ours = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    lm = HFLM(pretrained=AutoModelForCausalLM.from_pretrained(model), tokenizer=AutoTokenizer.from_pretrained(model),
+              batch_size=8, device="cpu")
     direct = lm_eval.simple_evaluate(
-        model=HFLM(pretrained=AutoModelForCausalLM.from_pretrained(model), tokenizer=AutoTokenizer.from_pretrained(model),
-                   batch_size=8, device="cpu"),
+        model=lm,
         tasks=["local_yesno"], task_manager=TaskManager(include_path=task_dir), log_samples=False)
     assert ours["tasks"]["local_yesno"]["acc,none"] == direct["results"]["local_yesno"]["acc,none"]
     assert ours["tasks"]["local_yesno"]["acc,none"] in {i / 6 for i in range(7)}
