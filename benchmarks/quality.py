@@ -12,10 +12,11 @@ the `unipruning` command line (so its report's peak RSS is its own):
 - magnitude, Wanda (per output row, as in its paper) and RIA (per matrix, a = 0.5): the engine with a
   single mirror step over all windows (`--batch-size NSAMPLES`), which ranks exactly by the one-shot score;
 - SparseGPT: the engine's `--metric sparsegpt --reconstruct obs` (one run per sparsity);
-- UniPruning: stochria and ria metrics, feedback none, ONE calibration each (at the first setting); every
-  other sparsity and pattern, allocation global (unstructured settings) and the `--reconstruct obs`
+- UniPruning: stochria and ria metrics with feedback none, and stochria with feedback full (S measured
+  along an AdamW fine-tuning trajectory of the whole model), ONE calibration each (at the first setting);
+  every other sparsity and pattern, allocation global (unstructured settings) and the `--reconstruct obs`
   variant (stochria) are cut from that saliency by `mask`. The time column gives the calibration run
-  and the mean of the masks. Feedback `full` is not implemented in this version: listed as not run.
+  and the mean of the masks.
 
 Outputs (in --out, default benchmarks/results): quality.json (every number with its settings), quality.md
 (the table) and quality.png (perplexity vs sparsity, log scale; a second panel for N:M).
@@ -56,8 +57,12 @@ METHODS = {
     "unipruning ria global": (None, "unipruning ria layer", ["--allocation", "global"], UNSTRUCTURED),
     "unipruning stochria layer + obs": (None, "unipruning stochria layer",
                                         ["--reconstruct", "obs", "--calib", "{calib}"], SETTINGS),
+    "unipruning stochria full layer": (["--metric", "stochria", "--feedback", "full"],
+                                       "unipruning stochria full layer", [], SETTINGS),
+    "unipruning stochria full global": (None, "unipruning stochria full layer", ["--allocation", "global"],
+                                        UNSTRUCTURED),
 }
-NOT_RUN = {"unipruning feedback full": "feedback 'full' is not implemented in this version"}
+NOT_RUN: dict[str, str] = {}
 
 
 def quality_recipe():

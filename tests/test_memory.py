@@ -15,8 +15,6 @@ DEPTHS = (2, 8, 32)
 
 
 @pytest.mark.slow  # budget: about 60 s on 2 CPU cores (three fresh processes, a 300 MB checkpoint)
-@pytest.mark.xfail(strict=False, reason="peak RSS still grows about 2.5 MB per block: +13% from 2 to 32 blocks in a "
-                   "bare process, +27% when run inside the test suite (issue 6 open)")
 def test_peak_rss_is_flat_in_depth(tmp_path, text_file):
     peaks, sizes = {}, {}
     for layers in DEPTHS:

@@ -263,10 +263,23 @@ def git_hash() -> str | None:
         return None
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory: VmHWM on Linux. Not ru_maxrss: across fork/vfork + exec,
+    Linux carries the parent's high-water mark into the child's ru_maxrss, so a process started by a
+    large parent (a test runner that just built a checkpoint) would report the parent's peak."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def peak_memory() -> dict[str, int | None]:
-    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     gpu = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
-    return {"cpu_max_rss_bytes": rss_kb * 1024, "gpu_max_allocated_bytes": gpu}
+    return {"cpu_max_rss_bytes": peak_rss_bytes(), "gpu_max_allocated_bytes": gpu}
 
 
 def summarize(matrices: dict[str, dict], dense_params: int) -> dict:

@@ -33,7 +33,7 @@ from . import ops
 from .config import MaskSpec, keep_count
 from .models import block_matrices, decoder_blocks, family_for
 from .saliency import steps_of
-from .stream import BlockStream, LazyCheckpoint, _StopForward, capture_block_inputs
+from .stream import BlockStream, LazyCheckpoint, _StopForward, capture_block_inputs, release_freed_memory
 
 log = logging.getLogger("unipruning")
 
@@ -169,6 +169,7 @@ def reconstruct(
                 stream.advance(block, index, k)
         finally:
             checkpoint.release_block(model, index)
+        release_freed_memory()
         per_block.append({"block": index, "seconds": time.perf_counter() - start, "resumed": resumed})
         if progress is not None:
             progress(index + 1, len(blocks))

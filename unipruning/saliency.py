@@ -27,7 +27,7 @@ from .errors import UsageError
 from .inputs import observe
 from .kernels.reference import derive_key
 from .models import Matrix, block_matrices, decoder_blocks, fingerprint, model_matrices, weight_of
-from .stream import BlockStream, LazyCheckpoint, capture_block_inputs
+from .stream import BlockStream, LazyCheckpoint, capture_block_inputs, release_freed_memory
 
 log = logging.getLogger("unipruning")
 
@@ -364,6 +364,7 @@ def calibrate(
         per_block.append({"block": index, "seconds": seconds, "matrices": len(block_t),
                           "resumed": saved is not None})
         del block_z, saved
+        release_freed_memory()
         if progress is not None:
             progress(index + 1, len(blocks))
     metadata = saliency_metadata(model, config, windows, list(z), unseen)
