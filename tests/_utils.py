@@ -115,3 +115,9 @@ def make_family_checkpoint(directory, model_type: str, layers: int = 2, seed: in
     model.save_pretrained(directory)
     tok.save_pretrained(directory)
     return str(directory)
+
+
+def weight_files(directory) -> dict[str, bytes]:
+    """{file name: bytes} of a checkpoint's weight shards and index: what must match byte for byte."""
+    return {name: (directory / name).read_bytes() for name in sorted(os.listdir(directory))
+            if name.endswith(".safetensors") or name.endswith(".safetensors.index.json")}

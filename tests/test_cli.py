@@ -2,6 +2,7 @@
 
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests._utils import prunable, read_all
+from tests._utils import prunable, read_all, weight_files
 from unipruning.cli import main
 
 COMMON = ["--nsamples", "8", "--seqlen", "32"]
@@ -74,6 +75,8 @@ def test_mask_reproduces_prune_bit_for_bit(tmp_path, pruned, tiny_llama):
     a, b = read_all(pruned), read_all(out)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # prune wrote each block's shard during calibration, mask after it: the same files, byte for byte
+    assert weight_files(pathlib.Path(pruned)) == weight_files(out)
 
 
 @pytest.mark.parametrize("pattern,m,n", [("2:4", 4, 2), ("4:8", 8, 4)])
@@ -144,7 +147,7 @@ def test_console_script_and_module_entry_points(tmp_path):
     assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
 
 
-def test_sharded_checkpoint_keeps_its_shards_and_index(tmp_path, text_file):
+def test_sharded_checkpoint_is_written_one_shard_per_block(tmp_path, text_file):
     from transformers import AutoModelForCausalLM as Auto
 
     from tests._utils import make_checkpoint
@@ -160,10 +163,16 @@ def test_sharded_checkpoint_keeps_its_shards_and_index(tmp_path, text_file):
     assert len(shards) > 1 and (source / "model.safetensors.index.json").is_file()
     out = tmp_path / "out"
     assert run_cli("prune", "--model", source, "--out", out, "--pattern", "2:4", "--calib", text_file, *COMMON) == 0
-    assert sorted(n for n in os.listdir(out) if n.endswith(".safetensors")) == shards
-    assert (out / "model.safetensors.index.json").read_bytes() == (source / "model.safetensors.index.json").read_bytes()
+    # shard 1: everything outside the blocks; shard b+2: block b (written as soon as the block is done)
+    written = sorted(n for n in os.listdir(out) if n.endswith(".safetensors"))
+    assert written == [f"model-{i:05d}-of-00004.safetensors" for i in range(1, 5)]
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    assert all(shard == "model-00001-of-00004.safetensors" for name, shard in index.items() if ".layers." not in name)
+    assert all(index[name] == f"model-{int(name.split('.')[2]) + 2:05d}-of-00004.safetensors"
+               for name in index if ".layers." in name)
     source_tensors, pruned = read_all(source), read_all(out)
-    assert source_tensors.keys() == pruned.keys()
+    assert source_tensors.keys() == pruned.keys() == index.keys()
+    assert not [n for n in os.listdir(out) if n.startswith(".")]
     for key in prunable(str(source)):
         assert ((pruned[key] != 0).reshape(pruned[key].shape[0], -1, 4).sum(-1) <= 2).all()
     Auto.from_pretrained(out)

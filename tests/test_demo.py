@@ -24,7 +24,7 @@ def test_demo_trains_prunes_and_reports(tmp_path):
     assert ppl["dense"] <= ppl["2:4"] < 2.0 * ppl["dense"]
     assert "sparsity 0.5000" in proc.stdout and "N:M valid: True" in proc.stdout
     for name in ("pruned-50", "pruned-2of4"):
-        assert os.path.isfile(out / name / "model.safetensors")
+        assert os.path.isfile(out / name / "model.safetensors.index.json")
     # the second run reuses the cached model instead of training again
     again = subprocess.run(["unipruning", "demo"], capture_output=True, text=True, env=env, timeout=600)
     assert again.returncode == 0 and "using the cached model" in again.stderr

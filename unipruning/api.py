@@ -26,6 +26,7 @@ from .config import RECONSTRUCTIONS, MaskSpec, PruneConfig
 from .data import calibration_windows, windows_hash
 from .errors import UsageError
 from .export import (
+    PrunedWriter,
     check_out,
     copy_side_files,
     count_parameters,
@@ -37,7 +38,6 @@ from .export import (
     summarize,
     versions,
     write_json,
-    write_pruned_weights,
 )
 from .masks import global_counts, mask_stats, masked, matrix_mask
 from .models import (
@@ -144,6 +144,29 @@ def _masks(saliency: Saliency, weights: dict, plan: dict[str, MaskSpec], spec: M
             for name in plan}
 
 
+def pruned_writer(checkpoint: LazyCheckpoint, staging: str, plan: dict[str, MaskSpec]) -> PrunedWriter:
+    """The writer of the pruned weights of the planned matrices (one shard per block, export.py)."""
+    chosen = [m for m in checkpoint.matrices if m.name in plan]
+    return PrunedWriter(checkpoint, staging, chosen, {n: s.nm for n, s in plan.items()})
+
+
+def _streamed_writes(writer: PrunedWriter, plan: dict[str, MaskSpec], backend: str, device: torch.device):
+    """on_block(index, z) for `calibrate`: write block `index`'s pruned shard from its saliency as soon
+    as the block is calibrated (masks per matrix or per row, or N:M, need nothing from later blocks)."""
+
+    def on_block(index: int, z) -> None:
+        if writer.block_written(index):  # a resumed run: written before the kill
+            return
+
+        def pruned(name: str, weight: torch.Tensor):
+            keep = matrix_mask(z[name].to(device), weight.to(device), plan[name], None, backend).cpu()
+            return masked(weight, keep), keep
+
+        writer.write_block(index, pruned)
+
+    return on_block
+
+
 def _check_plan(matrices: list[Matrix], plan: dict[str, MaskSpec]) -> None:
     for m in matrices:
         if m.name in plan and plan[m.name].nm is not None:
@@ -197,6 +220,7 @@ def export_checkpoint(
     device: torch.device,
     report: dict,
     recon_dir: str | None = None,
+    writer: PrunedWriter | None = None,
 ) -> dict:
     """Write weights, side files, saliency (when there is one) and report into `staging`; return the
     report. The weights are the saliency's masks applied to the source (computed on `device` with
@@ -214,8 +238,7 @@ def export_checkpoint(
             return masked(weight, mask), mask
 
     model_dir = checkpoint.model_dir
-    chosen = [m for m in checkpoint.matrices if m.name in plan]
-    matrices = write_pruned_weights(model_dir, staging, pruned, chosen, {n: s.nm for n, s in plan.items()})
+    matrices = (writer or pruned_writer(checkpoint, staging, plan)).finish(pruned)
     settings = report.get("settings", {})
     copy_side_files(model_dir, staging, sparsity_config(spec, plan, skipped, settings.get("metric", ""),
                                                         settings.get("reconstruct", "none")))
@@ -346,6 +369,12 @@ def prune_checkpoint(
         os.makedirs(state_dir, exist_ok=True)
         distributed.barrier()  # the workers may now look for finished blocks in it
         saliency, keep, recon_dir = None, None, None
+        writer = pruned_writer(checkpoint, staging, plan)
+        # masks that need no other block's saliency: each block's weights are written as it finishes
+        streamed = (config.feedback == "none" and config.reconstruct == "none" and config.metric != "sparsegpt"
+                    and config.mask.allocation != "global")
+        report["weights_written"] = "per block during calibration" if streamed else "after calibration"
+        on_block = _streamed_writes(writer, plan, backend, device) if streamed else None
         if config.feedback == "full":  # the whole model, fine-tuned along the way; the output keeps the source
             from .feedback import calibrate_full
 
@@ -356,7 +385,7 @@ def prune_checkpoint(
             # never the whole model: a meta-device skeleton, each block read from the shards in its turn
             model = checkpoint.skeleton(dtype)
             saliency, report["blocks"] = calibrate(model, windows, config, device, progress, checkpoint, state_dir,
-                                                   offload)
+                                                   offload, on_block)
             del model
             report["calibration_seconds"] = time.perf_counter() - start
         if saliency is not None and saliency.metadata.get("unseen"):
@@ -372,7 +401,7 @@ def prune_checkpoint(
                 staging, checkpoint, windows, config.batch_size, device, dtype, plan, keep, backend, progress,
                 offload)
         report = export_checkpoint(checkpoint, staging, plan, skipped, saliency, config.mask, backend, device,
-                                   report, recon_dir)
+                                   report, recon_dir, writer)
         report["wall_seconds"] = time.perf_counter() - start
         write_json(os.path.join(staging, REPORT), report)
         for partial in (state_dir, recon_dir):

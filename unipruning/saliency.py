@@ -309,6 +309,7 @@ def calibrate(
     checkpoint: LazyCheckpoint | None = None,
     state_dir: str | None = None,
     offload: str = "auto",
+    on_block: Callable[[int, Mapping[str, torch.Tensor]], None] | None = None,
 ) -> tuple[Saliency, list[dict]]:
     """Learn the saliency of every prunable matrix, block by block. Returns it and per-block timings.
 
@@ -318,7 +319,8 @@ def calibrate(
     instead and released afterwards, so only one block is ever resident. With a `state_dir`, every
     finished block's saliency is saved there, and blocks found there are not calibrated again: their
     forward passes are replayed to rebuild the next block's inputs (a resumed run gives the same bytes).
-    offload: where the activations live between blocks (stream.activation_home).
+    offload: where the activations live between blocks (stream.activation_home). on_block(index, z of its
+    matrices) is called when a block's saliency is final (also for blocks found done in `state_dir`).
     """
     backend = backends.resolve(config.backend, device)
     steps = steps_of(windows, config.batch_size)
@@ -359,6 +361,8 @@ def calibrate(
             z.update({name: (path, f"{name}.z") for name in names})
         else:
             z.update(block_z)
+        if on_block is not None:
+            on_block(index, block_z if block_z is not None else LazyTensors({n: z[n] for n in names}))
         t.update(block_t)
         unseen.extend(block_unseen)
         per_block.append({"block": index, "seconds": seconds, "matrices": len(block_t),

@@ -203,15 +203,18 @@ class LazyCheckpoint:
 
         self.model_dir, self.config = model_dir, config
         self.shard_of: dict[str, str] = {}
+        self.header: dict[str, tuple[str, list[int]]] = {}  # name -> (safetensors dtype, shape)
         for shard in weight_shards(model_dir):
             with safe_open(os.path.join(model_dir, shard), framework="pt") as handle:
                 for key in handle.keys():  # noqa: SIM118 - safe_open has no __iter__
                     self.shard_of[key] = shard
+                    info = handle.get_slice(key)
+                    self.header[key] = (info.get_dtype(), list(info.get_shape()))
         # every prunable matrix with where the checkpoint stores it (per-expert tensors for MoE)
         self.matrices = resolve_stored(model_matrices(config), config, self.shard_of)
         self.matrix = {m.name: m for m in self.matrices}
         first = self.matrices[0].stored
-        if (dtype := self.stored_dtype(first)) not in ("F32", "F16", "BF16"):
+        if (dtype := self.header[first][0]) not in ("F32", "F16", "BF16"):
             raise UsageError(f"--model: {first} is stored as {dtype}; unipruning needs dense fp16/bf16/fp32 "
                              "weights (FP8 and integer-quantized checkpoints are refused)")
 
@@ -225,11 +228,6 @@ class LazyCheckpoint:
                 for key in keys:
                     out[key] = handle.get_tensor(key)
         return out
-
-    def stored_dtype(self, name: str) -> str:
-        """The safetensors dtype string of a stored tensor (from its header, no data read)."""
-        with safe_open(os.path.join(self.model_dir, self.shard_of[name]), framework="pt") as handle:
-            return handle.get_slice(name).get_dtype()
 
     def read_matrix(self, name: str) -> torch.Tensor:
         """One prunable matrix (logical name) in the stored dtype, read from its checkpoint tensor."""
