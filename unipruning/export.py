@@ -1,8 +1,8 @@
 """Outputs (SPEC section 7): the pruned checkpoint, the saliency directory, the report; all atomic.
 
-The checkpoint is written from the SOURCE safetensors, shard by shard and tensor by tensor (one tensor
-in memory at a time): every tensor is copied as it is (same names, dtype, shards and index) except the
-prunable matrices, which get +0.0 at the dropped entries (or their reconstructed values). So
+The checkpoint is written from the SOURCE safetensors, tensor by tensor (one tensor in memory at a time),
+one shard per decoder block (PrunedWriter): every tensor is copied as it is (same names, dtypes, shapes)
+except the prunable matrices, which get +0.0 at the dropped entries (or their reconstructed values). So
 non-prunable tensors are bit-identical and tied embeddings stay tied (the source stores them once).
 Outputs are staged in a hidden temporary directory next to --out and renamed when complete.
 """
