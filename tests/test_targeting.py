@@ -145,3 +145,18 @@ def test_report_has_versions_and_calibration_hash(saliency_run):
     report = json.loads((saliency_run / "pruning_report.json").read_text())
     assert report["versions"]["torch"] and report["versions"]["transformers"] and report["versions"]["unipruning"]
     assert len(report["calibration"]["windows_sha256"]) == 64
+
+
+def test_in_memory_prune_with_targeting(model, text_file):
+    from transformers import AutoModelForCausalLM
+
+    from tests._utils import tokenizer
+    from unipruning import PruneConfig, Targeting, prune
+    from unipruning.data import calibration_windows
+
+    llm = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    windows = calibration_windows(tokenizer(), text_file, 2, 16, seed=0)
+    result = prune(llm, windows, PruneConfig(), Targeting.from_options(targets=["mlp"], dense_layers="1"))
+    assert sorted(result.masks) == sorted(n for n, _ in llm.named_parameters()
+                                          if ".mlp." in n and ".layers.1." not in n)
+    assert len(result.saliency.z) == 3 * 7  # the saliency still covers every prunable matrix

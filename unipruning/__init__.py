@@ -19,12 +19,14 @@ from .masks import apply_masks, compute_masks
 from .packed_checkpoint import load_packed, pack_checkpoint
 from .packing import pack_24, sparsify_, unpack_24
 from .saliency import Saliency
+from .targeting import Targeting
 
 __all__ = [
     "MaskSpec",
     "PruneConfig",
     "PruneResult",
     "Saliency",
+    "Targeting",
     "UsageError",
     "apply_masks",
     "compute_masks",
