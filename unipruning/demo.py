@@ -112,7 +112,7 @@ def train_lm(model, ids: torch.Tensor, recipe: TinyLlama, log_every: int = 100) 
         opt.step()
         losses.append(loss.item())
         if log_every and (step + 1) % log_every == 0:
-            log.info("train step %d/%d  loss %.3f", step + 1, recipe.train_steps, loss)
+            log.info("train step %d/%d  loss %.3f", step + 1, recipe.train_steps, float(loss.detach()))
     model.eval()
     return losses
 
