@@ -103,6 +103,8 @@ def main(argv=None) -> None:
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--metric", default="stochria")
+    p.add_argument("--offload-activations", default="auto", choices=("auto", "always", "never"),
+                   help="'always' measures the pinned-memory path (transfers overlapped with compute)")
     p.add_argument("--work", default=None, help="scratch directory (needs about 1.8 GB per 70B layer)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
@@ -126,35 +128,44 @@ def main(argv=None) -> None:
         done = subprocess.run(
             [sys.executable, "-m", "unipruning", "prune", "--model", model, "--out", out, "--calib", calib,
              "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--device", device,
-             "--metric", args.metric], capture_output=True, text=True)
+             "--metric", args.metric, "--offload-activations", args.offload_activations],
+            capture_output=True, text=True)
         wall = time.perf_counter() - start
         if done.returncode != 0:
             raise SystemExit(done.stderr[-3000:])
         with open(os.path.join(out, "pruning_report.json")) as f:
             report = json.load(f)
+    # per layer: read from the shards + calibration ("seconds"), then its pruned shard written as soon as it
+    # is done ("write_seconds", layer/row/N:M masks; absent when the weights are written after calibration)
     per_layer = [b["seconds"] for b in report["blocks"]]
-    steady = per_layer[1:] or per_layer  # the first layer carries one-off kernel compilation
+    writes = [b.get("write_seconds", 0.0) for b in report["blocks"]]
+    layer_total = [c + w for c, w in zip(per_layer, writes, strict=True)]
+    steady = layer_total[1:] or layer_total  # the first layer carries one-off kernel compilation
     total_layers = SHAPES[args.shape]["layers"]
-    setup = report["calibration_seconds"] - sum(per_layer)  # loading, tokenizing, capturing layer 0's inputs
-    export = report["wall_seconds"] - report["calibration_seconds"]  # masks + writing, grows with the layers
+    setup = report["calibration_seconds"] - sum(layer_total)  # loading, tokenizing, capturing layer 0's inputs
+    finish = report["wall_seconds"] - report["calibration_seconds"]  # the rest of the shards, index, config
     result = {
         "device": torch.cuda.get_device_name() if device == "cuda" else f"CPU ({os.cpu_count()} cores)",
         "date": datetime.date.today().isoformat(),
         "versions": {"torch": torch.__version__, "python": platform.python_version(),
                      "unipruning": __import__("unipruning").__version__},
         "shape": args.shape, "layers_written": args.layers, "nsamples": args.nsamples, "seqlen": args.seqlen,
-        "metric": args.metric, "checkpoint_write_seconds": write_seconds,
+        "metric": args.metric, "offload_activations": args.offload_activations,
+        "checkpoint_write_seconds": write_seconds,
         "prune_process_seconds": wall, "prune_report_wall_seconds": report["wall_seconds"],
-        "calibration_seconds_per_layer": per_layer, "disk_read_seconds_per_layer": reads,
+        "weights_written": report["weights_written"],
+        "calibration_seconds_per_layer": per_layer, "write_seconds_per_layer": writes,
+        "disk_read_seconds_per_layer": reads,
         "disk_reads_cold": cold,  # False: the page cache could not be dropped (reads may come from memory)
-        "setup_seconds": setup, "export_seconds": export,
+        "setup_seconds": setup, "finish_seconds": finish,
         "peak_cpu_rss_bytes": report["peak_memory"]["cpu_max_rss_bytes"],
         "peak_gpu_allocated_bytes": report["peak_memory"]["gpu_max_allocated_bytes"],
         "extrapolation": {
-            "note": f"NOT measured: the setup, plus {total_layers} layers x (the mean calibration time of the "
-                    "measured layers after the first + the measured export time per written layer)",
+            "note": f"NOT measured: the setup, plus {total_layers} layers x the mean (calibration + write) time "
+                    "of the measured layers after the first, plus the finish time per written layer (when the "
+                    "weights are written after calibration, that is where the writing is)",
             "layers": total_layers,
-            "seconds": setup + total_layers * (sum(steady) / len(steady) + export / args.layers),
+            "seconds": setup + total_layers * (sum(steady) / len(steady) + finish / args.layers),
         },
     }
     label = "cpu" if device == "cpu" else torch.cuda.get_device_name().lower().replace(" ", "-")

@@ -361,12 +361,14 @@ def calibrate(
             z.update({name: (path, f"{name}.z") for name in names})
         else:
             z.update(block_z)
-        if on_block is not None:
+        entry = {"block": index, "seconds": seconds, "matrices": len(block_t), "resumed": saved is not None}
+        if on_block is not None:  # prune writes the block's pruned shard here: timed apart from calibration
+            start = time.perf_counter()
             on_block(index, block_z if block_z is not None else LazyTensors({n: z[n] for n in names}))
+            entry["write_seconds"] = time.perf_counter() - start
         t.update(block_t)
         unseen.extend(block_unseen)
-        per_block.append({"block": index, "seconds": seconds, "matrices": len(block_t),
-                          "resumed": saved is not None})
+        per_block.append(entry)
         del block_z, saved
         release_freed_memory()
         if progress is not None:

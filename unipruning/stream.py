@@ -15,7 +15,7 @@ import ctypes
 import gc
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from safetensors import safe_open
@@ -69,46 +69,137 @@ def _batch_slice(value, start: int, stop: int, batch: int):
     return value
 
 
+class _Transfers:
+    """Copies of offloaded activations, one micro-batch ahead, on a side CUDA stream, so that the PCIe
+    traffic of pinned-memory activations overlaps the block's compute instead of adding to it (SPEC
+    section 6).
+
+    fetch(src, ahead) returns `src` on the device (already there if it was the previous call's `ahead`)
+    and starts copying `ahead`, the next micro-batch; store(dst, out) copies a block output back. Both
+    copies run on the side stream, ordered after what the compute stream has queued (a CPU buffer may
+    still be being written by an earlier store), and the compute stream waits for a copy before it reads
+    it. On a CPU device (tests) the same bookkeeping runs with plain copies."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.side = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.ahead: tuple[tuple, torch.Tensor] | None = None  # (key of its source, its device copy)
+        self.prefetched = 0  # fetches served by the previous call's copy (tests count them)
+
+    @staticmethod
+    def _key(src: torch.Tensor) -> tuple:
+        return src.data_ptr(), tuple(src.shape)
+
+    def _copy(self, src: torch.Tensor) -> torch.Tensor:
+        if self.side is None:
+            return src.to(self.device, copy=True)
+        self.side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.side):
+            return src.to(self.device, non_blocking=True)
+
+    def fetch(self, src: torch.Tensor, ahead: torch.Tensor | None) -> torch.Tensor:
+        if self.ahead is not None and self.ahead[0] == self._key(src):
+            x = self.ahead[1]
+            self.prefetched += 1
+        else:
+            x = self._copy(src)
+        self.ahead = None
+        if self.side is not None:
+            compute = torch.cuda.current_stream(self.device)
+            compute.wait_stream(self.side)  # before the next copy is queued: compute waits for x only
+            x.record_stream(compute)  # x was allocated on the side stream
+        if ahead is not None:
+            self.ahead = (self._key(ahead), self._copy(ahead))
+        return x
+
+    def store(self, dst: torch.Tensor, out: torch.Tensor) -> None:
+        if self.ahead is not None and self.ahead[0][0] == dst.data_ptr():
+            self.ahead = None  # its source is being overwritten
+        if self.side is None:
+            dst.copy_(out)
+            return
+        self.side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.side):
+            dst.copy_(out, non_blocking=True)
+        out.record_stream(self.side)
+
+    def synchronize(self) -> None:
+        """Wait for every queued copy (before the CPU buffers are read by anything else)."""
+        if self.side is not None:
+            self.side.synchronize()
+
+
 @dataclass
 class BlockStream:
     """Activations between blocks: hidden[k] is the (B, L, H) input of the current block at step k;
     kwargs[l] the keyword arguments of block l (identical for all steps: every step has the same
     window shape).
 
-    The activations live on the compute device, or, offloaded, in pinned CPU memory (`device` is then
-    the compute device): each micro-batch is copied in before its forward and the block's output copied
-    back into the same buffer. A step's windows run in micro-batches of at most `max_tokens` tokens, so
-    a large --batch-size never needs the MLP intermediate of all its tokens at once."""
+    The activations live on the compute device, or, `offloaded`, in pinned CPU memory (`device` is then
+    the compute device): each micro-batch is copied in ahead of its forward and its output copied back
+    into the rows it came from, both on a side stream (_Transfers). A step's windows run in micro-batches
+    of at most `max_tokens` tokens, so a large --batch-size never needs the MLP intermediate of all its
+    tokens at once."""
 
     hidden: list[torch.Tensor]
     kwargs: list[dict]
     device: torch.device | None = None
     max_tokens: int = MAX_TOKENS
+    offloaded: bool = False
+    transfers: _Transfers | None = field(default=None, init=False, repr=False)
 
-    def run(self, block: nn.Module, index: int, step: int, partial: bool = False) -> torch.Tensor | None:
-        """The block's output for step `step` (on the compute device). partial: a hook stops each forward
-        early (_StopForward) once it has what it needs; nothing is returned."""
-        x = self.hidden[step]
-        device = self.device or x.device
-        batch, length = x.shape[0], x.shape[1]
+    def __post_init__(self):
+        if self.offloaded:
+            self.transfers = _Transfers(self.device)
+
+    def _chunks(self, step: int) -> list[tuple[int, int]]:
+        batch, length = self.hidden[step].shape[0], self.hidden[step].shape[1]
         per = max(1, self.max_tokens // max(length, 1))
+        return [(start, min(start + per, batch)) for start in range(0, batch, per)]
+
+    def _input(self, step: int, chunks: list[tuple[int, int]], j: int) -> torch.Tensor:
+        start, stop = chunks[j]
+        x = self.hidden[step][start:stop]
+        if self.transfers is None:
+            return x.to(self.device or x.device, non_blocking=True)
+        if j + 1 < len(chunks):
+            ahead = self.hidden[step][chunks[j + 1][0]:chunks[j + 1][1]]
+        elif step + 1 < len(self.hidden):
+            ahead = self.hidden[step + 1][:self._chunks(step + 1)[0][1]]
+        else:
+            ahead = None
+        return self.transfers.fetch(x, ahead)
+
+    def run(self, block: nn.Module, index: int, step: int, partial: bool = False, sink=None) -> torch.Tensor | None:
+        """The block's output for step `step` (on the compute device). partial: a hook stops each forward
+        early (_StopForward) once it has what it needs; nothing is returned. sink(start, stop, out), when
+        given, takes each micro-batch's output instead (nothing is returned either)."""
+        batch = self.hidden[step].shape[0]
+        chunks = self._chunks(step)
         outs = []
-        for start in range(0, batch, per):
-            stop = min(start + per, batch)
+        for j, (start, stop) in enumerate(chunks):
             kwargs = {k: _batch_slice(v, start, stop, batch) for k, v in self.kwargs[index].items()}
             try:
-                out = block(x[start:stop].to(device, non_blocking=True), **kwargs)
+                out = block(self._input(step, chunks, j), **kwargs)
             except _StopForward:
                 if not partial:
                     raise
                 continue
-            outs.append(out[0] if isinstance(out, (tuple, list)) else out)
-        if partial:
+            out = out[0] if isinstance(out, (tuple, list)) else out
+            if sink is not None:
+                sink(start, stop, out)
+            else:
+                outs.append(out)
+        if partial or sink is not None:
             return None
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def advance(self, block: nn.Module, index: int, step: int) -> None:
         """Replace step `step`'s input by the block's output (the next block's input)."""
+        if self.transfers is not None:  # each micro-batch's output goes back into its own rows
+            dst = self.hidden[step]
+            self.run(block, index, step, sink=lambda start, stop, out: self.transfers.store(dst[start:stop], out))
+            return
         out = self.run(block, index, step)
         if self.hidden[step].device == out.device:
             self.hidden[step] = out
@@ -172,7 +263,7 @@ def capture_block_inputs(
             blocks[i] = block
         for m, home in zip(leaves, homes, strict=True):
             m.to(home)
-    return BlockStream(hidden=hidden, kwargs=kwargs, device=device, max_tokens=MAX_TOKENS)
+    return BlockStream(hidden=hidden, kwargs=kwargs, device=device, max_tokens=MAX_TOKENS, offloaded=home != device)
 
 
 def release_freed_memory() -> None:
