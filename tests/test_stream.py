@@ -13,7 +13,7 @@ from unipruning.models import decoder_blocks, load_config
 from unipruning.stream import LazyCheckpoint
 
 
-@pytest.mark.parametrize("dtype,tie", [(torch.float32, False), (torch.bfloat16, True)])
+@pytest.mark.parametrize("dtype,tie", [(torch.float32, False), (torch.bfloat16, True), (torch.float16, False)])
 def test_lazy_prune_equals_in_memory_prune(tmp_path, text_file, dtype, tie):
     source = make_checkpoint(tmp_path / "model", dtype=dtype, tie=tie, layers=3)
     out = tmp_path / "out"
