@@ -92,12 +92,17 @@ def _setting_options(setting: str) -> list[str]:
     return ["--pattern", setting] if ":" in setting else ["--sparsity", setting]
 
 
-def _cli(args: list[str]) -> dict:
-    """Run `python -m unipruning ARGS` in its own process; its report (pruning_report.json of --out)."""
-    start = time.perf_counter()
+def _run(args: list[str]) -> None:
+    """`python -m unipruning ARGS` in its own process (so that each run's peak memory is its own)."""
     done = subprocess.run([sys.executable, "-m", "unipruning", *args], capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"quality: `unipruning {' '.join(args)}` failed:\n{done.stderr.strip()}")
+
+
+def _cli(args: list[str]) -> dict:
+    """Run `unipruning ARGS` (_run); its report (pruning_report.json of --out)."""
+    start = time.perf_counter()
+    _run(args)
     out = args[args.index("--out") + 1]
     with open(os.path.join(out, "pruning_report.json")) as f:
         report = json.load(f)
