@@ -155,3 +155,28 @@ def test_pack_and_load_a_sharded_checkpoint(pruned_24, tmp_path):
     for name, param in model.named_parameters():
         got = unpack_24(param) if isinstance(param, SparseSemiStructuredTensorCUTLASS) else param.detach()
         assert torch.equal(got, dense[name]), name
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_pack_and_load_an_moe_checkpoint(family, tmp_path, text_file):
+    """MoE checkpoints store experts one by one (transformers assembles them into 3-D parameters): the
+    experts stay dense in the packed file and load_packed assembles them, the attention is packed."""
+    from transformers import AutoModelForCausalLM
+
+    from tests._utils import make_family_checkpoint
+
+    source = make_family_checkpoint(tmp_path / "src", family, hidden_size=64, intermediate_size=128,
+                                    **({"moe_intermediate_size": 64} if family == "qwen2_moe" else {}))
+    pruned, packed = tmp_path / "pruned", tmp_path / "packed"
+    assert run_cli("prune", "--model", source, "--out", pruned, "--pattern", "2:4", "--calib", text_file,
+                   *SMALL) == 0
+    assert run_cli("pack", "--model", pruned, "--out", packed, "--dtype", "bfloat16") == 0
+    model = load_packed(str(packed), device="cpu")
+    reference = AutoModelForCausalLM.from_pretrained(pruned, dtype=torch.bfloat16)
+    params = dict(model.named_parameters())
+    sparse = [n for n, p in params.items() if isinstance(p, SparseSemiStructuredTensorCUTLASS)]
+    assert any("self_attn" in n for n in sparse) and not any("experts" in n for n in sparse)
+    for name, expected in reference.named_parameters():
+        got = unpack_24(params[name]) if name in sparse else params[name].detach()
+        assert torch.equal(got, expected.detach()), name
+    assert any(p.dim() == 3 for p in params.values())  # the experts, assembled

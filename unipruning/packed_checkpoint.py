@@ -25,7 +25,7 @@ from torch import nn
 
 from .errors import UsageError
 from .export import SAFE_INDEX, check_out, copy_side_files, staged_directory, weight_shards, write_json
-from .models import load_config
+from .models import load_config, model_matrices, piece, resolve_stored, stored_name
 from .packing import LAYOUTS, PACKABLE_DTYPES, pack_24, pack_cutlass_torch, skip_reason
 from .stream import LazyCheckpoint
 
@@ -117,6 +117,11 @@ def _add_config_entry(path: str, entry: dict, dtype: torch.dtype | None) -> None
     write_json(path, config)
 
 
+def _keys(model_dir: str, shard: str) -> list[str]:
+    with safe_open(os.path.join(model_dir, shard), framework="pt") as handle:
+        return list(handle.keys())  # noqa: SIM118 - safe_open has no __iter__
+
+
 def load_packed(model_dir: str, device: str | torch.device = "cuda", layout: str = "cutlass") -> nn.Module:
     """The causal LM of a packed checkpoint, its 2:4 matrices as semi-structured tensors on `device`.
 
@@ -141,10 +146,21 @@ def load_packed(model_dir: str, device: str | torch.device = "cuda", layout: str
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.eval()
     packed = set(entry["packed"])
-    for shard in weight_shards(model_dir):
+    shard_of = {key: shard for shard in weight_shards(model_dir) for key in _keys(model_dir, shard)}
+    # where each stored tensor goes: a whole parameter (its own name, or the family's rename), or expert
+    # slices of a 3-D parameter (MoE checkpoints store experts one by one; they are never packed)
+    params = dict(model.named_parameters())
+    whole = {stored_name(config, name, shard_of): name for name in params if name not in packed}
+    whole.pop(None, None)
+    experts = [m for m in model_matrices(config) if m.expert is not None and m.param not in whole.values()]
+    slices: dict[str, list] = {}
+    for m in resolve_stored(experts, config, shard_of):
+        slices.setdefault(m.stored, []).append(m)
+    for name in {m.param for m in experts}:
+        _assign(model, name, torch.empty(params[name].shape, dtype=dtype, device=device))
+    for shard in sorted(set(shard_of.values())):
         with safe_open(os.path.join(model_dir, shard), framework="pt") as handle:
-            keys = list(handle.keys())  # noqa: SIM118
-            for key in keys:
+            for key in [k for k, s in shard_of.items() if s == shard]:
                 if key.endswith(PACKED_SUFFIX) and key.removesuffix(PACKED_SUFFIX) in packed:
                     name = key.removesuffix(PACKED_SUFFIX)
                     values = handle.get_tensor(key).to(device)
@@ -154,8 +170,14 @@ def load_packed(model_dir: str, device: str | torch.device = "cuda", layout: str
                     else:
                         weight = pack_24(unpack_cutlass_torch(values, meta), "cusparselt")
                     _assign(model, name, weight)
-                elif not (key.endswith(META_SUFFIX) and key.removesuffix(META_SUFFIX) in packed):
-                    _assign(model, key, handle.get_tensor(key).to(device))
+                elif key in whole:
+                    _assign(model, whole[key], handle.get_tensor(key).to(device))
+                elif key in slices:
+                    tensor = handle.get_tensor(key)
+                    with torch.no_grad():
+                        for m in slices[key]:
+                            piece(model.get_parameter(m.param), m.expert, m.rows).copy_(
+                                piece(tensor, m.stored_expert, m.stored_rows))
     if any(p.is_meta for p in model.parameters()):
         model.tie_weights()
     missing = [n for n, p in model.named_parameters() if p.is_meta]
