@@ -1,6 +1,6 @@
 """`unipruning demo`: the whole job on an embedded default, with no model and no network at hand.
 
-A small Llama-architecture model is trained (seeded, about a minute on 2 CPU cores) on three
+A small Llama-architecture model is trained (seeded, one to two minutes on 2 CPU cores) on three
 Shakespeare plays shipped inside the package, with a byte-level BPE tokenizer trained on the same text;
 a fourth play is held out for perplexity. The trained model is cached (UNIPRUNING_CACHE, else
 ~/.cache/unipruning). Then it is pruned with the default settings at 50% unstructured, the 2:4 masks
@@ -167,7 +167,7 @@ def cached_trained_model(
 def cached_demo_model(recipe: TinyLlama = TinyLlama()) -> str:
     """Directory of the trained demo model, training it on first use."""
     return cached_trained_model(recipe, packaged_text(TRAIN_PLAYS), packaged_text(HELDOUT_PLAYS), "demo-llama",
-                                "the demo model (seeded, about a minute on 2 CPU cores)")
+                                "the demo model (seeded, one to two minutes on 2 CPU cores)")
 
 
 def run_demo(out: str | None = None, overwrite: bool = False, device: str = "auto") -> dict:
