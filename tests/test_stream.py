@@ -167,6 +167,8 @@ def test_offloaded_transfers_prefetch_the_next_micro_batch(tiny_llama, text_file
     monkeypatch.setattr(stream_module, "MAX_TOKENS", 64)  # 2 windows per forward: 2 micro-batches per step
     resident, _ = calibrate(model, windows, config, device, offload="never")
     capture, streams = saliency_module.capture_block_inputs, []
+    resident_stream = capture(model, [windows[:4]], device, "never")  # on a GPU: the leaves go back to the CPU
+    assert not resident_stream.offloaded and resident_stream.transfers is None
 
     def offloaded_capture(*args):
         stream = capture(*args)

@@ -123,11 +123,6 @@ class _Transfers:
             dst.copy_(out, non_blocking=True)
         out.record_stream(self.side)
 
-    def synchronize(self) -> None:
-        """Wait for every queued copy (before the CPU buffers are read by anything else)."""
-        if self.side is not None:
-            self.side.synchronize()
-
 
 @dataclass
 class BlockStream:
@@ -261,9 +256,10 @@ def capture_block_inputs(
     finally:
         for i, block in enumerate(originals):
             blocks[i] = block
-        for m, home in zip(leaves, homes, strict=True):
-            m.to(home)
-    return BlockStream(hidden=hidden, kwargs=kwargs, device=device, max_tokens=MAX_TOKENS, offloaded=home != device)
+        for m, original in zip(leaves, homes, strict=True):
+            m.to(original)
+    return BlockStream(hidden=hidden, kwargs=kwargs, device=device, max_tokens=MAX_TOKENS,
+                       offloaded=home.type != device.type)
 
 
 def release_freed_memory() -> None:
