@@ -11,7 +11,7 @@ def test_demo_trains_prunes_and_reports(tmp_path, monkeypatch, caplog):
     env = {**os.environ, "UNIPRUNING_CACHE": str(tmp_path / "cache")}
     out = tmp_path / "demo"
     proc = subprocess.run(["unipruning", "demo", "--out", str(out)], capture_output=True, text=True,
-                          env=env, timeout=600)
+                          env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.splitlines()
     ppl = {label.strip(): float(value) for label, value in
