@@ -268,6 +268,12 @@ def piece(tensor: torch.Tensor, expert: int | None, rows: tuple[int, int] | None
     return tensor if rows is None else tensor[rows[0]:rows[1]]
 
 
+def copy_stored(param: torch.Tensor, matrix: Matrix, stored: torch.Tensor) -> None:
+    """Copy a matrix from its checkpoint tensor `stored` into its place in the model parameter `param`."""
+    with torch.no_grad():
+        piece(param, matrix.expert, matrix.rows).copy_(piece(stored, matrix.stored_expert, matrix.stored_rows))
+
+
 def weight_of(model: nn.Module, matrix: Matrix) -> torch.Tensor:
     """The live view of a matrix in the model's parameter (writes go to the model)."""
     return piece(model.get_parameter(matrix.param), matrix.expert, matrix.rows)

@@ -25,7 +25,7 @@ from torch import nn
 
 from .errors import UsageError
 from .export import SAFE_INDEX, check_out, copy_side_files, staged_directory, weight_shards, write_json
-from .models import load_config, model_matrices, piece, resolve_stored, stored_name
+from .models import copy_stored, load_config, model_matrices, resolve_stored, stored_name
 from .packing import LAYOUTS, PACKABLE_DTYPES, pack_24, pack_cutlass_torch, skip_reason
 from .stream import LazyCheckpoint
 
@@ -146,7 +146,8 @@ def load_packed(model_dir: str, device: str | torch.device = "cuda", layout: str
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.eval()
     packed = set(entry["packed"])
-    shard_of = {key: shard for shard in weight_shards(model_dir) for key in _keys(model_dir, shard)}
+    keys_of = {shard: _keys(model_dir, shard) for shard in weight_shards(model_dir)}
+    shard_of = {key: shard for shard, keys in keys_of.items() for key in keys}
     # where each stored tensor goes: a whole parameter (its own name, or the family's rename), or expert
     # slices of a 3-D parameter (MoE checkpoints store experts one by one; they are never packed)
     params = dict(model.named_parameters())
@@ -158,9 +159,9 @@ def load_packed(model_dir: str, device: str | torch.device = "cuda", layout: str
         slices.setdefault(m.stored, []).append(m)
     for name in {m.param for m in experts}:
         _assign(model, name, torch.empty(params[name].shape, dtype=dtype, device=device))
-    for shard in sorted(set(shard_of.values())):
+    for shard, keys in keys_of.items():
         with safe_open(os.path.join(model_dir, shard), framework="pt") as handle:
-            for key in [k for k, s in shard_of.items() if s == shard]:
+            for key in keys:
                 if key.endswith(PACKED_SUFFIX) and key.removesuffix(PACKED_SUFFIX) in packed:
                     name = key.removesuffix(PACKED_SUFFIX)
                     values = handle.get_tensor(key).to(device)
@@ -174,10 +175,8 @@ def load_packed(model_dir: str, device: str | torch.device = "cuda", layout: str
                     _assign(model, whole[key], handle.get_tensor(key).to(device))
                 elif key in slices:
                     tensor = handle.get_tensor(key)
-                    with torch.no_grad():
-                        for m in slices[key]:
-                            piece(model.get_parameter(m.param), m.expert, m.rows).copy_(
-                                piece(tensor, m.stored_expert, m.stored_rows))
+                    for m in slices[key]:
+                        copy_stored(model.get_parameter(m.param), m, tensor)
     if any(p.is_meta for p in model.parameters()):
         model.tie_weights()
     missing = [n for n, p in model.named_parameters() if p.is_meta]

@@ -22,7 +22,7 @@ from safetensors import safe_open
 from torch import nn
 
 from .errors import UsageError
-from .models import decoder_blocks, family_for, model_matrices, piece, resolve_stored, stored_name
+from .models import copy_stored, decoder_blocks, family_for, model_matrices, piece, resolve_stored, stored_name
 
 
 class _StopForward(Exception):
@@ -195,11 +195,7 @@ class BlockStream:
             dst = self.hidden[step]
             self.run(block, index, step, sink=lambda start, stop, out: self.transfers.store(dst[start:stop], out))
             return
-        out = self.run(block, index, step)
-        if self.hidden[step].device == out.device:
-            self.hidden[step] = out
-        else:
-            self.hidden[step].copy_(out, non_blocking=True)
+        self.hidden[step] = self.run(block, index, step)  # not offloaded: already on the compute device
 
 
 def activation_home(device: torch.device, nbytes: int, offload: str) -> torch.device:
@@ -369,7 +365,7 @@ class LazyCheckpoint:
                     param.copy_(tensors[whole[name]].to(dtype))
                     continue
                 for m in pieces[name]:  # MoE experts stored per expert: gate and up rows, down
-                    piece(param, m.expert, m.rows).copy_(piece(tensors[m.stored], m.stored_expert, m.stored_rows))
+                    copy_stored(param, m, tensors[m.stored])
         return block
 
     @staticmethod
