@@ -25,7 +25,7 @@ import time
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TEXTS = os.path.join(os.path.dirname(ROOT), "shared", "data", "shakespeare")
+TEXTS = os.path.join(ROOT, "benchmarks", "data", "shakespeare")
 SHAPES = {  # Llama-2: hidden, MLP, heads, kv heads, layers of the real model
     "7b": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32, layers=32),
     "70b": dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8, layers=80),
@@ -80,8 +80,7 @@ def drop_page_cache() -> bool:
 def disk_read_seconds(directory: str, layers: int) -> tuple[list[float], bool]:
     """Seconds to read each decoder layer's tensors from the shards into memory (every byte touched, as
     the engine's copy into the layer does), and whether the page cache was dropped first."""
-    from unipruning.models import load_config
-    from unipruning.stream import LazyCheckpoint
+    from unipruning.io.checkpoint import LazyCheckpoint, load_config
 
     checkpoint = LazyCheckpoint(directory, load_config(directory))
     dropped = drop_page_cache()

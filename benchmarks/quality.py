@@ -4,7 +4,7 @@
     python benchmarks/quality.py --model DIR --calib PATH --data PATH --seqlen 2048   # a model of yours
 
 Without --model, a Llama-architecture model (the demo's builder at a larger size, about 7 M parameters,
-seeded) is trained on ../shared/data/shakespeare with the held-out plays removed, and cached; the held-out
+seeded) is trained on benchmarks/data/shakespeare with the held-out plays removed, and cached; the held-out
 plays are never trained or calibrated on. Every method prunes the same model on the same calibration
 windows (one `--seed`) and is evaluated on the same held-out text, each run in its own process through
 the `unipruning` command line (so its report's peak RSS is its own):
@@ -37,7 +37,7 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_TEXTS = os.path.join(os.path.dirname(ROOT), "shared", "data", "shakespeare")
+DEFAULT_TEXTS = os.path.join(ROOT, "benchmarks", "data", "shakespeare")
 HELDOUT = ("midsummer_nights_dream", "othello", "twelfth_night")
 SETTINGS = ("0.5", "0.6", "0.7", "0.8", "2:4", "4:8")
 

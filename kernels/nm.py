@@ -2,7 +2,7 @@
 
 keys: (out, in) int64 rank keys (`reference.rank_keys`), in % M == 0. Within a group an entry's rank
 is the number of entries with a larger key, or an equal key and a lower index (the total order of
-SPEC section 5); it is kept when its rank is below N. Each program loads a tile of groups as a
+docs/method.md, "Masks"); it is kept when its rank is below N. Each program loads a tile of groups as a
 (groups, M) block and compares all M x M pairs in registers: one read of the keys, one write of the
 mask. Twin: `reference.nm_mask`.
 """

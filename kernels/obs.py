@@ -1,4 +1,5 @@
-"""OBS reconstruction kernels (SPEC section 9): the Hessian accumulation and the in-block column sweep.
+"""OBS reconstruction kernels (docs/method.md, "Reconstruction"): the Hessian accumulation and the in-block
+column sweep.
 
 hessian_accumulate_: h (n, n) float32 += x^T x for x (tokens, n) in bf16/fp16/fp32. Each program owns
 one (BLOCK, BLOCK) tile of h and walks the tokens in chunks, `tl.dot` with float32 accumulation (tensor

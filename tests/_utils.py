@@ -65,7 +65,8 @@ def read_all(directory) -> dict[str, torch.Tensor]:
 
 
 def prunable(config_or_dir) -> list[str]:
-    from unipruning.models import load_config, prunable_names
+    from unipruning.io.checkpoint import load_config
+    from unipruning.models import prunable_names
 
     config = load_config(config_or_dir) if isinstance(config_or_dir, str) else config_or_dir
     return prunable_names(config)

@@ -1,4 +1,4 @@
-"""The same checkpoint and saliency from --backend triton and --backend torch (SPEC section 3)."""
+"""The same checkpoint and saliency from --backend triton and --backend torch (docs/method.md)."""
 
 import os
 

@@ -52,7 +52,7 @@ def expect_usage_error(capsys, workdir, argv, needle):
         (["--metric", "obs"], "--metric"),
         (["--nsamples", "4000", "--seqlen", "2048"], "fewer than nsamples x seqlen"),
         (["--batch-size", "3"], "--batch-size"),
-        (["--backend", "cuda"], "--backend cuda"),
+        (["--backend", "cuda"], "argument --backend: invalid choice: 'cuda'"),
         (["--calib", "/nonexistent/texts"], "--calib"),
     ],
 )

@@ -41,7 +41,7 @@ def test_two_gloo_processes_equal_one_process(tiny_llama, text_file, tmp_path):
 
 
 def test_batch_size_must_split_over_the_processes(monkeypatch, tiny_llama, text_file, tmp_path, capsys):
-    from unipruning import distributed
+    from unipruning.pipeline import distributed
 
     monkeypatch.setattr(distributed, "world", lambda: (0, 3))
     monkeypatch.setattr(distributed, "init_from_env", lambda device: device)

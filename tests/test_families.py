@@ -11,12 +11,12 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from tests._utils import FAMILY_CONFIGS, make_family_checkpoint, read_all, tokenizer, weight_files
+from unipruning.algorithm.masks import keep_count
 from unipruning.cli import main
-from unipruning.config import keep_count
 from unipruning.data import calibration_windows
-from unipruning.inputs import experts_forward
-from unipruning.models import load_config
-from unipruning.stream import LazyCheckpoint, capture_block_inputs
+from unipruning.io.checkpoint import LazyCheckpoint, load_config
+from unipruning.pipeline.inputs import experts_forward
+from unipruning.pipeline.stream import capture_block_inputs
 
 COMMON = ["--nsamples", "4", "--seqlen", "16"]
 FAMILIES = list(FAMILY_CONFIGS)

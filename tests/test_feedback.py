@@ -1,4 +1,4 @@
-"""Feedback `full` (SPEC section 4): S measured along an AdamW trajectory of the whole model; the
+"""Feedback `full` (docs/method.md): S measured along an AdamW trajectory of the whole model; the
 original weights are restored (in memory) or kept (checkpoint outputs), and a model that does not fit
 is refused with a clear error."""
 
@@ -7,11 +7,11 @@ import json
 import torch
 from transformers import AutoModelForCausalLM
 
-import unipruning.feedback as feedback
+import unipruning.pipeline.feedback as feedback
 from tests._utils import make_checkpoint, read_all, tokenizer, weight_files
 from unipruning import MaskSpec, PruneConfig, prune
+from unipruning.algorithm.masks import keep_count
 from unipruning.cli import main
-from unipruning.config import keep_count
 from unipruning.data import calibration_windows
 
 COMMON = ["--nsamples", "3", "--seqlen", "16"]
@@ -37,7 +37,7 @@ def test_one_step_equals_feedback_none_and_later_steps_follow_the_trajectory(tmp
     full = prune(model, windows, PruneConfig(feedback="full", metric="wanda", mask=MaskSpec(sparsity=0.5)))
     none = prune(model, windows, PruneConfig(metric="wanda", mask=MaskSpec(sparsity=0.5)))
     assert any(not torch.equal(full.saliency.z[n], none.saliency.z[n]) for n in none.saliency.z)
-    assert full.report["feedback"]["steps"] == 3 and full.report["feedback"]["loss_last"] > 0
+    assert full.report.feedback["steps"] == 3 and full.report.feedback["loss_last"] > 0
     for name, p in model.named_parameters():
         assert torch.equal(p, before[name]), f"{name} not restored"
         assert p.requires_grad == flags[name] and p.grad is None, name

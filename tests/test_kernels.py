@@ -168,7 +168,7 @@ def test_registry_reports_why_triton_cannot_run(monkeypatch):
     assert backends.resolve("auto", "cpu") == "torch"
     from unipruning import UsageError
 
-    with pytest.raises(UsageError, match="--backend triton cannot run here: needs a CUDA device"):
+    with pytest.raises(UsageError, match="`backend` triton cannot run here: needs a CUDA device"):
         backends.resolve("triton", "cpu")
     monkeypatch.setenv("UNIPRUNING_BACKEND", "torch")
     assert backends.resolve(None, "cpu") == "torch"

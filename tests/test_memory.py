@@ -41,11 +41,11 @@ def test_peak_rss_is_the_processs_own_not_its_parents():
     """A child started by a parent holding 400 MB more than it reports its own peak (an interpreter that
     imports torch: about 235 MB), not the parent's high-water mark that Linux carries into ru_maxrss
     across exec."""
-    from unipruning.export import peak_rss_bytes
+    from unipruning.io.report import peak_rss_bytes
 
     ballast = bytearray(400 << 20)
     ballast[::4096] = b"x" * len(ballast[::4096])  # touch every page: resident in the parent
-    code = "from unipruning.export import peak_rss_bytes; print(peak_rss_bytes())"
+    code = "from unipruning.io.report import peak_rss_bytes; print(peak_rss_bytes())"
     child = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     parent = peak_rss_bytes()
     assert parent > child + (300 << 20), (parent, child)  # the parent's peak includes the ballast

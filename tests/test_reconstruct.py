@@ -11,9 +11,9 @@ from unipruning.kernels.reference import hessian_accumulate_, nm_mask, obs_inver
 
 from tests._utils import prunable, read_all
 from unipruning import PruneConfig, UsageError, prune
+from unipruning.algorithm.masks import keep_count
+from unipruning.algorithm.obs import inverse_factor
 from unipruning.cli import main
-from unipruning.config import keep_count
-from unipruning.reconstruct import _inverse_factor
 
 SMALL = ["--nsamples", "8", "--seqlen", "32"]
 
@@ -99,10 +99,10 @@ def test_dead_inputs_and_failed_factorisations_do_not_crash(caplog):
     indefinite = torch.eye(64)
     indefinite[0, 0] = -2.0  # Cholesky fails until the dampening (relative to the mean diagonal) dominates
     with caplog.at_level(logging.WARNING, logger="unipruning"):
-        u, _ = _inverse_factor(indefinite, "m")
+        u, _ = inverse_factor(indefinite, "m")
     assert u is not None and "needed dampening" in caplog.text
     with caplog.at_level(logging.WARNING, logger="unipruning"):
-        u, _ = _inverse_factor(torch.full((64, 64), float("nan")), "nan")
+        u, _ = inverse_factor(torch.full((64, 64), float("nan")), "nan")
     assert u is None and "masked without reconstruction" in caplog.text
 
 
@@ -158,12 +158,12 @@ def test_mask_with_reconstruction_equals_prune_with_it(runs, tiny_llama, text_fi
 
 
 def test_interrupted_reconstruction_resumes_to_the_same_bytes(runs, tiny_llama, text_file, tmp_path, monkeypatch):
-    import unipruning.reconstruct as recon
+    import unipruning.pipeline.reconstruct as recon
 
     out = tmp_path / "resumed"
     argv = ["prune", "--model", tiny_llama, "--out", out, "--sparsity", "0.7", "--calib", text_file, *SMALL,
             "--reconstruct", "obs"]
-    original, calls = recon.reconstruct_linear, {"n": 0}
+    original, calls = recon.reconstruct_weight, {"n": 0}
 
     def dies_in_block_1(*args, **kwargs):
         calls["n"] += 1
@@ -171,11 +171,11 @@ def test_interrupted_reconstruction_resumes_to_the_same_bytes(runs, tiny_llama, 
             raise KeyboardInterrupt
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(recon, "reconstruct_linear", dies_in_block_1)
+    monkeypatch.setattr(recon, "reconstruct_weight", dies_in_block_1)
     assert run_cli(*argv) == 130
     partial = [p for p in os.listdir(tmp_path) if p.startswith(".resumed.partial-")]
     assert len(partial) == 1 and os.listdir(tmp_path / partial[0] / ".recon") == ["block-00000.safetensors"]
-    monkeypatch.setattr(recon, "reconstruct_linear", original)
+    monkeypatch.setattr(recon, "reconstruct_weight", original)
     assert run_cli(*argv) == 0
     a, b = read_all(out), read_all(runs["obs"])
     assert all(torch.equal(a[k], b[k]) for k in a)

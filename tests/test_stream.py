@@ -9,8 +9,8 @@ from tests._utils import make_checkpoint, read_all, tokenizer, weight_files
 from unipruning import MaskSpec, PruneConfig, prune
 from unipruning.cli import main
 from unipruning.data import calibration_windows
-from unipruning.models import decoder_blocks, load_config
-from unipruning.stream import LazyCheckpoint
+from unipruning.io.checkpoint import LazyCheckpoint, load_config
+from unipruning.models import decoder_blocks
 
 
 @pytest.mark.parametrize("dtype,tie", [(torch.float32, False), (torch.bfloat16, True), (torch.float16, False)])
@@ -103,12 +103,12 @@ def test_overwrite_discards_the_partial_state(tmp_path, text_file, monkeypatch):
     resume from it, --overwrite starts afresh (and so succeeds)."""
     import os
 
-    import unipruning.saliency as sal
+    import unipruning.io.saliency as sal
 
     source = make_checkpoint(tmp_path / "model", layers=2)
     args = ["prune", "--model", source, "--calib", text_file, "--nsamples", "2", "--seqlen", "16"]
     assert main(args + ["--out", str(tmp_path / "a")]) == 0
-    real_save, partials = sal._save_block, []
+    real_save, partials = sal.save_block, []
 
     def crash_after_first_block(state_dir, index, *rest):
         real_save(state_dir, index, *rest)
@@ -117,7 +117,7 @@ def test_overwrite_discards_the_partial_state(tmp_path, text_file, monkeypatch):
             f.write(b"corrupt")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(sal, "_save_block", crash_after_first_block)
+    monkeypatch.setattr(sal, "save_block", crash_after_first_block)
     assert main(args + ["--out", str(tmp_path / "b")]) == 130
     monkeypatch.undo()
     assert os.path.isfile(os.path.join(partials[0], "block-00001.safetensors"))
@@ -130,9 +130,9 @@ def test_overwrite_discards_the_partial_state(tmp_path, text_file, monkeypatch):
 def test_micro_batches_and_batch_slicing(tiny_llama, text_file, monkeypatch):
     """A step's windows run in micro-batches (keyword arguments sliced along the batch): the saliency
     matches the whole-batch forward to rounding, and every token reaches the statistics."""
-    import unipruning.stream as stream_module
-    from unipruning.saliency import calibrate
-    from unipruning.stream import _batch_slice
+    import unipruning.pipeline.stream as stream_module
+    from unipruning.pipeline.calibrate import calibrate
+    from unipruning.pipeline.stream import _batch_slice
 
     pos = (torch.ones(4, 6, 2), torch.zeros(1, 6, 2))
     sliced = _batch_slice(pos, 1, 3, 4)
@@ -156,9 +156,9 @@ def test_offloaded_transfers_prefetch_the_next_micro_batch(tiny_llama, text_file
     CPU the bookkeeping runs with plain copies; on a GPU the copies are on a side stream."""
     import dataclasses
 
-    import unipruning.saliency as saliency_module
-    import unipruning.stream as stream_module
-    from unipruning.saliency import calibrate
+    import unipruning.pipeline.calibrate as saliency_module
+    import unipruning.pipeline.stream as stream_module
+    from unipruning.pipeline.calibrate import calibrate
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama)
     windows = calibration_windows(AutoTokenizer.from_pretrained(tiny_llama), text_file, 8, 32, 0)
@@ -187,11 +187,11 @@ def test_offloaded_transfers_prefetch_the_next_micro_batch(tiny_llama, text_file
 
 def test_activation_home():
     from unipruning import UsageError
-    from unipruning.stream import activation_home
+    from unipruning.pipeline.stream import activation_home
 
     cpu = torch.device("cpu")
     assert activation_home(cpu, 1 << 40, "always") == cpu  # nothing to offload from
-    with pytest.raises(UsageError, match="--offload-activations"):
+    with pytest.raises(UsageError, match="`offload`: expected one of"):
         activation_home(cpu, 1, "sometimes")
     if torch.cuda.is_available():
         gpu = torch.device("cuda")
@@ -202,7 +202,7 @@ def test_activation_home():
 def test_global_masks_read_one_matrix_at_a_time(tiny_llama, text_file, tmp_path, monkeypatch):
     """--allocation global with no room to cache keys (each pass recomputes them from z and W on disk)
     cuts the same masks as with every key cached."""
-    import unipruning.masks as masks_module
+    import unipruning.algorithm.masks as masks_module
 
     pruned = tmp_path / "p"
     assert main(["prune", "--model", tiny_llama, "--out", str(pruned), "--calib", text_file, "--nsamples", "4",

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from tests._utils import make_checkpoint, make_family_checkpoint, read_all
+from unipruning.algorithm.masks import keep_count
 from unipruning.cli import main
-from unipruning.config import keep_count
 
 COMMON = ["--nsamples", "4", "--seqlen", "16"]
 

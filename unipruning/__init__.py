@@ -9,22 +9,25 @@
 Importing this package never initialises CUDA.
 """
 
-__version__ = "0.1.0"
-
-from .api import PruneResult, mask_checkpoint, prune, prune_checkpoint
-from .config import MaskSpec, PruneConfig
+from .algorithm.masks import compute_masks
+from .config import Calibration, MaskConfig, MaskSpec, PruneConfig, RunOptions
 from .errors import UsageError
 from .evaluate import evaluate_checkpoint, perplexity
-from .masks import apply_masks, compute_masks
-from .packed_checkpoint import load_packed, pack_checkpoint
-from .packing import pack_24, sparsify_, unpack_24
-from .saliency import Saliency
+from .io.report import Report
+from .io.saliency import Saliency
+from .jobs import PruneResult, apply_masks, mask_checkpoint, prune, prune_checkpoint
+from .packing import load_packed, pack_24, pack_checkpoint, sparsify_, unpack_24
 from .targeting import Targeting
+from .version import __version__  # noqa: F401
 
 __all__ = [
+    "Calibration",
+    "MaskConfig",
     "MaskSpec",
     "PruneConfig",
     "PruneResult",
+    "Report",
+    "RunOptions",
     "Saliency",
     "Targeting",
     "UsageError",

@@ -2,11 +2,11 @@
 
 `torch` (kernels/reference.py) runs everywhere. `triton` (kernels/triton_backend.py) runs on a CUDA
 device, or on the CPU under the Triton interpreter when TRITON_INTERPRET=1 is set in the environment
-(slow: for tests; the library never sets it). `cuda` is a name kept for calibration kernels written
-in CUDA, which do not exist: the CUDA extension unipruning._C only packs 2:4 weights (packing.py).
-`auto` picks triton for tensors on a GPU and torch otherwise, falling back silently (one debug log
-line); an explicit request that cannot be met raises with the reason.
-Importing this module never initialises CUDA: availability is checked when a backend is resolved.
+(slow: for tests; the library never sets it). There are no calibration kernels in CUDA C++: the CUDA
+extension unipruning._C only packs 2:4 weights (unipruning/packing/). `auto` picks triton for tensors
+on a GPU and torch otherwise, falling back silently (one debug log line); an explicit request that
+cannot be met raises with the reason. Importing this module never initialises CUDA: availability is
+checked when a backend is resolved. Beside it, where a job computes (`resolve_device`, `resolve_dtype`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from .errors import UsageError
 log = logging.getLogger("unipruning")
 
 BACKEND_ENV = "UNIPRUNING_BACKEND"
-NAMES = ("torch", "triton", "cuda")
+NAMES = ("torch", "triton")
 
 
 def _interpreting() -> bool:
@@ -61,8 +61,6 @@ def available(device: torch.device | str | None = None) -> dict[str, tuple[bool,
             status["triton"] = (False, "needs a CUDA device (or TRITON_INTERPRET=1 to interpret on the CPU)")
     else:
         status["triton"] = (False, reason)
-    status["cuda"] = (False, "no CUDA calibration kernels exist (unipruning._C only packs 2:4 weights); "
-                             "use triton on a GPU")
     return status
 
 
@@ -78,10 +76,10 @@ def resolve(requested: str | None = None, device: torch.device | str | None = No
             log.debug("backend triton skipped: %s", status["triton"][1])
         return "torch"
     if name not in status:
-        raise UsageError(f"--backend: expected one of auto, {', '.join(NAMES)}, got {name!r}")
+        raise UsageError(f"`backend`: expected one of auto, {', '.join(NAMES)}, got {name!r}")
     ok, reason = status[name]
     if not ok:
-        raise UsageError(f"--backend {name} cannot run here: {reason}")
+        raise UsageError(f"`backend` {name} cannot run here: {reason}")
     return name
 
 
@@ -90,3 +88,25 @@ def implementation(name: str) -> ModuleType:
     """The module holding backend `name`'s kernels under their twins' names."""
     module = {"torch": "unipruning.kernels.reference", "triton": "unipruning.kernels.triton_backend"}[name]
     return importlib.import_module(module)
+
+
+def resolve_device(name: str) -> torch.device:
+    """`device` auto: cuda when a GPU is present, else cpu."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("`device` cuda: no CUDA device is available here")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, config, device: torch.device) -> torch.dtype:
+    """`dtype` auto: the checkpoint's dtype on a GPU, float32 on a CPU (half-precision CPU matmuls are
+    slow and, for float16, lossy)."""
+    if name != "auto":
+        return getattr(torch, name)
+    if device.type == "cpu":
+        return torch.float32
+    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(stored, str):
+        stored = getattr(torch, stored, None)
+    return stored if isinstance(stored, torch.dtype) else torch.float32

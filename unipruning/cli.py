@@ -1,7 +1,7 @@
-"""`unipruning prune | mask | eval | pack | demo`: argument parsing and printing only; the work is in api.py.
+"""`unipruning prune | mask | eval | pack | demo`: argument parsing and printing only; the work is in jobs.py.
 
-Bad input is one line on stderr and exit code 2, never a traceback (UsageError, and argparse's own
-errors, which are reduced to their message).
+Bad input is one line on stderr and exit code 2, never a traceback (UsageError, with the library's
+parameter names turned into flags, and argparse's own errors, which are reduced to their message).
 """
 
 from __future__ import annotations
@@ -11,9 +11,22 @@ import json
 import logging
 import sys
 
-from .config import ALLOCATIONS, BACKENDS, DEVICES, DTYPES, FEEDBACKS, METRICS, RECONSTRUCTIONS, MaskSpec, PruneConfig
-from .errors import UsageError
-from .stream import OFFLOAD_MODES
+from .config import (
+    ALLOCATIONS,
+    BACKENDS,
+    DEVICES,
+    DTYPES,
+    FEEDBACKS,
+    METRICS,
+    OFFLOAD_MODES,
+    RECONSTRUCTIONS,
+    Calibration,
+    MaskConfig,
+    MaskSpec,
+    PruneConfig,
+    RunOptions,
+)
+from .errors import UsageError, cli_wording
 
 log = logging.getLogger("unipruning")
 
@@ -30,6 +43,7 @@ def _fraction(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
 
 
+# ------------------------------------------------------------------------------------------ arguments
 def _mask_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sparsity", type=_fraction, default=None,
                    help="fraction of weights removed, in (0, 1) (default 0.5; implied by an N:M pattern)")
@@ -52,25 +66,20 @@ def _targeting_arguments(p: argparse.ArgumentParser) -> None:
                    help="YAML/JSON with ignore, targets, dense_layers and per-module overrides (sparsity, pattern)")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow a checkpoint's own modelling code (off by default)")
-
-
-def _targeting(args):
-    from .targeting import Targeting
-
-    return Targeting.from_options(args.targets, args.ignore, args.dense_layers, args.recipe)
-
-
-def _offload_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--offload-activations", choices=OFFLOAD_MODES, default="auto",
                    help="activations between blocks in pinned CPU memory: always, never, or auto (when they "
                         "would take over a third of the GPU's free memory)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="unipruning", description="UniPruning: mirror-descent saliency, masks for any sparsity.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+def _compute_arguments(p: argparse.ArgumentParser, device_help: str | None = None) -> None:
+    p.add_argument("--device", choices=DEVICES, default="auto", help=device_help)
+    p.add_argument("--dtype", choices=DTYPES, default="auto",
+                   help="compute dtype (auto: the checkpoint's on a GPU, float32 on a CPU)")
+    p.add_argument("--backend", choices=BACKENDS, default="auto")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: --model)")
 
+
+def _prune_parser(sub) -> None:
     p = sub.add_parser("prune", help="calibrate, learn the saliency, write a pruned checkpoint")
     p.add_argument("--model", required=True, help="Hugging Face model directory (safetensors)")
     p.add_argument("--out", required=True, help="output directory (pruned checkpoint + saliency/ + report)")
@@ -91,21 +100,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--kappa", type=float, default=0.01, help="mirror step size")
     p.add_argument("--lam", type=float, default=0.001, help="fraction of entries below the threshold t")
-    p.add_argument("--device", choices=DEVICES, default="auto")
-    p.add_argument("--dtype", choices=DTYPES, default="auto",
-                   help="compute dtype (auto: the checkpoint's on a GPU, float32 on a CPU)")
-    p.add_argument("--backend", choices=BACKENDS, default="auto")
-    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: --model)")
+    _compute_arguments(p)
     _targeting_arguments(p)
-    _offload_argument(p)
 
+
+def _mask_parser(sub) -> None:
     p = sub.add_parser("mask", help="cut new masks from a saved saliency (no calibration)")
     p.add_argument("--model", required=True, help="the dense model the saliency was computed on")
     p.add_argument("--saliency", required=True, help="a saliency/ directory written by prune")
     p.add_argument("--out", required=True)
     _mask_arguments(p)
-    p.add_argument("--backend", choices=BACKENDS, default="auto")
-    p.add_argument("--device", choices=DEVICES, default="auto", help="where the masks are computed")
     p.add_argument("--reconstruct", choices=RECONSTRUCTIONS, default="none",
                    help="obs: update the kept weights after masking (needs --calib)")
     p.add_argument("--calib", default=None, help="calibration text of --reconstruct obs (as for prune)")
@@ -113,11 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seqlen", type=int, default=None, help="default: the saliency's")
     p.add_argument("--seed", type=int, default=None, help="default: the saliency's")
     p.add_argument("--batch-size", type=int, default=1, help="windows per forward of the reconstruction")
-    p.add_argument("--dtype", choices=DTYPES, default="auto")
-    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: --model)")
+    _compute_arguments(p, device_help="where the masks are computed")
     _targeting_arguments(p)
-    _offload_argument(p)
 
+
+def _eval_parser(sub) -> None:
     p = sub.add_parser("eval", help="perplexity of a checkpoint, or lm-eval tasks (--tasks)")
     p.add_argument("--model", required=True)
     p.add_argument("--data", default="wikitext2", help="wikitext2, c4, or a .txt / directory / .jsonl PATH")
@@ -135,67 +139,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-fewshot", type=int, default=None)
     p.add_argument("--trust-remote-code", action="store_true", help="allow a checkpoint's own modelling code")
 
+
+def _pack_and_demo_parsers(sub) -> None:
     p = sub.add_parser("pack", help="pack a 2:4-pruned checkpoint for sparse tensor cores (values + metadata)")
     p.add_argument("--model", required=True, help="a checkpoint pruned with --pattern 2:4")
     p.add_argument("--out", required=True, help="output directory (load it with unipruning.load_packed)")
     p.add_argument("--dtype", choices=("auto", "float16", "bfloat16"), default="auto",
                    help="cast floating tensors first (2:4 packing needs float16 or bfloat16; auto: as stored)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-
     p = sub.add_parser("demo", help="train a small Llama on shipped Shakespeare, prune it, compare perplexity")
     p.add_argument("--out", default=None, help="keep the pruned checkpoints here (default: temporary)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--device", choices=DEVICES, default="auto")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="unipruning", description="UniPruning: mirror-descent saliency, masks for any sparsity.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _prune_parser(sub)
+    _mask_parser(sub)
+    _eval_parser(sub)
+    _pack_and_demo_parsers(sub)
     return parser
 
 
+# ------------------------------------------------------------------------------------------ options
 def _mask_spec(args) -> MaskSpec:
     return MaskSpec(sparsity=args.sparsity, pattern=args.pattern, allocation=args.allocation,
                     bounds=tuple(args.bounds))
 
 
-def print_dry_run(report: dict) -> None:
-    """The dry-run plan: one line per matrix, then the estimate."""
-    for m in report["matrices"]:
-        what = f"skip ({m['skipped']})" if "skipped" in m else f"{m['pattern']} sparsity {m['sparsity']:.4f}"
-        print(f"{m['name']:<64} {'x'.join(map(str, m['shape'])):>12}  {what}")
-    est = report["estimate"]
-    mem = est["memory"]
-    print(f"{report['pruned']} matrices pruned, {report['skipped']} skipped; parameters "
-          f"{report['prunable_params']:,} prunable")
-    print(f"estimate on {est['device']} ({est['dtype']}): peak memory ~{mem['total_bytes'] / 2**30:.2f} GiB "
-          f"({mem['what']}), time ~{est['seconds']:.1f} s ({est['note']})")
-    print("dry run: nothing written")
+def _targeting(args):
+    from .targeting import Targeting
+
+    return Targeting.from_options(args.targets, args.ignore, args.dense_layers, args.recipe)
 
 
-def print_block_table(report: dict) -> None:
-    """Per-block summary: matrices, kept fraction, calibration and reconstruction time."""
-    names = list(report["matrices"])
-    by_block: dict[int, list[dict]] = {}
-    for name in names:
-        parts = name.split(".")
-        block = int(next(p for p in parts if p.isdigit()))
-        by_block.setdefault(block, []).append(report["matrices"][name])
-    calib = {b["block"]: b["seconds"] for b in report.get("blocks", [])}
-    recon = {b["block"]: b["seconds"] for b in report.get("reconstruction", {}).get("blocks", [])}
-    print(f"{'block':>5} {'matrices':>8} {'params':>12} {'sparsity':>9} {'calib s':>8} {'recon s':>8}")
-    for block, mats in sorted(by_block.items()):
-        numel = sum(m["numel"] for m in mats)
-        kept = sum(m["kept"] for m in mats)
-        times = "".join(f" {t[block]:>8.2f}" if block in t else f" {'-':>8}" for t in (calib, recon))
-        print(f"{block:>5} {len(mats):>8} {numel:>12,} {1 - kept / numel:>9.4f}{times}")
-
-
-def print_summary(report: dict) -> None:
-    total = report["total"]
-    line = (f"sparsity {total['sparsity']:.4f} of {total['prunable_params']:,} prunable weights "
-            f"({report['mask']['pattern']}, allocation {report['mask']['allocation']}); "
-            f"parameters {total['dense_params']:,} dense -> {total['pruned_params']:,} non-pruned")
-    if total["nm_valid"] is not None:
-        line += f"; N:M valid: {total['nm_valid']}"
-    print(line)
-    print(f"wall time {report['wall_seconds']:.1f} s, peak RSS "
-          f"{report['peak_memory']['cpu_max_rss_bytes'] / 2**30:.2f} GiB")
+def _run_options(args, progress: bool = True, dry_run: bool = False) -> RunOptions:
+    return RunOptions(overwrite=args.overwrite, offload=args.offload_activations,
+                      trust_remote_code=args.trust_remote_code, dry_run=dry_run,
+                      progress=_progress_bar() if progress else None)
 
 
 def _progress_bar():
@@ -217,37 +201,46 @@ def _progress_bar():
     return update
 
 
-def run(args) -> int:
-    from . import api
+# ------------------------------------------------------------------------------------------ commands
+def _prune(args) -> None:
+    from .io.report import REPORT, print_block_table, print_dry_run, print_summary
+    from .jobs import prune_checkpoint
+    from .pipeline.export import SALIENCY_DIR
 
-    if args.command == "prune":
-        config = PruneConfig(
-            mask=_mask_spec(args), metric=args.metric, kappa=args.kappa, lam=args.lam,
-            batch_size=args.batch_size, seed=args.seed, device=args.device, dtype=args.dtype,
-            backend=args.backend, reconstruct=args.reconstruct, feedback=args.feedback,
-        )
-        report = api.prune_checkpoint(args.model, args.out, config, args.calib, args.nsamples, args.seqlen,
-                                      args.overwrite, args.tokenizer, progress=_progress_bar(),
-                                      offload=args.offload_activations, targeting=_targeting(args),
-                                      trust_remote_code=args.trust_remote_code, dry_run=args.dry_run)
-        if args.dry_run:
-            print_dry_run(report)
-            return 0
-        if report.get("rank", 0) != 0:  # a data-parallel worker (torchrun): rank 0 reports
-            return 0
-        print_block_table(report)
-        print_summary(report)
-        saliency = f", saliency: {args.out}/{api.SALIENCY_DIR}" if args.metric != "sparsegpt" else ""
-        print(f"wrote {args.out} (report: {args.out}/{api.REPORT}{saliency})")
-    elif args.command == "mask":
-        report = api.mask_checkpoint(
-            args.model, args.saliency, args.out, _mask_spec(args), args.overwrite, args.backend, args.device,
-            args.reconstruct, args.calib, args.nsamples, args.seqlen, args.seed, args.batch_size, args.dtype,
-            args.tokenizer, progress=_progress_bar() if args.reconstruct == "obs" else None,
-            offload=args.offload_activations, targeting=_targeting(args), trust_remote_code=args.trust_remote_code)
-        print_summary(report)
-        print(f"wrote {args.out}")
-    elif args.command == "eval" and args.tasks is not None:
+    config = PruneConfig(mask=_mask_spec(args), metric=args.metric, kappa=args.kappa, lam=args.lam,
+                         batch_size=args.batch_size, seed=args.seed, device=args.device, dtype=args.dtype,
+                         backend=args.backend, reconstruct=args.reconstruct, feedback=args.feedback)
+    calibration = Calibration(args.calib, args.nsamples, args.seqlen, args.tokenizer)
+    report = prune_checkpoint(args.model, args.out, config, calibration, _run_options(args, dry_run=args.dry_run),
+                              _targeting(args))
+    if args.dry_run:
+        print_dry_run(report)
+        return
+    if report.rank:  # a data-parallel worker (torchrun): rank 0 reports
+        return
+    print_block_table(report)
+    print_summary(report)
+    saliency = f", saliency: {args.out}/{SALIENCY_DIR}" if config.has_saliency else ""
+    print(f"wrote {args.out} (report: {args.out}/{REPORT}{saliency})")
+
+
+def _mask(args) -> None:
+    from .io.report import print_summary
+    from .jobs import mask_checkpoint
+
+    config = MaskConfig(reconstruct=args.reconstruct, batch_size=args.batch_size, device=args.device,
+                        dtype=args.dtype, backend=args.backend)
+    calibration = None
+    if args.calib is not None:
+        calibration = Calibration(args.calib, args.nsamples, args.seqlen, args.tokenizer, args.seed)
+    report = mask_checkpoint(args.model, args.saliency, args.out, _mask_spec(args), config, calibration,
+                             _run_options(args, progress=args.reconstruct == "obs"), _targeting(args))
+    print_summary(report)
+    print(f"wrote {args.out}")
+
+
+def _eval(args) -> None:
+    if args.tasks is not None:
         from .evaluate import evaluate_tasks
 
         tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -255,34 +248,45 @@ def run(args) -> int:
                                 args.include_path, args.limit, args.num_fewshot, args.trust_remote_code)
         if args.json:
             print(json.dumps(result))
-        else:
-            for task, metrics in result["tasks"].items():
-                shown = ", ".join(f"{k.split(',')[0]} {v:.4f}" for k, v in metrics.items() if "stderr" not in k)
-                print(f"{task}: {shown}")
-    elif args.command == "eval":
-        from .evaluate import evaluate_checkpoint
+            return
+        for task, metrics in result["tasks"].items():
+            shown = ", ".join(f"{k.split(',')[0]} {v:.4f}" for k, v in metrics.items() if "stderr" not in k)
+            print(f"{task}: {shown}")
+        return
+    from .evaluate import evaluate_checkpoint
 
-        result = evaluate_checkpoint(args.model, args.data, args.seqlen, args.device, args.dtype,
-                                     args.tokenizer, args.batch_size, args.trust_remote_code)
-        if args.json:
-            print(json.dumps(result))
-        else:
-            print(f"perplexity {result['perplexity']:.4f} on {result['data']} "
-                  f"(seqlen {result['seqlen']}, {result['windows']} windows, {result['tokens']} tokens)")
-    elif args.command == "pack":
-        from .packed_checkpoint import pack_checkpoint
+    result = evaluate_checkpoint(args.model, args.data, args.seqlen, args.device, args.dtype, args.tokenizer,
+                                 args.batch_size, args.trust_remote_code)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"perplexity {result['perplexity']:.4f} on {result['data']} "
+              f"(seqlen {result['seqlen']}, {result['windows']} windows, {result['tokens']} tokens)")
 
-        report = pack_checkpoint(args.model, args.out, args.dtype, args.overwrite)
-        print(f"packed {report['packed_matrices']} matrices ({report['layout']}, {report['dtype']}): "
-              f"{report['packed_matrix_bytes_dense'] / 2**20:.1f} MiB dense -> "
-              f"{report['packed_matrix_bytes'] / 2**20:.1f} MiB ({report['packed_fraction']:.4f})")
-        for name, reason in report["dense_matrices"].items():
-            print(f"kept dense: {name}: {reason}")
-        print(f"wrote {args.out}")
-    elif args.command == "demo":
-        from .demo import run_demo
 
-        run_demo(args.out, args.overwrite, args.device)
+def _pack(args) -> None:
+    from .packing import pack_checkpoint
+
+    report = pack_checkpoint(args.model, args.out, args.dtype, args.overwrite)
+    print(f"packed {report['packed_matrices']} matrices ({report['layout']}, {report['dtype']}): "
+          f"{report['packed_matrix_bytes_dense'] / 2**20:.1f} MiB dense -> "
+          f"{report['packed_matrix_bytes'] / 2**20:.1f} MiB ({report['packed_fraction']:.4f})")
+    for name, reason in report["dense_matrices"].items():
+        print(f"kept dense: {name}: {reason}")
+    print(f"wrote {args.out}")
+
+
+def _demo(args) -> None:
+    from .demo import run_demo
+
+    run_demo(args.out, args.overwrite, args.device)
+
+
+COMMANDS = {"prune": _prune, "mask": _mask, "eval": _eval, "pack": _pack, "demo": _demo}
+
+
+def run(args) -> int:
+    COMMANDS[args.command](args)
     return 0
 
 
@@ -290,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
     except UsageError as exc:
-        print(f"unipruning: error: {exc}", file=sys.stderr)
+        print(f"unipruning: error: {cli_wording(str(exc))}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="unipruning: %(message)s", stream=sys.stderr)
@@ -298,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(args)
     except UsageError as exc:
-        print(f"unipruning {args.command}: error: {exc}", file=sys.stderr)
+        print(f"unipruning {args.command}: error: {cli_wording(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("unipruning: interrupted", file=sys.stderr)

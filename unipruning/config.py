@@ -1,23 +1,27 @@
-"""Frozen, validated settings: what mask to cut (MaskSpec) and how to calibrate (PruneConfig)."""
+"""Frozen, validated option objects: what mask to cut (MaskSpec), how to calibrate (PruneConfig), where the
+calibration windows come from (Calibration), how a mask job computes (MaskConfig) and how a job on
+directories runs (RunOptions). Bad values raise UsageError naming the parameter (errors.py)."""
 
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from fractions import Fraction
 
 from .errors import UsageError
-from .kernels.reference import METRICS as SALIENCY_METRICS
 
-# the saliency's local scores, and SparseGPT's rule (masks chosen during the OBS sweep, no saliency)
+# the saliency's local scores (kernels/reference.py implements them), and SparseGPT's rule (masks chosen
+# during the OBS sweep, no saliency)
+SALIENCY_METRICS = ("magnitude", "wanda", "ria", "stochria")
 METRICS = (*SALIENCY_METRICS, "sparsegpt")
 RECONSTRUCTIONS = ("none", "obs")
 ALLOCATIONS = ("layer", "row", "global")
 FEEDBACKS = ("none", "full")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
-BACKENDS = ("auto", "torch", "triton", "cuda")
+BACKENDS = ("auto", "torch", "triton")
+OFFLOAD_MODES = ("auto", "always", "never")
 
 _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
@@ -31,25 +35,21 @@ def parse_pattern(pattern: str | tuple[int, int] | None) -> tuple[int, int] | No
     else:
         match = _NM.match(str(pattern))
         if not match:
-            raise UsageError(f"--pattern: expected 'unstructured' or 'N:M' (e.g. 2:4), got {pattern!r}")
+            raise UsageError(f"`pattern`: expected 'unstructured' or 'N:M' (e.g. 2:4), got {pattern!r}")
         n, m = int(match.group(1)), int(match.group(2))
     if not 0 < n < m:
-        raise UsageError(f"--pattern: N:M needs 0 < N < M (keep N of every M), got {n}:{m}")
+        raise UsageError(f"`pattern`: N:M needs 0 < N < M (keep N of every M), got {n}:{m}")
     return n, m
 
 
-def exact_fraction(value: float) -> Fraction:
-    """A float as the decimal the user wrote (0.7 -> 7/10), so counts do not depend on binary rounding."""
-    return Fraction(repr(float(value)))
+def _choice(name: str, value, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise UsageError(f"`{name}`: expected one of {', '.join(allowed)}, got {value!r}")
 
 
-def keep_count(sparsity: float, numel: int) -> int:
-    """round((1 - s) * numel), exact decimal arithmetic, halves to even."""
-    return round((1 - exact_fraction(sparsity)) * numel)
-
-
-def floor_count(fraction: float, numel: int) -> int:
-    return math.floor(exact_fraction(fraction) * numel)
+def _positive_int(name: str, value) -> None:
+    if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        raise UsageError(f"`{name}`: expected a positive integer, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -73,21 +73,19 @@ class MaskSpec:
         if nm is not None:
             implied = 1 - nm[0] / nm[1]
             if self.sparsity is not None and abs(self.sparsity - implied) > 1e-9:
-                raise UsageError(
-                    f"--sparsity {self.sparsity} contradicts --pattern {pattern}, which implies {implied:g}"
-                )
+                raise UsageError(f"`sparsity` {self.sparsity} contradicts `pattern` {pattern}, which implies "
+                                 f"{implied:g}")
             object.__setattr__(self, "sparsity", implied)
         sparsity = 0.5 if self.sparsity is None else self.sparsity
         if not isinstance(sparsity, (int, float)) or not 0 < sparsity < 1:
-            raise UsageError(f"--sparsity: expected a number in (0, 1), got {self.sparsity!r}")
+            raise UsageError(f"`sparsity`: expected a number in (0, 1), got {self.sparsity!r}")
         object.__setattr__(self, "sparsity", float(sparsity))
-        if self.allocation not in ALLOCATIONS:
-            raise UsageError(f"--allocation: expected one of {', '.join(ALLOCATIONS)}, got {self.allocation!r}")
+        _choice("allocation", self.allocation, ALLOCATIONS)
         if nm is not None and self.allocation != "layer":
-            raise UsageError(f"--allocation {self.allocation} cannot be combined with an N:M pattern")
+            raise UsageError(f"`allocation` {self.allocation} cannot be combined with an N:M pattern")
         lo, hi = self.bounds
         if not 0 <= lo <= hi < 1:
-            raise UsageError(f"bounds: expected 0 <= s_min <= s_max < 1, got {self.bounds}")
+            raise UsageError(f"`bounds`: expected 0 <= s_min <= s_max < 1, got {self.bounds}")
         object.__setattr__(self, "bounds", (float(lo), float(hi)))
 
     @property
@@ -95,14 +93,22 @@ class MaskSpec:
         return parse_pattern(self.pattern)
 
 
+def _check_compute(device: str, dtype: str, backend: str, reconstruct: str, batch_size: int) -> None:
+    _choice("device", device, DEVICES)
+    _choice("dtype", dtype, DTYPES)
+    _choice("backend", backend, BACKENDS)
+    _choice("reconstruct", reconstruct, RECONSTRUCTIONS)
+    _positive_int("batch_size", batch_size)
+
+
 @dataclass(frozen=True)
 class PruneConfig:
-    """Calibration settings (SPEC section 4) plus the mask to cut at the end.
+    """Calibration settings (docs/method.md) plus the mask to cut at the end.
 
     metric: local score S (or 'sparsegpt': SparseGPT's own masks, no saliency); kappa: mirror step
     size; lam: fraction of entries below the threshold t; batch_size: windows per mirror step (and per
     forward of the reconstruction); seed: calibration windows and stochria subsets; reconstruct: 'obs'
-    updates the kept weights after masking (SPEC section 9).
+    updates the kept weights after masking.
     """
 
     mask: MaskSpec = field(default_factory=MaskSpec)
@@ -118,35 +124,84 @@ class PruneConfig:
     backend: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.metric not in METRICS:
-            raise UsageError(f"--metric: expected one of {', '.join(METRICS)}, got {self.metric!r}")
+        _choice("metric", self.metric, METRICS)
         if not (isinstance(self.kappa, (int, float)) and self.kappa > 0 and math.isfinite(self.kappa)):
-            raise UsageError(f"--kappa: expected a positive number, got {self.kappa!r}")
+            raise UsageError(f"`kappa`: expected a positive number, got {self.kappa!r}")
         if not (isinstance(self.lam, (int, float)) and 0 <= self.lam < 1):
-            raise UsageError(f"--lam: expected a fraction in [0, 1), got {self.lam!r}")
-        if not (isinstance(self.batch_size, int) and self.batch_size >= 1):
-            raise UsageError(f"--batch-size: expected a positive integer, got {self.batch_size!r}")
+            raise UsageError(f"`lam`: expected a fraction in [0, 1), got {self.lam!r}")
         if not (isinstance(self.seed, int) and self.seed >= 0):
-            raise UsageError(f"--seed: expected a non-negative integer, got {self.seed!r}")
-        if self.feedback not in FEEDBACKS:
-            raise UsageError(f"--feedback: expected one of {', '.join(FEEDBACKS)}, got {self.feedback!r}")
+            raise UsageError(f"`seed`: expected a non-negative integer, got {self.seed!r}")
+        _choice("feedback", self.feedback, FEEDBACKS)
         if self.feedback == "full" and self.metric == "sparsegpt":
-            raise UsageError("--feedback full calibrates a saliency; --metric sparsegpt has none")
-        if self.reconstruct not in RECONSTRUCTIONS:
-            raise UsageError(f"--reconstruct: expected one of {', '.join(RECONSTRUCTIONS)}, got {self.reconstruct!r}")
+            raise UsageError("`feedback` full calibrates a saliency; `metric` sparsegpt has none")
+        _check_compute(self.device, self.dtype, self.backend, self.reconstruct, self.batch_size)
         if self.metric == "sparsegpt":
             if self.reconstruct != "obs":
-                raise UsageError("--metric sparsegpt chooses its masks during the OBS sweep: pass --reconstruct obs")
+                raise UsageError("`metric` sparsegpt chooses its masks during the OBS sweep: pass `reconstruct` obs")
             if self.mask.nm is None and self.mask.allocation != "layer":
-                raise UsageError(f"--metric sparsegpt: --allocation {self.mask.allocation} is not SparseGPT's rule "
+                raise UsageError(f"`metric` sparsegpt: `allocation` {self.mask.allocation} is not SparseGPT's rule "
                                  "(use layer, or an N:M pattern)")
-        for name, value, allowed in (
-            ("--device", self.device, DEVICES),
-            ("--dtype", self.dtype, DTYPES),
-            ("--backend", self.backend, BACKENDS),
-        ):
-            if value not in allowed:
-                raise UsageError(f"{name}: expected one of {', '.join(allowed)}, got {value!r}")
+
+    @property
+    def has_saliency(self) -> bool:
+        return self.metric != "sparsegpt"
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class MaskConfig:
+    """How `mask_checkpoint` computes: reconstruct 'obs' runs the OBS pass (it needs a Calibration),
+    batch_size windows per forward of that pass, and where (device, dtype, backend)."""
+
+    reconstruct: str = "none"
+    batch_size: int = 1
+    device: str = "auto"
+    dtype: str = "auto"
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        _check_compute(self.device, self.dtype, self.backend, self.reconstruct, self.batch_size)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Where calibration windows come from: `calib` (c4, wikitext2, or a .txt / directory / .jsonl path),
+    nsamples windows of seqlen tokens, tokenized with the tokenizer in `tokenizer_dir` (default: the
+    model's). For `mask_checkpoint`, nsamples, seqlen and seed left None take the saliency's."""
+
+    calib: str = "c4"
+    nsamples: int | None = 128
+    seqlen: int | None = 2048
+    tokenizer_dir: str | None = None
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.nsamples is not None:
+            _positive_int("nsamples", self.nsamples)
+        if self.seqlen is not None and not (isinstance(self.seqlen, int) and self.seqlen >= 2):
+            raise UsageError(f"`seqlen`: expected an integer of at least 2, got {self.seqlen!r}")
+
+    def steps(self, batch_size: int) -> int:
+        """Mirror steps of `batch_size` windows: the one place that says the batch divides the windows."""
+        if self.nsamples % batch_size:
+            raise UsageError(f"`batch_size` {batch_size} must divide `nsamples` {self.nsamples} "
+                             "(every step has one shape)")
+        return self.nsamples // batch_size
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How a job on checkpoint directories runs: overwrite a non-empty output; where activations live
+    between blocks (offload: auto, always = pinned CPU memory, never); allow a checkpoint's own
+    modelling code; dry_run: plan only, write nothing; progress(done, total) per block of each pass."""
+
+    overwrite: bool = False
+    offload: str = "auto"
+    trust_remote_code: bool = False
+    dry_run: bool = False
+    progress: Callable[[int, int], None] | None = None
+
+    def __post_init__(self) -> None:
+        _choice("offload", self.offload, OFFLOAD_MODES)

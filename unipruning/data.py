@@ -33,14 +33,14 @@ def _local_files(path: str, option: str) -> list[str]:
             if name.endswith(".txt")
         )
         if not files:
-            raise UsageError(f"{option}: directory {path!r} contains no .txt files")
+            raise UsageError(f"`{option}`: directory {path!r} contains no .txt files")
         return files
     if os.path.isfile(path):
         if not path.endswith((".txt", ".jsonl")):
-            raise UsageError(f"{option}: expected a .txt file, a .jsonl file or a directory, got {path!r}")
+            raise UsageError(f"`{option}`: expected a .txt file, a .jsonl file or a directory, got {path!r}")
         return [path]
     raise UsageError(
-        f"{option}: {path!r} is neither an existing file or directory nor one of {', '.join(HUB_SOURCES)}"
+        f"`{option}`: {path!r} is neither an existing file or directory nor one of {', '.join(HUB_SOURCES)}"
     )
 
 
@@ -57,7 +57,7 @@ def _read_local(files: list[str], option: str) -> list[str]:
     if files[0].endswith(".jsonl"):
         ds = load_dataset("json", data_files=files, split="train")
         if "text" not in ds.column_names:
-            raise UsageError(f"{option}: {files[0]} has no 'text' field")
+            raise UsageError(f"`{option}`: {files[0]} has no 'text' field")
         return [t for t in ds["text"] if t]
     ds = load_dataset("text", data_files=files, sample_by="document", split="train")
     return [t for t in ds["text"] if t]
@@ -73,7 +73,7 @@ def _read_plain(files: list[str], option: str) -> list[str]:
                         continue
                     record = json.loads(line)
                     if "text" not in record:
-                        raise UsageError(f"{option}: {path} line {n} has no 'text' field")
+                        raise UsageError(f"`{option}`: {path} line {n} has no 'text' field")
                     if record["text"]:
                         docs.append(record["text"])
             else:
@@ -94,13 +94,14 @@ def _read_hub(name: str, split: str) -> list[str]:
     return list(ds["text"][:1100]) if split == "eval" else list(ds["text"][:20000])
 
 
-def read_documents(source: str, split: str = "train", option: str = "--calib") -> list[str]:
-    """The documents of a source (split 'train' for calibration, 'eval' for perplexity)."""
+def read_documents(source: str, split: str = "train", option: str = "calib") -> list[str]:
+    """The documents of a source (split 'train' for calibration, 'eval' for perplexity); `option` is the
+    parameter that named it (for messages)."""
     if source in HUB_SOURCES:
         return _read_hub(source, split)
     docs = _read_local(_local_files(source, option), option)
     if not docs:
-        raise UsageError(f"{option}: {source!r} contains no text")
+        raise UsageError(f"`{option}`: {source!r} contains no text")
     return docs
 
 
@@ -111,15 +112,15 @@ def tokenize(tokenizer, docs: list[str], separator: str = "\n\n") -> torch.Tenso
 
 
 def calibration_windows(
-    tokenizer, source: str, nsamples: int, seqlen: int, seed: int, option: str = "--calib"
+    tokenizer, source: str, nsamples: int, seqlen: int, seed: int, option: str = "calib"
 ) -> torch.Tensor:
     """(nsamples, seqlen) windows at seeded random offsets of the tokenized source."""
     if nsamples < 1 or seqlen < 2:
-        raise UsageError(f"{option}: need nsamples >= 1 and seqlen >= 2, got {nsamples} and {seqlen}")
+        raise UsageError(f"`{option}`: need nsamples >= 1 and seqlen >= 2, got {nsamples} and {seqlen}")
     ids = tokenize(tokenizer, read_documents(source, "train", option))[0]
     if ids.numel() < nsamples * seqlen:
         raise UsageError(
-            f"{option}: {source!r} has {ids.numel()} tokens, fewer than nsamples x seqlen = "
+            f"`{option}`: {source!r} has {ids.numel()} tokens, fewer than nsamples x seqlen = "
             f"{nsamples} x {seqlen} = {nsamples * seqlen}"
         )
     gen = torch.Generator().manual_seed(seed)
@@ -127,14 +128,14 @@ def calibration_windows(
     return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
 
 
-def eval_windows(tokenizer, source: str, seqlen: int, option: str = "--data") -> torch.Tensor:
+def eval_windows(tokenizer, source: str, seqlen: int, option: str = "data") -> torch.Tensor:
     """(n, seqlen) non-overlapping windows of the source (the standard perplexity protocol)."""
     if seqlen < 2:
-        raise UsageError(f"--seqlen: expected at least 2, got {seqlen}")
+        raise UsageError(f"`seqlen`: expected at least 2, got {seqlen}")
     ids = tokenize(tokenizer, read_documents(source, "eval", option))[0]
     count = ids.numel() // seqlen
     if count == 0:
-        raise UsageError(f"{option}: {source!r} has {ids.numel()} tokens, fewer than one window of {seqlen}")
+        raise UsageError(f"`{option}`: {source!r} has {ids.numel()} tokens, fewer than one window of {seqlen}")
     return ids[: count * seqlen].reshape(count, seqlen)
 
 

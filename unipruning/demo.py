@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .export import staged_directory
+from .io.staging import staged_directory
 
 log = logging.getLogger("unipruning")
 
@@ -172,11 +172,11 @@ def cached_demo_model(recipe: TinyLlama = TinyLlama()) -> str:
 
 def run_demo(out: str | None = None, overwrite: bool = False, device: str = "auto") -> dict:
     """Train (or reuse) the demo model, prune it at 50% and 2:4, print reports and perplexities."""
-    from .api import mask_checkpoint, prune_checkpoint
-    from .cli import print_block_table, print_summary
-    from .config import MaskSpec, PruneConfig
+    from .config import Calibration, MaskSpec, PruneConfig
     from .evaluate import evaluate_checkpoint
-    from .export import check_out
+    from .io.report import print_block_table, print_summary
+    from .io.staging import check_out
+    from .jobs import mask_checkpoint, prune_checkpoint
 
     recipe = TinyLlama()
     if out is not None:
@@ -190,8 +190,8 @@ def run_demo(out: str | None = None, overwrite: bool = False, device: str = "aut
             pruned50, pruned24 = os.path.join(target, "pruned-50"), os.path.join(target, "pruned-2of4")
             config = PruneConfig(mask=MaskSpec(sparsity=0.5), device=device)
             print("\n== unipruning prune --sparsity 0.5 (defaults: stochria, allocation layer) ==", flush=True)
-            report50 = prune_checkpoint(model_dir, pruned50, config, os.path.join(texts, "train.txt"),
-                                        nsamples=128, seqlen=recipe.seqlen)
+            calibration = Calibration(os.path.join(texts, "train.txt"), nsamples=128, seqlen=recipe.seqlen)
+            report50 = prune_checkpoint(model_dir, pruned50, config, calibration)
             print_block_table(report50)
             print_summary(report50)
             print("\n== unipruning mask --pattern 2:4 (same saliency, no calibration) ==", flush=True)

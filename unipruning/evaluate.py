@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import UsageError
+
 
 @torch.no_grad()
 def perplexity(model: nn.Module, windows: torch.Tensor, device: torch.device, batch_size: int = 8) -> float:
@@ -37,9 +39,9 @@ def evaluate_checkpoint(
     tokenizer_dir: str | None = None, batch_size: int = 8, trust_remote_code: bool = False,
 ) -> dict:
     """`unipruning eval`: perplexity of a checkpoint directory on a text source."""
-    from .api import load_tokenizer
+    from .backends import resolve_device, resolve_dtype
     from .data import eval_windows
-    from .models import load_config, load_model, resolve_device, resolve_dtype
+    from .io.checkpoint import load_config, load_model, load_tokenizer
 
     config = load_config(model_dir, trust_remote_code)
     device = resolve_device(device_name)
@@ -66,24 +68,21 @@ def evaluate_tasks(
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
     except ImportError:
-        from .errors import UsageError
-
-        raise UsageError("--tasks needs lm-evaluation-harness: pip install 'unipruning[eval]'") from None
-    from .api import load_tokenizer
-    from .errors import UsageError
-    from .models import load_config, load_model, resolve_device, resolve_dtype
+        raise UsageError("`tasks` needs lm-evaluation-harness: pip install 'unipruning[eval]'") from None
+    from .backends import resolve_device, resolve_dtype
+    from .io.checkpoint import load_config, load_model, load_tokenizer
 
     if not tasks:
-        raise UsageError(f"--tasks: name at least one task, e.g. {','.join(PAPER_TASKS)}")
+        raise UsageError(f"`tasks`: name at least one task, e.g. {','.join(PAPER_TASKS)}")
     if include_path is not None and not os.path.isdir(include_path):
-        raise UsageError(f"--include-path: {include_path!r} is not a directory of task definitions")
+        raise UsageError(f"`include_path`: {include_path!r} is not a directory of task definitions")
     config = load_config(model_dir, trust_remote_code)
     device = resolve_device(device_name)
     tokenizer = load_tokenizer(tokenizer_dir or model_dir)
     manager = TaskManager(include_path=include_path)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
-        raise UsageError(f"--tasks: lm-eval knows no task {unknown[0]!r} (local definitions: --include-path DIR)")
+        raise UsageError(f"`tasks`: lm-eval knows no task {unknown[0]!r} (local definitions: `include_path` DIR)")
     model = load_model(model_dir, resolve_dtype(dtype_name, config, device), trust_remote_code).to(device)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device))
     out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,

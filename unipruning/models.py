@@ -1,15 +1,14 @@
 """Model families: where the decoder blocks are and which linears inside them are prunable.
 
 Explicit tables, no tracing. A family lists its `model_type`s, the attribute path of the decoder block
-list and, per block, the prunable linears in a fixed order. Embeddings, lm_head, norms, biases are
-never prunable (SPEC section 2).
+list and, per block, the prunable linears in a fixed order. Embeddings, lm_head, norms, biases and MoE
+routers are never prunable (docs/method.md, "What is pruned").
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -24,7 +23,7 @@ from .errors import UsageError
 # --------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Fused:
-    """A fused nn.Linear split into logical sub-matrices by output rows (SPEC section 2): Phi-3's
+    """A fused nn.Linear split into logical sub-matrices by output rows: Phi-3's
     qkv_proj -> q, k, v and gate_up_proj -> gate, up. `sizes(config)` gives each part's rows."""
 
     module: str
@@ -75,7 +74,7 @@ class Family:
 _ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
 _MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 # linears that read the same input, in the order a block computes them: weight reconstruction
-# (SPEC section 9) updates a group, then collects the next group's input from the updated block
+# updates a group, then collects the next group's input from the updated block
 _LLAMA_SEQUENTIAL = (_ATTN[:3], _ATTN[3:], _MLP[:2], _MLP[2:])
 _QWEN_EXPERTS = Experts("mlp.experts", {"gate": "mlp.experts.{e}.gate_proj.weight",
                                         "up": "mlp.experts.{e}.up_proj.weight",
@@ -99,7 +98,7 @@ FAMILIES = (
            None, renames=(("mlp.gate.weight", "block_sparse_moe.gate.weight"),)),
     Family("qwen_moe", ("qwen2_moe", "qwen3_moe"), "model.layers", (*_ATTN, *_MLP, *_SHARED, _QWEN_EXPERTS), None),
 )
-# never prunable, whatever the family: embeddings, lm_head, norms, biases, routers (SPEC section 2)
+# never prunable, whatever the family: embeddings, lm_head, norms, biases, routers
 NEVER_PRUNED = ("embeddings", "lm_head", "norms", "biases", "MoE routers and shared-expert gates")
 
 
@@ -245,7 +244,7 @@ def resolve_stored(matrices: list[Matrix], config, keys) -> list[Matrix]:
             if stored in keys:
                 resolved.append(replace(m, stored=stored, stored_expert=None, stored_rows=None))
                 continue
-        raise UsageError(f"--model: the checkpoint lacks the prunable tensor {m.param!r}")
+        raise UsageError(f"`model_dir`: the checkpoint lacks the prunable tensor {m.param!r}")
     return resolved
 
 
@@ -305,75 +304,3 @@ def fingerprint(config, shapes: dict[str, tuple[int, ...]]) -> str:
     arch = {k: getattr(config, k, None) for k in keys}
     payload = json.dumps({"arch": arch, "tensors": sorted((n, list(s)) for n, s in shapes.items())})
     return hashlib.sha256(payload.encode()).hexdigest()
-
-
-def check_nm_divisible(shapes: dict[str, tuple[int, ...]], m: int) -> None:
-    for name, shape in shapes.items():
-        if shape[-1] % m:
-            raise UsageError(
-                f"{name}: in_features {shape[-1]} is not divisible by M={m}, so it cannot be pruned N:{m}"
-            )
-
-
-# --------------------------------------------------------------------------------------------------
-# Checkpoint directories
-# --------------------------------------------------------------------------------------------------
-def load_config(model_dir: str, trust_remote_code: bool = False):
-    """The transformers config of a model directory, with a one-line error for anything else: not a
-    model directory, custom code without --trust-remote-code, a quantized or FP8 checkpoint, an
-    architecture without a family table."""
-    from transformers import AutoConfig
-
-    if not os.path.isdir(model_dir):
-        raise UsageError(f"--model: {model_dir!r} is not a directory")
-    if not os.path.isfile(os.path.join(model_dir, "config.json")):
-        raise UsageError(f"--model: {model_dir!r} has no config.json (not a Hugging Face model directory)")
-    with open(os.path.join(model_dir, "config.json")) as f:
-        try:
-            raw = json.load(f)
-        except ValueError as exc:
-            raise UsageError(f"--model: {model_dir}/config.json is not valid JSON ({exc})") from None
-    if raw.get("auto_map") and not trust_remote_code:
-        raise UsageError(f"--model: {model_dir} ships its own modelling code (auto_map); it is not run unless "
-                         "you pass --trust-remote-code")
-    if raw.get("quantization_config") is not None:
-        quant = raw["quantization_config"]
-        method = quant.get("quant_method", "?") if isinstance(quant, dict) else "?"
-        raise UsageError(f"--model: {model_dir} is a quantized checkpoint ({method}); unipruning needs dense "
-                         "fp16/bf16/fp32 weights")
-    try:
-        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-    except Exception as exc:  # noqa: BLE001 - any parse failure is the user's file
-        raise UsageError(f"--model: cannot read {model_dir}/config.json: {str(exc).splitlines()[0]}") from exc
-    family_for(config)
-    return config
-
-
-def resolve_dtype(name: str, config, device: torch.device) -> torch.dtype:
-    """--dtype auto: the checkpoint's dtype on a GPU, float32 on a CPU (half-precision CPU matmuls are
-    slow and, for float16, lossy)."""
-    if name != "auto":
-        return getattr(torch, name)
-    if device.type == "cpu":
-        return torch.float32
-    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    if isinstance(stored, str):
-        stored = getattr(torch, stored, None)
-    return stored if isinstance(stored, torch.dtype) else torch.float32
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available here")
-    return torch.device(name)
-
-
-def load_model(model_dir: str, dtype: torch.dtype, trust_remote_code: bool = False):
-    """The causal LM of a directory on the CPU, in `dtype`, in eval mode."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, trust_remote_code=trust_remote_code)
-    model.eval()
-    return model

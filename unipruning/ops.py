@@ -2,7 +2,10 @@
 
 Every function takes `backend=`: a name from `unipruning.backends` or None/"auto" (then
 $UNIPRUNING_BACKEND, else triton for tensors on a GPU and torch otherwise), and forwards to that
-backend's implementation, which has the signature of its torch twin in kernels/reference.py.
+backend's implementation, which has the signature of its torch twin in kernels/reference.py. The
+kernels' shared, backend-independent pieces (the key derivation of the stochria subsets, the metric
+constants, the Cholesky factor of the OBS reconstruction) are re-exported here too, so that nothing
+above this module imports a kernel file.
 """
 
 from __future__ import annotations
@@ -10,6 +13,17 @@ from __future__ import annotations
 import torch
 
 from . import backends
+from .kernels.reference import (  # noqa: F401  (re-exported: backend-independent, shared by every backend)
+    METRICS,
+    RIA_EXPONENT,
+    STOCHRIA_BETA,
+    STOCHRIA_EXPONENT,
+    SUM_FLOOR,
+    derive_key,
+    obs_inverse_factor,
+    stochastic_subset_sums,
+    stochria_tau,
+)
 
 
 def _impl(backend: str | None, tensor: torch.Tensor):
@@ -23,23 +37,15 @@ def act_sqsum_(sqsum: torch.Tensor, x: torch.Tensor, backend: str | None = None)
 
 def step_vectors(weight, act_sqsum, tokens, metric, base_key=0, backend: str | None = None):
     """(row_inv, col_inv, col_scale) float32 of one mirror step; see kernels/reference.py. Every
-    backend finishes its sums with the same float64 torch code (SPEC section 3): masks then agree."""
+    backend finishes its sums with the same float64 torch code: masks then agree."""
     return _impl(backend, weight).step_vectors(weight, act_sqsum, tokens, metric, base_key)
-
-
-def mirror_update_(z, weight, row_inv, col_inv, col_scale, kappa, threshold, backend: str | None = None):
-    """z <- z + kappa * (S - max(z - threshold, 0)) in place."""
-    _impl(backend, z).mirror_update_(z, weight, row_inv, col_inv, col_scale, kappa, threshold)
 
 
 def mirror_step_(z, weight, row_inv, col_inv, col_scale, kappa, threshold, m, hint=-1,
                  backend: str | None = None) -> tuple[float, int]:
-    """mirror_update_ then the exact m-th smallest z: returns (new threshold, hint for the next step)."""
+    """z <- z + kappa * (S - max(z - threshold, 0)) in place, then the exact m-th smallest z: returns
+    (new threshold, a hint that speeds up the next step's selection in a fused kernel)."""
     return _impl(backend, z).mirror_step_(z, weight, row_inv, col_inv, col_scale, kappa, threshold, m, hint)
-
-
-def kth_smallest(values: torch.Tensor, k: int, backend: str | None = None) -> torch.Tensor:
-    return _impl(backend, values).kth_smallest(values, k)
 
 
 def rank_keys(z: torch.Tensor, weight: torch.Tensor, backend: str | None = None) -> torch.Tensor:
@@ -65,14 +71,6 @@ def global_keep_counts(keys, total_keep, lower, upper, backend: str | None = Non
 def hessian_accumulate_(h: torch.Tensor, x: torch.Tensor, backend: str | None = None) -> None:
     """h (in, in) float32 += x^T x over the tokens of x (..., in)."""
     _impl(backend, x).hessian_accumulate_(h, x)
-
-
-def obs_inverse_factor(h: torch.Tensor, damp: float):
-    """(U, dead inputs) of a dampened Hessian, U None when the factorisation fails (torch.linalg on
-    any device: a dense factorisation, not a kernel of ours)."""
-    from .kernels.reference import obs_inverse_factor as factor
-
-    return factor(h, damp)
 
 
 def obs_sweep_(w, u, keep=None, prune_count=None, nm=None, blocksize=128, backend: str | None = None):

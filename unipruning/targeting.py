@@ -48,7 +48,7 @@ def parse_layers(text: str | list | tuple | None) -> tuple[int, ...]:
     try:
         return tuple(int(str(i).strip()) for i in items)
     except ValueError:
-        raise UsageError(f"--dense-layers: expected comma-separated block indices such as 0,-1, got {text!r}") from None
+        raise UsageError(f"`dense_layers`: expected comma-separated block indices such as 0,-1, got {text!r}") from None
 
 
 @dataclass(frozen=True)
@@ -67,8 +67,8 @@ class Targeting:
     recipe: str | None = None
 
     def __post_init__(self) -> None:
-        _compile("--targets", self.targets)
-        _compile("--ignore", self.ignore)
+        _compile("`targets`", self.targets)
+        _compile("`ignore`", self.ignore)
 
     @classmethod
     def from_options(cls, targets=None, ignore=None, dense_layers=None, recipe: str | None = None) -> Targeting:
@@ -82,29 +82,25 @@ class Targeting:
             layers += list(parse_layers(data.get("dense_layers")))
             for i, item in enumerate(data.get("overrides", [])):
                 if not isinstance(item, dict) or "match" not in item or set(item) - _OVERRIDE_KEYS:
-                    raise UsageError(f"--recipe {recipe}: overrides[{i}] must be a mapping with 'match' and "
+                    raise UsageError(f"`recipe` {recipe}: overrides[{i}] must be a mapping with 'match' and "
                                      "'sparsity' and/or 'pattern'")
-                (match,) = _compile(f"--recipe {recipe}: overrides[{i}].match", [item["match"]])
+                (match,) = _compile(f"`recipe` {recipe}: overrides[{i}].match", [item["match"]])
                 overrides.append(Override(match, item.get("sparsity"), item.get("pattern")))
         return cls(tuple(targets), tuple(ignore), tuple(layers), tuple(overrides), recipe)
 
-    @property
-    def active(self) -> bool:
-        return bool(self.targets or self.ignore or self.dense_layers or self.overrides)
-
     def plan(self, matrices, num_blocks: int, spec: MaskSpec) -> tuple[dict[str, MaskSpec], dict[str, str]]:
         """({pruned matrix: its MaskSpec}, {skipped matrix: why}) for `matrices` (models.Matrix)."""
-        targets, ignore = _compile("--targets", self.targets), _compile("--ignore", self.ignore)
+        targets, ignore = _compile("`targets`", self.targets), _compile("`ignore`", self.ignore)
         dense = set()
         for layer in self.dense_layers:
             if not -num_blocks <= layer < num_blocks:
-                raise UsageError(f"--dense-layers: block {layer} does not exist (the model has {num_blocks} blocks)")
+                raise UsageError(f"`dense_layers`: block {layer} does not exist (the model has {num_blocks} blocks)")
             dense.add(layer % num_blocks)
         for regex in targets:
             if not any(regex.search(m.name) for m in matrices):
-                raise UsageError(f"--targets: {regex.pattern!r} matches no prunable matrix")
+                raise UsageError(f"`targets`: {regex.pattern!r} matches no prunable matrix")
         if self.overrides and spec.allocation == "global":
-            raise UsageError("--recipe overrides set per-matrix sparsities: use --allocation layer or row")
+            raise UsageError("`recipe` overrides set per-matrix sparsities: use `allocation` layer or row")
         pruned, skipped = {}, {}
         for m in matrices:
             hit = next((r.pattern for r in ignore if r.search(m.name)), None)
@@ -117,7 +113,7 @@ class Targeting:
             else:
                 pruned[m.name] = self._spec_for(m.name, spec)
         if not pruned:
-            raise UsageError("targeting leaves no matrix to prune (check --targets, --ignore, --dense-layers)")
+            raise UsageError("targeting leaves no matrix to prune (check `targets`, `ignore`, `dense_layers`)")
         return pruned, skipped
 
     def _spec_for(self, name: str, spec: MaskSpec) -> MaskSpec:
@@ -138,7 +134,7 @@ class Targeting:
 def read_recipe(path: str) -> dict:
     """A recipe file (YAML, or JSON, which YAML also reads) as a dict with only the known keys."""
     if not os.path.isfile(path):
-        raise UsageError(f"--recipe: {path!r} is not a file")
+        raise UsageError(f"`recipe`: {path!r} is not a file")
     with open(path, encoding="utf-8") as f:
         text = f.read()
     try:
@@ -149,7 +145,7 @@ def read_recipe(path: str) -> dict:
 
             data = yaml.safe_load(text)
     except Exception as exc:  # noqa: BLE001 - any parse error is the user's file
-        raise UsageError(f"--recipe {path}: cannot parse it: {str(exc).splitlines()[0]}") from None
+        raise UsageError(f"`recipe` {path}: cannot parse it: {str(exc).splitlines()[0]}") from None
     if not isinstance(data, dict) or set(data) - _RECIPE_KEYS:
-        raise UsageError(f"--recipe {path}: expected a mapping with keys among {', '.join(sorted(_RECIPE_KEYS))}")
+        raise UsageError(f"`recipe` {path}: expected a mapping with keys among {', '.join(sorted(_RECIPE_KEYS))}")
     return data

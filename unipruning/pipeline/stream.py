@@ -1,4 +1,4 @@
-"""Layer-streamed execution (SPEC section 6): capture the first block's inputs, then run block by block.
+"""Layer-streamed execution (docs/method.md, "Streaming"): capture the first block's inputs, then run block by block.
 
 `capture_block_inputs` runs the model once per calibration step with every decoder block replaced by a
 recorder: block 0's recorder keeps the hidden states, every block's recorder keeps the keyword
@@ -10,23 +10,20 @@ stream today; the pruned stream of weight reconstruction will sit beside it.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import gc
-import os
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
-from .errors import UsageError
-from .models import copy_stored, decoder_blocks, family_for, model_matrices, piece, resolve_stored, stored_name
+from ..config import OFFLOAD_MODES
+from ..errors import UsageError
+from ..models import decoder_blocks
 
 
-class _StopForward(Exception):
-    pass
+class StopForward(Exception):
+    """Raised by a hook to end a forward pass once it has seen what it needed."""
 
 
 class _Recorder(nn.Module):
@@ -43,7 +40,7 @@ class _Recorder(nn.Module):
             self.sink["hidden"] = hidden_states
         self.sink["kwargs"][self.index] = kwargs
         if self.index == self.last:
-            raise _StopForward
+            raise StopForward
         return hidden_states
 
 
@@ -56,7 +53,6 @@ def _block_kwargs(kwargs: dict) -> dict:
 
 
 MAX_TOKENS = 16384  # tokens per forward: a step's windows run in micro-batches of at most this many
-OFFLOAD_MODES = ("auto", "always", "never")
 
 
 def _batch_slice(value, start: int, stop: int, batch: int):
@@ -71,8 +67,7 @@ def _batch_slice(value, start: int, stop: int, batch: int):
 
 class _Transfers:
     """Copies of offloaded activations, one micro-batch ahead, on a side CUDA stream, so that the PCIe
-    traffic of pinned-memory activations overlaps the block's compute instead of adding to it (SPEC
-    section 6).
+    traffic of pinned-memory activations overlaps the block's compute instead of adding to it.
 
     fetch(src, ahead) returns `src` on the device (already there if it was the previous call's `ahead`)
     and starts copying `ahead`, the next micro-batch; store(dst, out) copies a block output back. Both
@@ -167,7 +162,7 @@ class BlockStream:
 
     def run(self, block: nn.Module, index: int, step: int, partial: bool = False, sink=None) -> torch.Tensor | None:
         """The block's output for step `step` (on the compute device). partial: a hook stops each forward
-        early (_StopForward) once it has what it needs; nothing is returned. sink(start, stop, out), when
+        early (StopForward) once it has what it needs; nothing is returned. sink(start, stop, out), when
         given, takes each micro-batch's output instead (nothing is returned either)."""
         batch = self.hidden[step].shape[0]
         chunks = self._chunks(step)
@@ -176,7 +171,7 @@ class BlockStream:
             kwargs = {k: _batch_slice(v, start, stop, batch) for k, v in self.kwargs[index].items()}
             try:
                 out = block(self._input(step, chunks, j), **kwargs)
-            except _StopForward:
+            except StopForward:
                 if not partial:
                     raise
                 continue
@@ -202,7 +197,7 @@ def activation_home(device: torch.device, nbytes: int, offload: str) -> torch.de
     """Where the activations live: on the compute device, or on the CPU (pinned) with offload 'always',
     or 'auto' when they would take more than a third of the GPU's free memory."""
     if offload not in OFFLOAD_MODES:
-        raise UsageError(f"--offload-activations: expected one of {', '.join(OFFLOAD_MODES)}, got {offload!r}")
+        raise UsageError(f"`offload`: expected one of {', '.join(OFFLOAD_MODES)}, got {offload!r}")
     if device.type != "cuda" or offload == "never":
         return device
     if offload == "always" or nbytes > torch.cuda.mem_get_info(device)[0] / 3:
@@ -243,7 +238,7 @@ def capture_block_inputs(
             sink["kwargs"] = {}
             try:
                 model(input_ids=ids.to(device), use_cache=False)
-            except _StopForward:
+            except StopForward:
                 pass
             h = sink.pop("hidden")
             hidden.append(h if home == h.device else h.to(home).pin_memory() if pin else h.to(home))
@@ -269,151 +264,3 @@ def release_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to trim
         pass
-
-
-# ------------------------------------------------------------------------------ lazy checkpoints
-class LazyCheckpoint:
-    """A checkpoint's tensors read on demand from its safetensors shards.
-
-    Each read opens the shard, copies the tensors out and closes it, so no file mapping stays open
-    and memory holds only what was asked for. `skeleton()` builds the model on the meta device with
-    everything outside the decoder blocks loaded; `load_block`/`release_block` give one block real
-    storage on a device and take it away again: a model is never resident as a whole.
-    """
-
-    def __init__(self, model_dir: str, config):
-        from .export import weight_shards
-
-        self.model_dir, self.config = model_dir, config
-        self.shard_of: dict[str, str] = {}
-        self.header: dict[str, tuple[str, list[int]]] = {}  # name -> (safetensors dtype, shape)
-        for shard in weight_shards(model_dir):
-            with safe_open(os.path.join(model_dir, shard), framework="pt") as handle:
-                for key in handle.keys():  # noqa: SIM118 - safe_open has no __iter__
-                    self.shard_of[key] = shard
-                    info = handle.get_slice(key)
-                    self.header[key] = (info.get_dtype(), list(info.get_shape()))
-        # every prunable matrix with where the checkpoint stores it (per-expert tensors for MoE)
-        self.matrices = resolve_stored(model_matrices(config), config, self.shard_of)
-        self.matrix = {m.name: m for m in self.matrices}
-        first = self.matrices[0].stored
-        if (dtype := self.header[first][0]) not in ("F32", "F16", "BF16"):
-            raise UsageError(f"--model: {first} is stored as {dtype}; unipruning needs dense fp16/bf16/fp32 "
-                             "weights (FP8 and integer-quantized checkpoints are refused)")
-
-    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
-        by_shard: dict[str, list[str]] = {}
-        for name in names:
-            by_shard.setdefault(self.shard_of[name], []).append(name)
-        out = {}
-        for shard, keys in by_shard.items():
-            with safe_open(os.path.join(self.model_dir, shard), framework="pt") as handle:
-                for key in keys:
-                    out[key] = handle.get_tensor(key)
-        return out
-
-    def read_matrix(self, name: str) -> torch.Tensor:
-        """One prunable matrix (logical name) in the stored dtype, read from its checkpoint tensor."""
-        m = self.matrix[name]
-        return piece(self.read([m.stored])[m.stored], m.stored_expert, m.stored_rows)
-
-    def lazy(self, names: list[str]) -> Mapping[str, torch.Tensor]:
-        """The named matrices as a mapping that reads each one when it is looked up (nothing kept)."""
-        return _OnDemand(self, names)
-
-    def skeleton(self, dtype: torch.dtype) -> nn.Module:
-        """The causal LM on the meta device, its non-block tensors loaded on the CPU in `dtype`."""
-        from transformers import AutoModelForCausalLM
-
-        with meta_parameters():
-            model = AutoModelForCausalLM.from_config(self.config, dtype=dtype)
-        model.eval()
-        blocks_prefix = family_for(self.config).blocks + "."
-        outside = {n: p for n, p in model.named_parameters() if not n.startswith(blocks_prefix)}
-        stored = self.read([n for n in outside if n in self.shard_of])
-        for name, tensor in stored.items():
-            _assign(model, name, tensor.to(dtype))
-        if any(p.is_meta for n, p in model.named_parameters() if not n.startswith(blocks_prefix)):
-            model.tie_weights()  # e.g. lm_head stored once, as the embedding
-        missing = [n for n, p in model.named_parameters() if not n.startswith(blocks_prefix) and p.is_meta]
-        if missing:
-            raise UsageError(f"--model: the checkpoint lacks {missing[0]!r}")
-        return model
-
-    def load_block(self, model: nn.Module, index: int, device: torch.device, dtype: torch.dtype) -> nn.Module:
-        block = decoder_blocks(model)[index]
-        prefix = f"{family_for(self.config).blocks}.{index}."
-        whole, pieces = {}, {}  # parameter -> its stored tensor; or -> the matrices it is assembled from
-        for name, _ in block.named_parameters():
-            stored = stored_name(self.config, prefix + name, self.shard_of)
-            if stored is not None:
-                whole[name] = stored
-                continue
-            pieces[name] = [m for m in self.matrices if m.block == index and m.param == prefix + name]
-            if not pieces[name]:
-                raise UsageError(f"--model: the checkpoint lacks {prefix + name!r}")
-        tensors = self.read([*whole.values(), *(m.stored for ms in pieces.values() for m in ms)])
-        for module in block.modules():  # real storage for the parameters; computed buffers move along
-            for key, p in module._parameters.items():
-                if p is not None:
-                    module._parameters[key] = nn.Parameter(torch.empty(p.shape, dtype=dtype, device=device),
-                                                           requires_grad=False)
-        block.to(device)
-        with torch.no_grad():
-            for name, param in block.named_parameters():
-                if name in whole:
-                    param.copy_(tensors[whole[name]].to(dtype))
-                    continue
-                for m in pieces[name]:  # MoE experts stored per expert: gate and up rows, down
-                    copy_stored(param, m, tensors[m.stored])
-        return block
-
-    @staticmethod
-    def release_block(model: nn.Module, index: int) -> None:
-        for module in decoder_blocks(model)[index].modules():
-            for key, p in module._parameters.items():
-                if p is not None:
-                    module._parameters[key] = nn.Parameter(p.to("meta"), requires_grad=False)
-            for key, b in module._buffers.items():  # the computed buffers (small) stay real
-                if b is not None:
-                    module._buffers[key] = b.to("cpu")
-
-
-class _OnDemand(Mapping):
-    def __init__(self, checkpoint: LazyCheckpoint, names: list[str]):
-        self.checkpoint, self.names = checkpoint, names
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        return self.checkpoint.read_matrix(name)
-
-    def __iter__(self):
-        return iter(self.names)
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-
-def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
-    module_name, _, attr = name.rpartition(".")
-    module = model.get_submodule(module_name)
-    module._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
-
-
-@contextlib.contextmanager
-def meta_parameters():
-    """Build modules with their parameters on the meta device (no memory) but real buffers: computed
-    buffers (rotary inverse frequencies, Gemma's embedding scale) are not in checkpoints and must be
-    computed by the constructors. Each parameter is moved to meta as it is registered, so only one
-    parameter's uninitialised storage exists at a time."""
-    register = nn.Module.register_parameter
-
-    def to_meta(module, name, param):
-        register(module, name, param)
-        if param is not None and not param.is_meta:
-            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-
-    nn.Module.register_parameter = to_meta
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = register

@@ -19,7 +19,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from .errors import UsageError
+from ..errors import UsageError
 
 
 def init_from_env(device: torch.device) -> torch.device:
@@ -50,7 +50,7 @@ def share(batch: torch.Tensor) -> torch.Tensor:
     if size == 1:
         return batch
     if batch.shape[0] % size:
-        raise UsageError(f"--batch-size {batch.shape[0]} must be a multiple of the {size} processes")
+        raise UsageError(f"`batch_size` {batch.shape[0]} must be a multiple of the {size} processes")
     per = batch.shape[0] // size
     return batch[rank * per : (rank + 1) * per]
 

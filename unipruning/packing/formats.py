@@ -31,7 +31,7 @@ import warnings
 import torch
 from torch import nn
 
-from .errors import UsageError
+from ..errors import UsageError
 
 log = logging.getLogger("unipruning")
 
@@ -136,7 +136,7 @@ def extension():
     if not _EXTENSION_TRIED:
         _EXTENSION_TRIED = True
         try:
-            from . import _C  # noqa: F401 - registers torch.ops.unipruning.pack24_cutlass / cslt_compress
+            from .. import _C  # noqa: F401 - registers torch.ops.unipruning.pack24_cutlass / cslt_compress
 
             _EXTENSION = _C
             _register_fakes()

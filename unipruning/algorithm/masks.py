@@ -1,0 +1,154 @@
+"""Keep masks from a saliency (docs/method.md, "Masks"), their budgets, and applying them with +0.0.
+
+Ranking, per matrix: z, then |W|, then the flat index (`ops.rank_keys`: a total order, so counts are
+exact under ties). Budgets: `layer` keeps round((1-s) * numel) per matrix, `row` round((1-s) * in) per
+output row, `global` one threshold over all matrices (ties across matrices by name order) with
+per-matrix sparsity bounds met by water-filling; N:M keeps the N best of every M consecutive inputs of
+a row. Counts use the decimal the user wrote (0.7 is 7/10, not its binary rounding).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping
+from fractions import Fraction
+
+import torch
+
+from .. import ops
+from ..config import MaskSpec
+from ..errors import UsageError
+from ..lazy import LazyMapping
+
+# rank keys kept in memory between the passes of the global selection: a small model computes them
+# once, a 70B model re-reads z and W for every pass instead of holding 8 bytes per weight
+KEY_CACHE_BYTES = 4 << 30
+
+
+def exact_fraction(value: float) -> Fraction:
+    """A float as the decimal the user wrote (0.7 -> 7/10), so counts do not depend on binary rounding."""
+    return Fraction(repr(float(value)))
+
+
+def keep_count(sparsity: float, numel: int) -> int:
+    """round((1 - s) * numel), exact decimal arithmetic, halves to even."""
+    return round((1 - exact_fraction(sparsity)) * numel)
+
+
+def floor_count(fraction: float, numel: int) -> int:
+    return math.floor(exact_fraction(fraction) * numel)
+
+
+def check_nm_divisible(shapes: Mapping[str, tuple[int, ...]], m: int) -> None:
+    for name, shape in shapes.items():
+        if shape[-1] % m:
+            raise UsageError(f"{name}: in_features {shape[-1]} is not divisible by M={m}, so it cannot be pruned N:{m}")
+
+
+def check_plan(shapes: Mapping[str, tuple[int, ...]], plan: Mapping[str, MaskSpec]) -> None:
+    """Every matrix planned N:M has in_features divisible by M."""
+    for name, spec in plan.items():
+        if spec.nm is not None:
+            check_nm_divisible({name: shapes[name]}, spec.nm[1])
+
+
+def global_counts(z: Mapping[str, torch.Tensor], weights: Mapping[str, torch.Tensor], names: list[str],
+                  spec: MaskSpec, backend: str | None, device: torch.device | None = None,
+                  numels: Mapping[str, int] | None = None) -> dict[str, int]:
+    """Kept count per matrix under the global budget with bounds, over `names` (tie-broken in sorted
+    order). z and weights may be lazy mappings (read on access, one matrix in memory); `numels` saves
+    reading the weights for their sizes."""
+    names = sorted(names)
+
+    def keys_of(i: int) -> torch.Tensor:
+        weight = weights[names[i]]
+        on = device if device is not None else weight.device
+        return ops.rank_keys(z[names[i]].to(on), weight.to(on), backend=backend)
+
+    keys = LazyMapping(range(len(names)), keys_of, KEY_CACHE_BYTES)
+    sizes = [numels[n] if numels is not None else weights[n].numel() for n in names]
+    s_min, s_max = spec.bounds
+    total = keep_count(spec.sparsity, sum(sizes))
+    lower = [keep_count(s_max, n) for n in sizes]
+    upper = [keep_count(s_min, n) for n in sizes]
+    try:
+        counts = ops.global_keep_counts(keys, total, lower, upper, backend=backend)
+    except ValueError as exc:
+        raise UsageError(f"`allocation` global: {exc} (`bounds` {spec.bounds})") from exc
+    return dict(zip(names, counts, strict=True))
+
+
+def matrix_mask(z: torch.Tensor, weight: torch.Tensor, spec: MaskSpec, count: int | None = None,
+                backend: str | None = None) -> torch.Tensor:
+    """The keep mask of one matrix (bool, same shape as W). `count`: kept total under `global`."""
+    keys = ops.rank_keys(z.to(weight.device), weight, backend=backend)
+    nm = spec.nm
+    if nm is not None:
+        return ops.nm_mask(keys, nm[0], nm[1], backend=backend)
+    if spec.allocation == "row":
+        return ops.row_topk_mask(keys, keep_count(spec.sparsity, weight.shape[1]), backend=backend)
+    if spec.allocation == "global":
+        if count is None:
+            raise ValueError("allocation 'global' needs the per-matrix count from global_counts()")
+        return ops.topk_mask(keys, count, backend=backend)
+    return ops.topk_mask(keys, keep_count(spec.sparsity, weight.numel()), backend=backend)
+
+
+class MaskCutter:
+    """cut(name, weight) -> the keep mask (on `device`, or the weight's) of a planned matrix from its z,
+    under its planned MaskSpec. With allocation global the per-matrix counts are settled once, over
+    every planned matrix (`weights` then supplies them, lazily if it likes, with `numels` their sizes)."""
+
+    def __init__(self, z: Mapping[str, torch.Tensor], plan: Mapping[str, MaskSpec], spec: MaskSpec,
+                 backend: str | None, device: torch.device | None = None,
+                 weights: Mapping[str, torch.Tensor] | None = None, numels: Mapping[str, int] | None = None):
+        self.z, self.plan, self.backend, self.device = z, plan, backend, device
+        self.counts = {}
+        if spec.allocation == "global":
+            self.counts = global_counts(z, weights, list(plan), spec, backend, device, numels)
+
+    def __call__(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        on = self.device if self.device is not None else weight.device
+        return matrix_mask(self.z[name].to(on), weight.to(on), self.plan[name], self.counts.get(name), self.backend)
+
+
+def iter_masks(z: Mapping[str, torch.Tensor], weights: Mapping[str, torch.Tensor], spec: MaskSpec,
+               backend: str | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, keep mask) of every matrix of z under one spec, in z's order; one mask in memory at a time."""
+    if spec.nm is not None:
+        check_nm_divisible({n: tuple(weights[n].shape) for n in z}, spec.nm[1])
+    cut = MaskCutter(z, dict.fromkeys(z, spec), spec, backend, weights=weights)
+    for name in z:
+        yield name, cut(name, weights[name])
+
+
+def compute_masks(z: Mapping[str, torch.Tensor], weights: Mapping[str, torch.Tensor], spec: MaskSpec,
+                  backend: str | None = None) -> dict[str, torch.Tensor]:
+    """{name: keep mask} of every matrix of z (a saliency's z, or a Saliency) under one spec."""
+    z = getattr(z, "z", z)
+    return dict(iter_masks(z, weights, spec, backend))
+
+
+def masked(weight: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """W with the dropped entries set to +0.0 (never -0.0: some sparse kernels and compressors break)."""
+    return weight.masked_fill(~keep.to(weight.device), 0) + 0.0
+
+
+def nm_valid(keep: torch.Tensor, n: int, m: int) -> bool:
+    """True when every group of m consecutive entries of a row keeps at most n."""
+    rows, cols = keep.shape
+    if cols % m:
+        return False
+    return bool((keep.reshape(rows, cols // m, m).sum(-1) <= n).all())
+
+
+def mask_stats(keep: torch.Tensor, nm: tuple[int, int] | None) -> dict:
+    """What the report says of one matrix's mask."""
+    kept = int(keep.sum())
+    return {
+        "shape": list(keep.shape),
+        "numel": keep.numel(),
+        "kept": kept,
+        "sparsity": 1 - kept / keep.numel(),
+        "nm_valid": nm_valid(keep, *nm) if nm else None,
+    }

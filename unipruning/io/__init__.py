@@ -1,0 +1,1 @@
+"""Files: checkpoint reading, the pruned checkpoint writer, the saliency store, staging, the report."""

@@ -1,0 +1,163 @@
+"""The saliency (z and t of every prunable matrix) and its files: the versioned `saliency/` directory of
+an output, and the per-block state a run in progress keeps so that it can resume.
+
+A saliency directory holds one safetensors shard per decoder block (float32 `{name}.z` and a one-element
+`{name}.t` per matrix), an index, and `saliency_config.json` (format version, the source model's
+fingerprint, metric, kappa, lam, steps, feedback, seed, the calibration windows' shape, matrix names).
+Loading keeps z on disk until a mask asks for it (a LazyMapping): masks are cut one matrix at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from ..algorithm.masks import compute_masks
+from ..errors import UsageError
+from ..lazy import LazyMapping
+from ..models import model_matrices, weight_of
+from .staging import atomic_file
+
+FORMAT_VERSION = 1
+SALIENCY_CONFIG = "saliency_config.json"
+SALIENCY_INDEX = "saliency.safetensors.index.json"
+
+_BLOCK_OF = re.compile(r"^(.*?\.\d+)\.")
+
+
+def _shard_groups(names: list[str]) -> list[list[str]]:
+    """Consecutive names of one decoder block form one shard (memory: one block's z at a time)."""
+    groups: list[list[str]] = []
+    last = None
+    for name in names:
+        match = _BLOCK_OF.match(name)
+        block = match.group(1) if match else name
+        if not groups or block != last:
+            groups.append([])
+        groups[-1].append(name)
+        last = block
+    return groups
+
+
+def _zt_tensors(names, z: Mapping[str, torch.Tensor], t: Mapping[str, float]) -> dict[str, torch.Tensor]:
+    """The stored form of a saliency: float32 `{name}.z` and a one-element `{name}.t` per matrix."""
+    tensors = {}
+    for name in names:
+        tensors[f"{name}.z"] = z[name].detach().to("cpu", torch.float32).contiguous()
+        tensors[f"{name}.t"] = torch.tensor([t[name]], dtype=torch.float32)
+    return tensors
+
+
+def _thresholds(path: str) -> dict[str, float]:
+    """The `{name}.t` values of one stored file (one open; z is left on disk)."""
+    with safe_open(path, framework="pt") as handle:
+        return {key[:-2]: float(handle.get_tensor(key)[0]) for key in handle.keys() if key.endswith(".t")}
+
+
+def stored_tensors(entries: Mapping[str, tuple[str, str]]) -> LazyMapping:
+    """{name: tensor} read on access from {name: (safetensors file, key)}, in the entries' order."""
+
+    def load(name: str) -> torch.Tensor:
+        path, key = entries[name]
+        with safe_open(path, framework="pt") as handle:
+            return handle.get_tensor(key)
+
+    return LazyMapping(entries, load)
+
+
+@dataclass
+class Saliency:
+    """z and t of every prunable matrix, plus how they were obtained (metadata)."""
+
+    z: Mapping[str, torch.Tensor]  # a dict, or a LazyMapping backed by files
+    t: dict[str, float]
+    metadata: dict = field(default_factory=dict)
+
+    def save(self, directory: str) -> None:
+        """Write a versioned saliency directory: one safetensors shard per decoder block (float32 z and
+        t per matrix), an index and the metadata. Holds one block's z in memory at a time."""
+        os.makedirs(directory, exist_ok=True)
+        groups = _shard_groups(list(self.z))
+        weight_map = {}
+        for i, names in enumerate(groups, 1):
+            shard = _zt_tensors(names, self.z, self.t)
+            filename = f"saliency-{i:05d}-of-{len(groups):05d}.safetensors"
+            save_file(shard, os.path.join(directory, filename), metadata={"format": "pt"})
+            weight_map.update({key: filename for key in shard})
+            del shard
+        with open(os.path.join(directory, SALIENCY_INDEX), "w") as f:
+            json.dump({"metadata": {"format_version": FORMAT_VERSION}, "weight_map": weight_map}, f, indent=1)
+        with open(os.path.join(directory, SALIENCY_CONFIG), "w") as f:
+            json.dump({"format_version": FORMAT_VERSION, **self.metadata}, f, indent=1, sort_keys=True)
+
+    @classmethod
+    def load(cls, directory: str, expect_fingerprint: str | None = None) -> Saliency:
+        """Read a saliency directory; refuses another format version or (if given) another model."""
+        meta_path = os.path.join(directory, SALIENCY_CONFIG)
+        index_path = os.path.join(directory, SALIENCY_INDEX)
+        if not (os.path.isfile(meta_path) and os.path.isfile(index_path)):
+            raise UsageError(f"`saliency_dir`: {directory!r} is not a unipruning saliency directory")
+        with open(meta_path) as f:
+            metadata = json.load(f)
+        version = metadata.pop("format_version", None)
+        if version != FORMAT_VERSION:
+            raise UsageError(f"`saliency_dir`: format version {version} is not supported (this unipruning reads "
+                             f"{FORMAT_VERSION})")
+        if expect_fingerprint is not None and metadata.get("fingerprint") != expect_fingerprint:
+            raise UsageError("`saliency_dir`: it was computed for a different model (fingerprint mismatch)")
+        with open(index_path) as f:
+            weight_map = json.load(f)["weight_map"]
+        entries = {key[:-2]: (os.path.join(directory, filename), key)
+                   for key, filename in weight_map.items() if key.endswith(".z")}
+        t = {}
+        for filename in sorted(set(weight_map.values())):
+            t.update(_thresholds(os.path.join(directory, filename)))
+        order = metadata.get("names", sorted(entries))
+        return cls(z=stored_tensors({n: entries[n] for n in order}), t={n: t[n] for n in order}, metadata=metadata)
+
+    def masks(self, weights: Mapping[str, torch.Tensor] | nn.Module, spec) -> dict[str, torch.Tensor]:
+        """Keep masks for a MaskSpec; `weights` (a model or {name: W}) supplies the |W| tie-break."""
+        if isinstance(weights, nn.Module):
+            views = {m.name: weight_of(weights, m) for m in model_matrices(weights)}
+            weights = {name: views[name].detach() for name in self.z}
+        return compute_masks(self.z, weights, spec)
+
+
+# ------------------------------------------------------------------ the state of a run in progress
+def block_file(state_dir: str, index: int) -> str:
+    return os.path.join(state_dir, f"block-{index:05d}.safetensors")
+
+
+def save_block(state_dir: str, index: int, z: dict, t: dict, seconds: float, unseen: list[str]) -> None:
+    """Record a finished block atomically: a killed run leaves it whole or absent."""
+    with atomic_file(block_file(state_dir, index)) as tmp:
+        save_file(_zt_tensors(list(z), z, t), tmp, metadata={"seconds": repr(seconds), "unseen": json.dumps(unseen)})
+
+
+def load_block(state_dir: str, index: int) -> tuple[dict[str, float], float, list[str]] | None:
+    """(thresholds, seconds, unseen matrices) of a finished block, or None; its z stays in the file."""
+    path = block_file(state_dir, index)
+    if not os.path.isfile(path):
+        return None
+    with safe_open(path, framework="pt") as handle:
+        metadata = handle.metadata()
+    return _thresholds(path), float(metadata["seconds"]), json.loads(metadata.get("unseen", "[]"))
+
+
+def block_entries(state_dir: str, index: int, names: list[str]) -> dict[str, tuple[str, str]]:
+    """{name: (file, key)} of a finished block's z (for `stored_tensors`)."""
+    path = block_file(state_dir, index)
+    return {name: (path, f"{name}.z") for name in names}
+
+
+def block_z(state_dir: str, index: int, names: list[str]) -> LazyMapping:
+    """The z of a finished block's matrices, read from its file on access."""
+    return stored_tensors(block_entries(state_dir, index, names))

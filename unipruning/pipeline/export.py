@@ -1,0 +1,137 @@
+"""The outputs of prune and mask: the pruned checkpoint (its masks cut from the saliency, or its weights
+reconstructed), the saliency directory, the side files and the report, written into a staging directory.
+
+The same code serves `prune` and `mask`, so `mask` from a saved saliency writes the bytes `prune` wrote.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Callable, Mapping
+
+import torch
+
+from ..algorithm.masks import MaskCutter, masked
+from ..config import MaskSpec
+from ..io.checkpoint import LazyCheckpoint
+from ..io.report import REPORT, Report, Totals, git_hash, peak_memory, versions
+from ..io.saliency import Saliency
+from ..io.staging import write_json
+from ..io.writer import PrunedWriter, copy_side_files
+from ..models import NEVER_PRUNED, family_for
+from .reconstruct import reconstruct, reconstructed, reconstructed_files
+
+SALIENCY_DIR = "saliency"
+RECON_STATE = ".recon"  # per-block reconstructed weights of a run in progress, inside its staging directory
+
+Pruned = Callable[[str, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # (name, W) -> (pruned W, keep)
+
+
+def sparsity_config(spec: MaskSpec, plan: dict[str, MaskSpec], skipped: dict[str, str], metric: str = "unipruning",
+                    reconstruct: str = "none") -> dict:
+    """The `sparsity_config` entry of the pruned config.json."""
+    return {
+        "format": "dense",
+        "method": "sparsegpt" if metric == "sparsegpt" else "unipruning",
+        "reconstruct": reconstruct,
+        "pattern": spec.pattern,
+        "sparsity_structure": spec.pattern,
+        "sparsity": spec.sparsity,
+        "allocation": spec.allocation,
+        "targets": list(plan),
+        "ignore": [*NEVER_PRUNED, *skipped],
+        "overrides": {name: {"sparsity": s.sparsity, "pattern": s.pattern} for name, s in plan.items() if s != spec},
+    }
+
+
+def pruned_writer(checkpoint: LazyCheckpoint, staging: str, plan: dict[str, MaskSpec]) -> PrunedWriter:
+    """The writer of the pruned weights of the planned matrices (one shard per block, io/writer.py)."""
+    chosen = [m for m in checkpoint.matrices if m.name in plan]
+    return PrunedWriter(checkpoint, staging, chosen, {n: s.nm for n, s in plan.items()})
+
+
+def masked_by(cut: Callable[[str, torch.Tensor], torch.Tensor]) -> Pruned:
+    """pruned(name, W) from a mask cutter: W with +0.0 at the dropped entries, and the mask (on the CPU)."""
+
+    def pruned(name: str, weight: torch.Tensor):
+        keep = cut(name, weight).cpu()
+        return masked(weight, keep), keep
+
+    return pruned
+
+
+def streamed_writes(writer: PrunedWriter, plan: dict[str, MaskSpec], spec: MaskSpec, backend: str,
+                    device: torch.device) -> Callable[[int, Mapping[str, torch.Tensor]], None]:
+    """on_block(index, z) for calibration: write block `index`'s pruned shard from its saliency as soon as
+    the block is calibrated (masks per matrix or per row, or N:M, need nothing from later blocks)."""
+
+    def on_block(index: int, z: Mapping[str, torch.Tensor]) -> None:
+        if not writer.block_written(index):  # a resumed run wrote it before the kill
+            writer.write_block(index, masked_by(MaskCutter(z, plan, spec, backend, device)))
+
+    return on_block
+
+
+def saliency_cutter(checkpoint: LazyCheckpoint, saliency: Saliency, plan: dict[str, MaskSpec], spec: MaskSpec,
+                    backend: str, device: torch.device) -> MaskCutter:
+    """The saliency's masks of the planned matrices, computed on `device`; with allocation global the
+    counts are settled over every planned matrix, reading one matrix at a time from the checkpoint."""
+    numels = {m.name: m.shape[0] * m.shape[1] for m in checkpoint.matrices}
+    return MaskCutter(saliency.z, plan, spec, backend, device, checkpoint.lazy(sorted(plan)), numels)
+
+
+def reconstruct_pass(staging: str, checkpoint: LazyCheckpoint, windows: torch.Tensor, batch_size: int,
+                     device: torch.device, dtype: torch.dtype, plan: dict[str, MaskSpec], keep: Callable | None,
+                     backend: str, progress=None, offload: str = "auto") -> tuple[str, dict]:
+    """Run the OBS reconstruction (reconstruct.py) into `staging`; (its state directory, report entry)."""
+    from ..algorithm.obs import BLOCKSIZE, DAMP
+
+    start = time.perf_counter()
+    recon_dir = os.path.join(staging, RECON_STATE)
+    os.makedirs(recon_dir, exist_ok=True)
+    blocks = reconstruct(checkpoint.skeleton(dtype), windows, batch_size, device, checkpoint, recon_dir, plan, keep,
+                         backend, progress, offload)
+    groups = len(family_for(checkpoint.config).sequential)
+    return recon_dir, {
+        "method": "obs", "damp": DAMP, "blocksize": BLOCKSIZE, "seconds": time.perf_counter() - start,
+        "blocks": blocks,
+        "cost": f"a second forward per layer on the pruned stream ({groups} partial forwards to collect each "
+                "group's Hessian, then one for the block's output), beside the calibration's own",
+    }
+
+
+def reconstructed_weights(recon_dir: str) -> Pruned:
+    files = reconstructed_files(recon_dir)
+    return lambda name, weight: reconstructed(files[name], name)
+
+
+def export_checkpoint(checkpoint: LazyCheckpoint, staging: str, writer: PrunedWriter, pruned: Pruned,
+                      plan: dict[str, MaskSpec], skipped: dict[str, str], saliency: Saliency | None, spec: MaskSpec,
+                      report: Report) -> Report:
+    """Write the weights not written yet (`pruned` gives each planned matrix), the side files, the
+    saliency (when there is one) and the report into `staging`; return the report."""
+    matrices = writer.finish(pruned)
+    settings = report.settings
+    copy_side_files(checkpoint.model_dir, staging, sparsity_config(spec, plan, skipped, settings.get("metric", ""),
+                                                                   settings.get("reconstruct", "none")))
+    if saliency is not None:
+        saliency.save(os.path.join(staging, SALIENCY_DIR))
+    report.mask = {"sparsity": spec.sparsity, "pattern": spec.pattern, "allocation": spec.allocation,
+                   "bounds": list(spec.bounds)}
+    report.matrices, report.skipped = matrices, skipped
+    report.total = Totals.of(matrices, checkpoint.num_parameters)
+    report.peak_memory, report.versions, report.git_hash = peak_memory(), versions(), git_hash()
+    write_json(os.path.join(staging, REPORT), report.to_dict())
+    return report
+
+
+def finish(staging: str, report: Report, start: float, *state_dirs: str | None) -> Report:
+    """The report with the job's wall time, rewritten; the run's partial state removed."""
+    report.wall_seconds = time.perf_counter() - start
+    write_json(os.path.join(staging, REPORT), report.to_dict())
+    for state in state_dirs:
+        if state is not None:
+            shutil.rmtree(state)
+    return report

@@ -1,0 +1,49 @@
+"""Learning the saliency, the mode chosen once: layer-streamed (feedback none, pipeline/calibrate.py),
+along a fine-tuning trajectory (feedback full, pipeline/feedback.py), or none at all (the sparsegpt
+metric chooses its masks during the OBS sweep)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import nn
+
+from ..config import PruneConfig, RunOptions
+from ..io.checkpoint import LazyCheckpoint, load_model
+from ..io.report import Report
+from ..io.saliency import Saliency
+from .calibrate import calibrate
+from .feedback import calibrate_full
+
+BLOCK_STATE = ".blocks"  # per-block saliency of a run in progress, inside its partial directory
+UNSEEN_POLICY = ("their input saw no calibration token (experts never routed to): z stays 0 and their masks are "
+                 "cut by |W|, the ranking's second key")
+
+
+def learn_in_memory(model: nn.Module, windows: torch.Tensor, config: PruneConfig,
+                    device: torch.device) -> tuple[Saliency, list[dict] | dict]:
+    """(saliency, per-block timings or the feedback report) of a model in memory."""
+    if config.feedback == "full":
+        return calibrate_full(model, windows, config, device)
+    return calibrate(model, windows, config, device)
+
+
+def learn_from_checkpoint(checkpoint: LazyCheckpoint, windows: torch.Tensor, config: PruneConfig,
+                          device: torch.device, dtype: torch.dtype, state_dir: str,
+                          on_block: Callable[[int, Mapping[str, torch.Tensor]], None] | None, run: RunOptions,
+                          report: Report, start: float) -> Saliency | None:
+    """The saliency of a checkpoint's model (None for the sparsegpt metric), its timings in `report`."""
+    if not config.has_saliency:
+        return None
+    if config.feedback == "full":  # the whole model, fine-tuned along the way; the output keeps the source
+        model = load_model(checkpoint.model_dir, dtype, run.trust_remote_code)
+        saliency, report.feedback = calibrate_full(model, windows, config, device, restore=False)
+    else:  # never the whole model: a meta-device skeleton, each block read from the shards in its turn
+        saliency, report.blocks = calibrate(checkpoint.skeleton(dtype), windows, config, device, checkpoint,
+                                            state_dir, on_block, run.offload, run.progress)
+    report.calibration_seconds = time.perf_counter() - start
+    if saliency.metadata.get("unseen"):
+        report.unseen_matrices = {"matrices": saliency.metadata["unseen"], "policy": UNSEEN_POLICY}
+    return saliency
