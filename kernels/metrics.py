@@ -3,13 +3,14 @@
 For W (out, in) and the channel factor f (in,) float64, one pass produces (float64)
     col_abs[j]       = sum_i |W_ij|
     row_sum[i]       = sum_j |W_ij|                       ria
-                     = sum_j |W_ij| [pi_{key(i)}(j) < tau]  stochria: row i's keyed subset
+                     = sum_j |W_ij| [(pos_c[j] - off_r[i]) mod in  < tau]   stochria: row i's subset
     col_sum[j]       = col_abs[j]                          ria
-                     = sum_i |W_ij| [pi_{key'(j)}(i) < tau] stochria: column j's keyed subset
+                     = sum_i |W_ij| [(pos_r[i] - off_c[j]) mod out < tau]   stochria: column j's subset
     weighted_rows[i] = sum_j |W_ij| f_j                    (ria, stochria: the mean of S)
-The stochria subsets are the keyed Feistel permutations of `reference.keyed_permutation`, evaluated
-forward in registers for every entry (two per entry, cycle walking included), so the pass reads W
-once; `reference.stochastic_subset_sums` gathers the same subsets through the inverse permutation.
+The stochria subsets are the cyclic windows of `reference.subset_vectors` (four int32 vectors the
+launcher computes with that shared torch code): the kernel loads them with the tiles and tests
+membership with one int32 subtraction, fold and compare per entry, so the pass reads W once and
+hashes nothing; `reference.stochastic_subset_sums` gathers the same members from the same vectors.
 Each program covers a column block and a run of row tiles and writes partial sums; the partials
 are added in a fixed order by torch and finished by `reference.finish_step_vectors`, so the
 vectors match the twin (sums of the same terms in float64, rounded to float32).
@@ -26,41 +27,6 @@ from .grid import row_tiled
 
 
 @triton.jit
-def _mix32(x):
-    """reference.mix32 on int64 lanes holding 32-bit values (products stay below 2^63)."""
-    x = x ^ (x >> 16)
-    x = (x * 0x21F0AAAD) & 0xFFFFFFFF
-    x = x ^ (x >> 15)
-    x = (x * 0x735A2D97) & 0xFFFFFFFF
-    x = x ^ (x >> 15)
-    return x
-
-
-@triton.jit
-def _feistel(x, k0, k1, k2, k3, low_bits, low_mask, high_mask):
-    """reference._feistel forward, four alternating rounds."""
-    high = x >> low_bits
-    low = x & low_mask
-    high = high ^ (_mix32(low ^ k0) & high_mask)
-    low = low ^ (_mix32(high ^ k1) & low_mask)
-    high = high ^ (_mix32(low ^ k2) & high_mask)
-    low = low ^ (_mix32(high ^ k3) & low_mask)
-    return (high << low_bits) | low
-
-
-@triton.jit
-def _permute(x, k0, k1, k2, k3, n, bits):
-    """pi_key(x) on [0, n) by cycle walking (reference.keyed_permutation)."""
-    low_bits = bits // 2
-    low_mask = (1 << low_bits) - 1
-    high_mask = (1 << (bits - low_bits)) - 1
-    y = _feistel(x, k0, k1, k2, k3, low_bits, low_mask, high_mask)
-    while tl.max(tl.max((y >= n).to(tl.int32), axis=1), axis=0) > 0:
-        y = tl.where(y >= n, _feistel(y, k0, k1, k2, k3, low_bits, low_mask, high_mask), y)
-    return y
-
-
-@triton.jit
 def _step_sums_kernel(
     col_abs_ptr,
     col_sum_ptr,
@@ -68,14 +34,14 @@ def _step_sums_kernel(
     wrow_ptr,
     w_ptr,
     factor_ptr,
-    row_keys_ptr,
-    col_keys_ptr,
+    pos_r_ptr,
+    off_r_ptr,
+    pos_c_ptr,
+    off_c_ptr,
     rows,
     cols,
     stride_w,
     tau,
-    row_bits,
-    col_bits,
     row_tiles_per_program,
     ROW_SUMS: tl.constexpr,
     STOCH: tl.constexpr,
@@ -90,11 +56,9 @@ def _step_sums_kernel(
     col_sub = tl.zeros((BLOCK_C,), dtype=tl.float64)
     if ROW_SUMS:
         factor = tl.load(factor_ptr + col, mask=col_ok, other=0.0)
-    if STOCH:  # column j's subset: its round keys, permuting row indices
-        ck0 = tl.load(col_keys_ptr + col * 4 + 0, mask=col_ok, other=0)[None, :]
-        ck1 = tl.load(col_keys_ptr + col * 4 + 1, mask=col_ok, other=0)[None, :]
-        ck2 = tl.load(col_keys_ptr + col * 4 + 2, mask=col_ok, other=0)[None, :]
-        ck3 = tl.load(col_keys_ptr + col * 4 + 3, mask=col_ok, other=0)[None, :]
+    if STOCH:  # the columns' positions in the column order, and the columns' offsets in the row order
+        pos_c = tl.load(pos_c_ptr + col, mask=col_ok, other=0)[None, :]
+        off_c = tl.load(off_c_ptr + col, mask=col_ok, other=0)[None, :]
     for i in range(0, row_tiles_per_program):
         row = (pid_r * row_tiles_per_program + i) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
         row_ok = row < rows
@@ -106,14 +70,14 @@ def _step_sums_kernel(
             out = pid_c * rows + row
             tl.store(wrow_ptr + out, tl.sum(a * factor[None, :], axis=1), mask=row_ok)
             if STOCH:
-                rk0 = tl.load(row_keys_ptr + row * 4 + 0, mask=row_ok, other=0)[:, None]
-                rk1 = tl.load(row_keys_ptr + row * 4 + 1, mask=row_ok, other=0)[:, None]
-                rk2 = tl.load(row_keys_ptr + row * 4 + 2, mask=row_ok, other=0)[:, None]
-                rk3 = tl.load(row_keys_ptr + row * 4 + 3, mask=row_ok, other=0)[:, None]
-                jj = tl.where(ok, col[None, :] + row[:, None] * 0, 0)
-                ii = tl.where(ok, row[:, None] + col[None, :] * 0, 0)
-                in_row = _permute(jj, rk0, rk1, rk2, rk3, cols, col_bits) < tau
-                in_col = _permute(ii, ck0, ck1, ck2, ck3, rows, row_bits) < tau
+                pos_r = tl.load(pos_r_ptr + row, mask=row_ok, other=0)[:, None]
+                off_r = tl.load(off_r_ptr + row, mask=row_ok, other=0)[:, None]
+                # int32 cyclic distances in (-n, n), folded into [0, n): membership of the windows.
+                # Masked lanes carry a = 0, so their (meaningless) membership adds nothing.
+                d = pos_c - off_r
+                in_row = tl.where(d < 0, d + cols, d) < tau
+                e = pos_r - off_c
+                in_col = tl.where(e < 0, e + rows, e) < tau
                 tl.store(row_sum_ptr + out, tl.sum(tl.where(in_row, a, 0.0), axis=1), mask=row_ok)
                 col_sub += tl.sum(tl.where(in_col, a, 0.0), axis=0)
             else:
@@ -141,13 +105,12 @@ def step_sums_triton(weight: torch.Tensor, factor: torch.Tensor, metric: str, ba
     wrow = torch.empty((col_blocks, rows), **f64) if row_sums else col_abs
     tau = R.stochria_tau(rows, cols)
     if stoch:
-        row_keys = torch.stack(R._round_keys(R.subset_keys(base_key, 0, rows, dev)), dim=1).contiguous()
-        col_keys = torch.stack(R._round_keys(R.subset_keys(base_key, 1, cols, dev)), dim=1).contiguous()
+        subsets = R.subset_vectors(base_key, rows, cols, dev)
     else:
-        row_keys = col_keys = torch.zeros(4, dtype=torch.int64, device=dev)
+        subsets = (torch.zeros(1, dtype=torch.int32, device=dev),) * 4
     _step_sums_kernel[(col_blocks, programs_r)](
-        col_abs, col_sum, row_sum, wrow, weight, factor.to(torch.float64).contiguous(), row_keys, col_keys,
-        rows, cols, weight.stride(0), tau, R._domain_bits(rows), R._domain_bits(cols), per_program,
+        col_abs, col_sum, row_sum, wrow, weight, factor.to(torch.float64).contiguous(), *subsets,
+        rows, cols, weight.stride(0), tau, per_program,
         ROW_SUMS=row_sums, STOCH=stoch, BLOCK_R=block_r, BLOCK_C=block_c,
     )
     col_abs_total = col_abs.sum(dim=0)

@@ -16,6 +16,18 @@ computed once per step in float64 by `step_vectors` (shared code, every backend 
 float32; the elementwise update uses only correctly rounded float32 operations in the order written in
 `mirror_update_` (no fused multiply-add: each product is rounded before it is added).
 
+stochria's sums run over keyed subsets of exactly tau = max(1, floor(0.2 min(out, in))) entries of
+every row and every column (`subset_vectors`, keyed by derive_key(seed, matrix, step)). pos_c is a
+keyed order of the columns (ranks under the unique sort keys hash(j) * 2^31 + j) and off_r[i] a
+keyed offset mod in; row i takes the columns at positions off_r[i], ..., off_r[i] + tau - 1 (mod in)
+of that order. A window of tau distinct positions of a permutation holds exactly tau columns, and
+for a random order it is a uniformly random tau-subset; columns are symmetric (pos_r, off_c mod
+out). Rows are not independent draws: all windows of one order, so two rows overlap by
+max(0, tau - cyclic offset distance) (tau^2 / in on average, as for independent subsets) and share
+their subset when their offsets agree (probability 1 / in). Every backend reads the same four
+int32 vectors, made by the same torch code from unique sort keys, so the subsets are identical on
+every device, rank and resume.
+
 Masks rank entries by a total order: z descending, then |W| descending, then flat index ascending
 (`rank_keys` packs the first two into one int64; ties on it go to the lower index).
 """
@@ -30,8 +42,7 @@ __all__ = [
     "MASK32",
     "mix32",
     "derive_key",
-    "keyed_permutation",
-    "keyed_permutation_inverse",
+    "subset_vectors",
     "stochastic_subset_sums",
     "act_sqsum_",
     "channel_factor",
@@ -53,12 +64,11 @@ __all__ = [
 ]
 
 MASK32 = 0xFFFFFFFF
-# Multipliers below 2**31, so that a 32-bit value times one of them fits in int64 without overflow and
-# torch (int64) and Triton (uint32, wrapping) compute the same low 32 bits.
+# Multipliers below 2**31 (and odd, so that mix32 is a bijection): a 32-bit value times one of them
+# fits in int64 without overflow, on Python ints and torch tensors alike.
 _M1 = 0x21F0AAAD
 _M2 = 0x735A2D97
 _GOLDEN = 0x9E3779B9
-_ROUNDS = 4
 
 METRICS = ("magnitude", "wanda", "ria", "stochria")
 RIA_EXPONENT = 0.25  # n_j ** (a / 2) with a = 0.5
@@ -68,10 +78,12 @@ SUM_FLOOR = 1e-12
 
 
 # --------------------------------------------------------------------------------------------------
-# Keyed permutation (stochria subsets)
+# Keyed hashing and the stochria subsets
 # --------------------------------------------------------------------------------------------------
 def mix32(x: torch.Tensor | int) -> torch.Tensor | int:
-    """A 32-bit integer hash (xorshift-multiply). Works on Python ints and int64 tensors alike."""
+    """A 32-bit integer hash (xorshift-multiply). Works on Python ints and int64 tensors alike.
+
+    A bijection of [0, 2^32): each step (xorshift, product with an odd multiplier mod 2^32) is one."""
     x = x ^ (x >> 16)
     x = (x * _M1) & MASK32
     x = x ^ (x >> 15)
@@ -95,75 +107,66 @@ def derive_key(*parts: int) -> int:
     return key
 
 
-def _domain_bits(n: int) -> int:
-    return max(2, (n - 1).bit_length())  # smallest power-of-two domain >= n: cycle walks stay short
+# The roles of the four keyed vectors of one matrix and step (the last part of their derived keys).
+_ORDER, _OFFSET = 0, 1
 
 
-def _round_keys(keys: torch.Tensor) -> list[torch.Tensor]:
-    return [mix32(keys ^ ((r * _GOLDEN) & MASK32)) for r in range(1, _ROUNDS + 1)]
-
-
-def _feistel(x: torch.Tensor, rkeys: list[torch.Tensor], bits: int, inverse: bool) -> torch.Tensor:
-    # Alternating (unbalanced) Feistel on a `bits`-bit domain: high half of ceil(bits/2) bits, low half
-    # of floor(bits/2); even rounds xor the high half with F(low), odd rounds the low half with F(high).
-    # Each round is its own inverse (the half fed to F is unchanged), so the inverse runs them reversed.
-    low_bits = bits // 2
-    low_mask, high_mask = (1 << low_bits) - 1, (1 << (bits - low_bits)) - 1
-    high, low = x >> low_bits, x & low_mask
-    order = range(len(rkeys) - 1, -1, -1) if inverse else range(len(rkeys))
-    for r in order:
-        if r % 2 == 0:
-            high = high ^ (mix32(low ^ rkeys[r]) & high_mask)
-        else:
-            low = low ^ (mix32(high ^ rkeys[r]) & low_mask)
-    return (high << low_bits) | low
-
-
-def _cycle_walk(x: torch.Tensor, keys: torch.Tensor, n: int, inverse: bool) -> torch.Tensor:
-    bits = _domain_bits(n)
-    keys = keys.expand_as(x)
-    rkeys = _round_keys(keys)
-    y = _feistel(x, rkeys, bits, inverse)
-    # Cycle walking: a value that leaves [0, n) is permuted again; the cycle through a start below n
-    # returns below n, so this ends, after fewer than 2 rounds on average (domain < 2n).
-    out = y >= n
-    while bool(out.any()):
-        idx = out.nonzero(as_tuple=True)
-        y[idx] = _feistel(y[idx], [k[idx] for k in rkeys], bits, inverse)
-        out = y >= n
-    return y
-
-
-def keyed_permutation(x: torch.Tensor, keys: torch.Tensor, n: int) -> torch.Tensor:
-    """pi_key(x) for x in [0, n): a bijection of [0, n) per key. x, keys: int64, broadcastable."""
-    return _cycle_walk(x.to(torch.int64), keys.to(torch.int64), n, inverse=False)
-
-
-def keyed_permutation_inverse(y: torch.Tensor, keys: torch.Tensor, n: int) -> torch.Tensor:
-    """pi_key^-1(y): the inverse of `keyed_permutation` for the same key."""
-    return _cycle_walk(y.to(torch.int64), keys.to(torch.int64), n, inverse=True)
-
-
-def subset_keys(base: int, axis: int, count: int, device: torch.device) -> torch.Tensor:
-    """Per-row (axis 0) or per-column (axis 1) keys for the stochria subsets of one matrix and step."""
-    axis_key = derive_key(base, axis)
+def _index_hash(key: int, count: int, device: torch.device) -> torch.Tensor:
+    """(count,) int64 32-bit hashes of the indices 0..count-1 under `key`: a bijection of the index
+    (mix32 is one), so distinct indices get distinct hashes."""
     idx = torch.arange(count, dtype=torch.int64, device=device)
-    return mix32(mix32(idx ^ axis_key) ^ _GOLDEN)
+    return mix32(mix32(idx ^ key) ^ _GOLDEN)
 
 
-# Elements per chunk of hash work. On a CPU, int64 temporaries that stay in cache make it 3x faster;
-# on a GPU, every chunk costs ~50 kernel launches, so the work goes in one piece.
+def _keyed_positions(key: int, count: int, device: torch.device) -> torch.Tensor:
+    """pos[j] = the rank of j when 0..count-1 are sorted by hash(j) * 2^31 + j. The sort keys are
+    unique, so every correct sort (stable or not, any device) yields the same permutation. (A shift
+    by 31, not 32: the keys stay below 2^63, no signed overflow; count < 2^31 keeps j in the low bits.)"""
+    idx = torch.arange(count, dtype=torch.int64, device=device)
+    sort_key = (_index_hash(key, count, device) << 31) | idx
+    pos = torch.empty_like(idx)
+    pos[sort_key.argsort()] = idx
+    return pos.to(torch.int32)
+
+
+def subset_vectors(
+    base_key: int, rows: int, cols: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The stochria subsets of one matrix (rows, cols) and step, as four int32 vectors
+    (pos_r (rows,), off_r (rows,), pos_c (cols,), off_c (cols,)):
+
+        row i's subset    = { j : (pos_c[j] - off_r[i]) mod cols < tau }
+        column j's subset = { i : (pos_r[i] - off_c[j]) mod rows < tau }
+
+    pos_c is a keyed order of the columns, off_r[i] a keyed offset in [0, cols): row i takes the tau
+    consecutive (cyclically) columns of that order from off_r[i] on; symmetrically for the columns.
+    The only code that makes subsets: every backend reads these vectors, so all see the same ones.
+    """
+    pos_c = _keyed_positions(derive_key(base_key, 0, _ORDER), cols, device)
+    off_r = (_index_hash(derive_key(base_key, 0, _OFFSET), rows, device) % cols).to(torch.int32)
+    pos_r = _keyed_positions(derive_key(base_key, 1, _ORDER), rows, device)
+    off_c = (_index_hash(derive_key(base_key, 1, _OFFSET), cols, device) % rows).to(torch.int32)
+    return pos_r, off_r, pos_c, off_c
+
+
+# Gathered elements per chunk: on a CPU, index temporaries that stay in cache are faster; on a GPU,
+# every chunk costs kernel launches, so the work goes in one piece.
 _CHUNK = {"cpu": 1 << 16}
 _CHUNK_DEFAULT = 1 << 26
 
 
-def _subset_members(keys: torch.Tensor, tau: int, n: int) -> torch.Tensor:
-    """(len(keys), tau): the indices pi_key^-1(0..tau-1) of each key's subset of [0, n)."""
-    t = torch.arange(tau, dtype=torch.int64, device=keys.device)
-    per_chunk = max(1, _CHUNK.get(keys.device.type, _CHUNK_DEFAULT) // tau)
+def _window_sums(a: torch.Tensor, pos: torch.Tensor, off: torch.Tensor, tau: int) -> torch.Tensor:
+    """(n,) float64: sum_t a[i, order[(off[i] + t) mod m]] for t < tau, a (n, m), order = pos^-1."""
+    m = a.shape[1]
+    order = torch.empty(m + tau, dtype=torch.int64, device=a.device)
+    order[pos.to(torch.int64)] = torch.arange(m, dtype=torch.int64, device=a.device)
+    order[m:] = order[:tau]  # the cyclic wrap, so that window k is order[k:k + tau]
+    windows = order.unfold(0, tau, 1)  # (m + 1, tau) view: windows[k] = members of offset k
+    off = off.to(torch.int64)
+    per_chunk = max(1, _CHUNK.get(a.device.type, _CHUNK_DEFAULT) // tau)
     parts = [
-        keyed_permutation_inverse(t.expand(k.shape[0], tau).clone(), k[:, None], n)
-        for k in keys.split(per_chunk)
+        a[i0:i0 + per_chunk].gather(1, windows[off[i0:i0 + per_chunk]]).sum(dim=1, dtype=torch.float64)
+        for i0 in range(0, a.shape[0], per_chunk)
     ]
     return torch.cat(parts)
 
@@ -173,15 +176,14 @@ def stochastic_subset_sums(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Row and column sums of |W| over the keyed subsets of exactly `tau` entries (float64).
 
-    Column j is in row i's subset iff pi_{key(i)}(j) < tau, i.e. the subset is pi^-1([0, tau)):
-    evaluating the inverse permutation on [0, tau) costs tau hashes per row instead of `in`.
-    """
+    Row i's members are order_c[(off_r[i] + t) mod cols], t < tau (order_c the inverse of pos_c of
+    `subset_vectors`): gathers, (rows + cols) * tau work, no data-dependent loop."""
     rows, cols = weight_abs.shape
-    dev = weight_abs.device
-    col_idx = _subset_members(subset_keys(base_key, 0, rows, dev), tau, cols)  # (out, tau)
-    row_sums = weight_abs.gather(1, col_idx).sum(dim=1, dtype=torch.float64)
-    row_idx = _subset_members(subset_keys(base_key, 1, cols, dev), tau, rows)  # (in, tau)
-    col_sums = weight_abs.t().gather(1, row_idx).sum(dim=1, dtype=torch.float64)
+    if not 1 <= tau <= min(rows, cols):
+        raise ValueError(f"tau must be in [1, {min(rows, cols)}] for a {rows}x{cols} matrix, got {tau}")
+    pos_r, off_r, pos_c, off_c = subset_vectors(base_key, rows, cols, weight_abs.device)
+    row_sums = _window_sums(weight_abs, pos_c, off_r, tau)
+    col_sums = _window_sums(weight_abs.t(), pos_r, off_c, tau)
     return row_sums, col_sums
 
 

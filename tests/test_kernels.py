@@ -37,9 +37,9 @@ def test_act_sqsum_matches_twin(shape, dtype):
 @pytest.mark.parametrize("shape", SHAPES + [(64, 3), (300, 70)])
 @pytest.mark.parametrize("metric", ["magnitude", "wanda", "ria", "stochria"])
 def test_step_sums_and_vectors_match_twin(shape, metric):
-    """One reduction pass (stochria subsets by forward permutation in registers) against the twin's
-    sums (inverse-permutation gathers): the same terms, so float64 agrees to rounding and the
-    float32 vectors exactly."""
+    """One reduction pass (stochria subsets by a membership test per entry) against the twin's sums
+    (gathers of the same members): the same terms, so float64 agrees to rounding and the float32
+    vectors exactly."""
     gen = torch.Generator().manual_seed(4)
     w = torch.randn(*shape, generator=gen).to(device())
     sq = torch.rand(shape[1], generator=gen, dtype=torch.float64).to(device())

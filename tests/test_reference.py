@@ -8,53 +8,13 @@ import torch
 from unipruning.kernels import reference as R
 
 
-# ----------------------------------------------------------------------------- keyed permutation
-@pytest.mark.parametrize("n", [1, 2, 3, 5, 16, 17, 100, 1023, 4097])
-def test_keyed_permutation_is_a_bijection_with_its_inverse(n):
-    x = torch.arange(n)
-    for key in (0, 7, R.derive_key(3, 1, 4)):
-        y = R.keyed_permutation(x, torch.tensor(key), n)
-        assert sorted(y.tolist()) == list(range(n))
-        assert torch.equal(R.keyed_permutation_inverse(y, torch.tensor(key), n), x)
-
-
-def test_keyed_permutation_depends_on_the_key():
-    x = torch.arange(1000)
-    a = R.keyed_permutation(x, torch.tensor(R.derive_key(0, 1, 2)), 1000)
-    b = R.keyed_permutation(x, torch.tensor(R.derive_key(0, 1, 3)), 1000)
-    assert (a != b).float().mean() > 0.9
-
-
+# ----------------------------------------------------------------------------- keys (subsets: test_subsets.py)
 def test_derive_key_is_stable_and_sensitive():
     assert R.derive_key(1, 2, 3) == R.derive_key(1, 2, 3)
     assert len({R.derive_key(*p) for p in itertools.product(range(4), repeat=3)}) == 64
     assert R.derive_key(2**40 + 5) != R.derive_key(5)  # large seeds are folded, not truncated
     with pytest.raises(ValueError):
         R.derive_key(-1)
-
-
-@pytest.mark.parametrize("shape", [(1, 4), (7, 12), (33, 100), (64, 16)])
-def test_stochastic_subsets_have_exactly_tau_entries(shape):
-    tau = R.stochria_tau(*shape)
-    rows, cols = R.stochastic_subset_sums(torch.ones(shape), base_key=99, tau=tau)
-    assert rows.dtype == torch.float64 and torch.equal(rows, torch.full((shape[0],), float(tau), dtype=torch.float64))
-    assert torch.equal(cols, torch.full((shape[1],), float(tau), dtype=torch.float64))
-
-
-def test_stochastic_subsets_match_forward_membership():
-    """Gathering pi^-1([0, tau)) must equal testing pi(j) < tau for every entry (the fused kernel's way)."""
-    w = torch.rand(9, 14, dtype=torch.float64)
-    tau = R.stochria_tau(9, 14)
-    key = R.derive_key(5, 6, 7)
-    rows, cols = R.stochastic_subset_sums(w, key, tau)
-    rkeys = R.subset_keys(key, 0, 9, w.device)[:, None]
-    ckeys = R.subset_keys(key, 1, 14, w.device)[None, :]
-    j = torch.arange(14)[None, :].expand(9, 14).clone()
-    i = torch.arange(9)[:, None].expand(9, 14).clone()
-    in_row = R.keyed_permutation(j, rkeys, 14) < tau
-    in_col = R.keyed_permutation(i, ckeys, 9) < tau
-    assert torch.allclose(rows, (w * in_row).sum(1), rtol=0, atol=1e-12)
-    assert torch.allclose(cols, (w * in_col).sum(0), rtol=0, atol=1e-12)
 
 
 # --------------------------------------------------------------------------------- local metrics
