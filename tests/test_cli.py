@@ -55,7 +55,7 @@ def test_prune_copies_side_files_and_writes_saliency_and_report(pruned, tiny_lla
     assert "saliency_config.json" in saliency and "saliency.safetensors.index.json" in saliency
     with open(os.path.join(pruned, "saliency", "saliency_config.json")) as f:
         meta = json.load(f)
-    assert meta["format_version"] == 1 and meta["metric"] == "stochria" and meta["steps"] == 8
+    assert meta["format_version"] == 2 and meta["metric"] == "stochria" and meta["steps"] == 8
     with open(os.path.join(pruned, "pruning_report.json")) as f:
         report = json.load(f)
     assert report["total"]["sparsity"] == pytest.approx(0.6, abs=1e-3)

@@ -20,6 +20,7 @@ from .config import (
     METRICS,
     OFFLOAD_MODES,
     RECONSTRUCTIONS,
+    SALIENCY_UPDATES,
     Calibration,
     MaskConfig,
     MaskSpec,
@@ -100,6 +101,9 @@ def _prune_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--kappa", type=float, default=0.01, help="mirror step size")
     p.add_argument("--lam", type=float, default=0.001, help="fraction of entries below the threshold t")
+    p.add_argument("--saliency-update", choices=SALIENCY_UPDATES, default="auto",
+                   help="closed-form: the saliency from per-step vectors in one product per matrix (frozen "
+                        "weights); exact: the recursion step by step; auto: closed-form for --feedback none")
     _compute_arguments(p)
     _targeting_arguments(p)
 
@@ -209,7 +213,8 @@ def _prune(args) -> None:
 
     config = PruneConfig(mask=_mask_spec(args), metric=args.metric, kappa=args.kappa, lam=args.lam,
                          batch_size=args.batch_size, seed=args.seed, device=args.device, dtype=args.dtype,
-                         backend=args.backend, reconstruct=args.reconstruct, feedback=args.feedback)
+                         backend=args.backend, reconstruct=args.reconstruct, feedback=args.feedback,
+                         saliency_update=args.saliency_update)
     calibration = Calibration(args.calib, args.nsamples, args.seqlen, args.tokenizer)
     report = prune_checkpoint(args.model, args.out, config, calibration, _run_options(args, dry_run=args.dry_run),
                               _targeting(args))

@@ -22,6 +22,7 @@ DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 BACKENDS = ("auto", "torch", "triton")
 OFFLOAD_MODES = ("auto", "always", "never")
+SALIENCY_UPDATES = ("auto", "closed-form", "exact")
 
 _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
@@ -108,7 +109,9 @@ class PruneConfig:
     metric: local score S (or 'sparsegpt': SparseGPT's own masks, no saliency); kappa: mirror step
     size; lam: fraction of entries below the threshold t; batch_size: windows per mirror step (and per
     forward of the reconstruction); seed: calibration windows and stochria subsets; reconstruct: 'obs'
-    updates the kept weights after masking.
+    updates the kept weights after masking. saliency_update: 'exact' runs the recursion step by step over
+    every entry; 'closed-form' (feedback none only) gets the same saliency from per-step vectors in one
+    product per matrix (docs/method.md, "The closed form"); 'auto' is closed-form for feedback none.
     """
 
     mask: MaskSpec = field(default_factory=MaskSpec)
@@ -122,9 +125,11 @@ class PruneConfig:
     device: str = "auto"
     dtype: str = "auto"
     backend: str = "auto"
+    saliency_update: str = "auto"
 
     def __post_init__(self) -> None:
         _choice("metric", self.metric, METRICS)
+        _choice("saliency_update", self.saliency_update, SALIENCY_UPDATES)
         if not (isinstance(self.kappa, (int, float)) and self.kappa > 0 and math.isfinite(self.kappa)):
             raise UsageError(f"`kappa`: expected a positive number, got {self.kappa!r}")
         if not (isinstance(self.lam, (int, float)) and 0 <= self.lam < 1):
@@ -134,6 +139,9 @@ class PruneConfig:
         _choice("feedback", self.feedback, FEEDBACKS)
         if self.feedback == "full" and self.metric == "sparsegpt":
             raise UsageError("`feedback` full calibrates a saliency; `metric` sparsegpt has none")
+        if self.feedback == "full" and self.saliency_update == "closed-form":
+            raise UsageError("`saliency_update` closed-form needs frozen weights: `feedback` full moves them "
+                             "(use exact or auto)")
         _check_compute(self.device, self.dtype, self.backend, self.reconstruct, self.batch_size)
         if self.metric == "sparsegpt":
             if self.reconstruct != "obs":
@@ -145,6 +153,11 @@ class PruneConfig:
     @property
     def has_saliency(self) -> bool:
         return self.metric != "sparsegpt"
+
+    @property
+    def closed_form(self) -> bool:
+        """Whether the saliency is computed in closed form ('auto': whenever the weights are frozen)."""
+        return self.saliency_update == "closed-form" or (self.saliency_update == "auto" and self.feedback == "none")
 
     def to_dict(self) -> dict:
         return asdict(self)

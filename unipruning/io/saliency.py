@@ -26,7 +26,7 @@ from ..lazy import LazyMapping
 from ..models import model_matrices, weight_of
 from .staging import atomic_file
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: stochria subsets as keyed cyclic windows; the closed-form update (metadata)
 SALIENCY_CONFIG = "saliency_config.json"
 SALIENCY_INDEX = "saliency.safetensors.index.json"
 

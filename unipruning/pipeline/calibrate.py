@@ -18,7 +18,9 @@ import torch
 from torch import nn
 
 from .. import backends
-from ..algorithm.metrics import ActivationStats
+from ..algorithm import closed_form
+from ..algorithm.masks import floor_count
+from ..algorithm.metrics import ActivationStats, step_key
 from ..algorithm.mirror import MirrorState
 from ..config import PruneConfig
 from ..io import saliency as store
@@ -76,6 +78,47 @@ def _calibrate_block(model, matrices: list[Matrix], stream: BlockStream, index: 
     return {name: value.cpu() for name, value in state.z.items()}, dict(state.t), state.unseen()
 
 
+def _step_history(model, matrices: list[Matrix], stream: BlockStream, index: int, config: PruneConfig,
+                  backend: str) -> dict[str, list[tuple[torch.Tensor, int]]]:
+    """All steps of one block, recording each input's statistics per step ({source: [(sqsum, tokens)]},
+    summed over the data-parallel processes): all the closed form needs. Its outputs replace its inputs."""
+    block = decoder_blocks(model)[index]
+    stats = source_stats(model, matrices, config, backend)
+    history: dict[str, list] = {source: [] for source in stats}
+    with observe(model, list(stats), lambda source, x: stats[source].add(x)):
+        for k in range(len(stream.hidden)):
+            for s in stats.values():
+                s.reset()
+            stream.advance(block, index, k)
+            for source, st in stats.items():
+                sqsum, tokens = distributed.sum_over_ranks(st.sqsum, st.tokens)
+                history[source].append((sqsum.clone(), tokens))
+    return history
+
+
+def _closed_form_block(model, matrices: list[Matrix], stream: BlockStream, index: int, config: PruneConfig,
+                       backend: str):
+    """(z, t, unseen) of one block's matrices from the closed form (algorithm/closed_form.py); a step in
+    which a matrix's input saw no token is left out, as the exact recursion leaves it."""
+    history = _step_history(model, matrices, stream, index, config, backend)
+    steps = len(stream.hidden)
+    z, t, unseen = {}, {}, []
+    for m in matrices:
+        weight = weight_of(model, m)
+        records = history.get(m.source, [(None, 0)] * steps)
+        informative = [k for k, (_, tokens) in enumerate(records) if tokens > 0 or m.source not in history]
+        if not informative:
+            z[m.name], t[m.name] = torch.zeros(m.shape, dtype=torch.float32), 0.0
+            unseen.append(m.name)
+            continue
+        vectors = closed_form.step_vectors(weight, [records[k][0] for k in informative],
+                                           [records[k][1] for k in informative], config.metric,
+                                           [step_key(config.seed, m.name, k) for k in informative])
+        zm, tm = closed_form.saliency(weight, *vectors, config.kappa, max(1, floor_count(config.lam, weight.numel())))
+        z[m.name], t[m.name] = zm.cpu(), float(tm)  # the host waits here, once per matrix and block
+    return z, t, unseen
+
+
 def saliency_metadata(model: nn.Module, config: PruneConfig, windows: torch.Tensor, names: list[str],
                       unseen: list[str]) -> dict:
     """How a saliency was obtained (stored in its directory; `mask` checks the fingerprint)."""
@@ -91,6 +134,7 @@ def saliency_metadata(model: nn.Module, config: PruneConfig, windows: torch.Tens
         "seqlen": int(windows.shape[1]),
         "feedback": config.feedback,
         "seed": config.seed,
+        "saliency_update": "closed-form" if config.closed_form else "exact",
         "names": names,
         "unseen": unseen,
     }
@@ -113,7 +157,8 @@ def _run_block(model, stream: BlockStream, index: int, config: PruneConfig, back
     matrices = block_matrices(model, index)
     saved = store.load_block(state_dir, index) if state_dir else None
     if saved is None:
-        z, t, unseen = _calibrate_block(model, matrices, stream, index, config, backend)
+        learn = _closed_form_block if config.closed_form else _calibrate_block
+        z, t, unseen = learn(model, matrices, stream, index, config, backend)
         seconds = time.perf_counter() - start
         if state_dir and distributed.is_main():
             store.save_block(state_dir, index, z, t, seconds, unseen)
