@@ -50,9 +50,14 @@ def _mask_arguments(p: argparse.ArgumentParser) -> None:
                    help="fraction of weights removed, in (0, 1) (default 0.5; implied by an N:M pattern)")
     p.add_argument("--pattern", default="unstructured", help="unstructured, or N:M (keep N of every M), e.g. 2:4")
     p.add_argument("--allocation", choices=ALLOCATIONS, default="layer",
-                   help="budget per matrix (layer), per output row (row) or one global threshold (global)")
+                   help="budget per matrix (layer), per output row (row), one global threshold (global), or per "
+                        "block from its outlier ratio (owl)")
     p.add_argument("--bounds", nargs=2, type=_fraction, metavar=("S_MIN", "S_MAX"), default=(0.0, 0.99),
                    help="per-matrix sparsity bounds of --allocation global (default 0 0.99)")
+    p.add_argument("--owl-m", type=float, default=5.0,
+                   help="--allocation owl: an outlier is an entry above this times its block's mean saliency")
+    p.add_argument("--owl-lambda", type=float, default=0.08,
+                   help="--allocation owl: block sparsities stay within +-this of --sparsity")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
 
 
@@ -171,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
 # ------------------------------------------------------------------------------------------ options
 def _mask_spec(args) -> MaskSpec:
     return MaskSpec(sparsity=args.sparsity, pattern=args.pattern, allocation=args.allocation,
-                    bounds=tuple(args.bounds))
+                    bounds=tuple(args.bounds), owl_m=args.owl_m, owl_lambda=args.owl_lambda)
 
 
 def _targeting(args):

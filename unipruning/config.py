@@ -16,7 +16,7 @@ from .errors import UsageError
 SALIENCY_METRICS = ("magnitude", "wanda", "ria", "stochria")
 METRICS = (*SALIENCY_METRICS, "sparsegpt")
 RECONSTRUCTIONS = ("none", "obs")
-ALLOCATIONS = ("layer", "row", "global")
+ALLOCATIONS = ("layer", "row", "global", "owl")
 FEEDBACKS = ("none", "full")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -58,14 +58,18 @@ class MaskSpec:
     """Which mask to cut from a saliency.
 
     sparsity: fraction of entries removed, in (0, 1). With an N:M pattern it is implied (1 - N/M) and
-    may be left None. allocation: 'layer' (per matrix), 'row' (per output row) or 'global' (one
-    threshold over all matrices, each matrix's sparsity within `bounds`).
+    may be left None. allocation: 'layer' (per matrix), 'row' (per output row), 'global' (one
+    threshold over all matrices, each matrix's sparsity within `bounds`) or 'owl' (per decoder block,
+    from its outlier ratio: blocks with more entries above owl_m times the block's mean saliency keep
+    more, within +-owl_lambda of `sparsity`, averaging exactly to it; OWL, Yin et al. 2024).
     """
 
     sparsity: float | None = None
     pattern: str = "unstructured"
     allocation: str = "layer"
     bounds: tuple[float, float] = (0.0, 0.99)
+    owl_m: float = 5.0
+    owl_lambda: float = 0.08
 
     def __post_init__(self) -> None:
         nm = parse_pattern(self.pattern)
@@ -88,6 +92,18 @@ class MaskSpec:
         if not 0 <= lo <= hi < 1:
             raise UsageError(f"`bounds`: expected 0 <= s_min <= s_max < 1, got {self.bounds}")
         object.__setattr__(self, "bounds", (float(lo), float(hi)))
+        if not (isinstance(self.owl_m, (int, float)) and self.owl_m > 0):
+            raise UsageError(f"`owl_m`: expected a positive number, got {self.owl_m!r}")
+        if not (isinstance(self.owl_lambda, (int, float)) and 0 <= self.owl_lambda):
+            raise UsageError(f"`owl_lambda`: expected a non-negative number, got {self.owl_lambda!r}")
+        if self.allocation == "owl" and not 0 <= self.sparsity - self.owl_lambda < self.sparsity + self.owl_lambda < 1:
+            raise UsageError(f"`owl_lambda` {self.owl_lambda} takes blocks outside (0, 1) around `sparsity` "
+                             f"{self.sparsity}")
+
+    @property
+    def cross_block(self) -> bool:
+        """Whether a matrix's mask depends on the saliency of other blocks (global, owl)."""
+        return self.allocation in ("global", "owl")
 
     @property
     def nm(self) -> tuple[int, int] | None:

@@ -37,6 +37,7 @@ from .pipeline.export import (
     export_checkpoint,
     finish,
     masked_by,
+    note_allocation,
     pruned_writer,
     reconstruct_pass,
     reconstructed_weights,
@@ -217,13 +218,14 @@ def _prune_into(staging: str, source: _Source, windows, config: PruneConfig, dev
     writer = pruned_writer(source.checkpoint, staging, source.plan)
     # masks that need no other block's saliency: each block's weights are written as it finishes
     streamed = (config.feedback == "none" and config.reconstruct == "none" and config.has_saliency
-                and config.mask.allocation != "global")
+                and not config.mask.cross_block)
     report.weights_written = "per block during calibration" if streamed else "after calibration"
     on_block = streamed_writes(writer, source.plan, config.mask, backend, device) if streamed else None
     saliency = learn_from_checkpoint(source.checkpoint, windows, config, device, dtype, state_dir, on_block, run,
                                      report, start)
     cut = None if saliency is None else saliency_cutter(source.checkpoint, saliency, source.plan, config.mask,
                                                         backend, device)
+    note_allocation(report, cut, config.mask)
     pruned, recon_dir = (None if cut is None else masked_by(cut)), None
     if config.reconstruct == "obs":
         recon_dir, report.reconstruction = reconstruct_pass(staging, source.checkpoint, windows, config.batch_size,
@@ -265,6 +267,7 @@ def mask_checkpoint(model_dir: str, saliency_dir: str, out: str, spec: MaskSpec,
         report.calibration["seed"] = calibration.seed
     with staged_directory(out) as staging:
         cut = saliency_cutter(source.checkpoint, saliency, source.plan, spec, backend, device)
+        note_allocation(report, cut, spec)
         pruned, recon_dir = masked_by(cut), None
         if windows is not None:
             recon_dir, report.reconstruction = reconstruct_pass(

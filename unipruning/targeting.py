@@ -99,7 +99,7 @@ class Targeting:
         for regex in targets:
             if not any(regex.search(m.name) for m in matrices):
                 raise UsageError(f"`targets`: {regex.pattern!r} matches no prunable matrix")
-        if self.overrides and spec.allocation == "global":
+        if self.overrides and spec.cross_block:
             raise UsageError("`recipe` overrides set per-matrix sparsities: use `allocation` layer or row")
         pruned, skipped = {}, {}
         for m in matrices:
@@ -122,7 +122,8 @@ class Targeting:
                 pattern = o.pattern or (spec.pattern if o.sparsity is None else "unstructured")
                 nm = pattern != "unstructured"
                 return MaskSpec(sparsity=None if nm else (o.sparsity if o.sparsity is not None else spec.sparsity),
-                                pattern=pattern, allocation="layer" if nm else spec.allocation, bounds=spec.bounds)
+                                pattern=pattern, allocation="layer" if nm else spec.allocation, bounds=spec.bounds,
+                                owl_m=spec.owl_m, owl_lambda=spec.owl_lambda)
         return spec
 
     def to_dict(self) -> dict:

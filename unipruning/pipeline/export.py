@@ -82,6 +82,13 @@ def saliency_cutter(checkpoint: LazyCheckpoint, saliency: Saliency, plan: dict[s
     return MaskCutter(saliency.z, plan, spec, backend, device, checkpoint.lazy(sorted(plan)), numels)
 
 
+def note_allocation(report: Report, cut: MaskCutter | None, spec: MaskSpec) -> None:
+    """Record OWL's block sparsities in the report's mask entry (other allocations need no note)."""
+    if cut is not None and cut.block_sparsities is not None:
+        report.mask = {"owl": {"m": spec.owl_m, "lambda": spec.owl_lambda,
+                               "block_sparsity": {str(b): s for b, s in cut.block_sparsities.items()}}}
+
+
 def reconstruct_pass(staging: str, checkpoint: LazyCheckpoint, windows: torch.Tensor, batch_size: int,
                      device: torch.device, dtype: torch.dtype, plan: dict[str, MaskSpec], keep: Callable | None,
                      backend: str, progress=None, offload: str = "auto") -> tuple[str, dict]:
@@ -119,7 +126,7 @@ def export_checkpoint(checkpoint: LazyCheckpoint, staging: str, writer: PrunedWr
     if saliency is not None:
         saliency.save(os.path.join(staging, SALIENCY_DIR))
     report.mask = {"sparsity": spec.sparsity, "pattern": spec.pattern, "allocation": spec.allocation,
-                   "bounds": list(spec.bounds)}
+                   "bounds": list(spec.bounds), **(report.mask or {})}
     report.matrices, report.skipped = matrices, skipped
     report.total = Totals.of(matrices, checkpoint.num_parameters)
     report.peak_memory, report.versions, report.git_hash = peak_memory(), versions(), git_hash()
