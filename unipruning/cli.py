@@ -77,6 +77,12 @@ def _targeting_arguments(p: argparse.ArgumentParser) -> None:
                         "would take over a third of the GPU's free memory)")
 
 
+def _guide_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--guide-alpha", type=float, default=None, metavar="ALPHA",
+                   help="with --reconstruct obs: let the sweep choose the pruned entries by SparseGPT's score "
+                        "w^2/U_ii^2 times (saliency rank)^ALPHA instead of keeping the saliency's mask")
+
+
 def _compute_arguments(p: argparse.ArgumentParser, device_help: str | None = None) -> None:
     p.add_argument("--device", choices=DEVICES, default="auto", help=device_help)
     p.add_argument("--dtype", choices=DTYPES, default="auto",
@@ -94,6 +100,7 @@ def _prune_parser(sub) -> None:
                    help="local score anchoring the saliency; sparsegpt: SparseGPT's masks (needs --reconstruct obs)")
     p.add_argument("--reconstruct", choices=RECONSTRUCTIONS, default="none",
                    help="obs: update the kept weights after masking (OBS sweep, a second forward per layer)")
+    _guide_argument(p)
     p.add_argument("--feedback", choices=FEEDBACKS, default="none",
                    help="none: layer-streamed, any size; full: S measured along AdamW fine-tuning of the whole "
                         "model (must fit in memory; the output keeps the original weights)")
@@ -121,6 +128,7 @@ def _mask_parser(sub) -> None:
     _mask_arguments(p)
     p.add_argument("--reconstruct", choices=RECONSTRUCTIONS, default="none",
                    help="obs: update the kept weights after masking (needs --calib)")
+    _guide_argument(p)
     p.add_argument("--calib", default=None, help="calibration text of --reconstruct obs (as for prune)")
     p.add_argument("--nsamples", type=int, default=None, help="default: the saliency's")
     p.add_argument("--seqlen", type=int, default=None, help="default: the saliency's")
@@ -219,7 +227,7 @@ def _prune(args) -> None:
     config = PruneConfig(mask=_mask_spec(args), metric=args.metric, kappa=args.kappa, lam=args.lam,
                          batch_size=args.batch_size, seed=args.seed, device=args.device, dtype=args.dtype,
                          backend=args.backend, reconstruct=args.reconstruct, feedback=args.feedback,
-                         saliency_update=args.saliency_update)
+                         saliency_update=args.saliency_update, guide_alpha=args.guide_alpha)
     calibration = Calibration(args.calib, args.nsamples, args.seqlen, args.tokenizer)
     report = prune_checkpoint(args.model, args.out, config, calibration, _run_options(args, dry_run=args.dry_run),
                               _targeting(args))
@@ -239,7 +247,7 @@ def _mask(args) -> None:
     from .jobs import mask_checkpoint
 
     config = MaskConfig(reconstruct=args.reconstruct, batch_size=args.batch_size, device=args.device,
-                        dtype=args.dtype, backend=args.backend)
+                        dtype=args.dtype, backend=args.backend, guide_alpha=args.guide_alpha)
     calibration = None
     if args.calib is not None:
         calibration = Calibration(args.calib, args.nsamples, args.seqlen, args.tokenizer, args.seed)

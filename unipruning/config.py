@@ -110,12 +110,24 @@ class MaskSpec:
         return parse_pattern(self.pattern)
 
 
-def _check_compute(device: str, dtype: str, backend: str, reconstruct: str, batch_size: int) -> None:
+def _check_compute(device: str, dtype: str, backend: str, reconstruct: str, batch_size: int,
+                   guide_alpha: float | None) -> None:
     _choice("device", device, DEVICES)
     _choice("dtype", dtype, DTYPES)
     _choice("backend", backend, BACKENDS)
     _choice("reconstruct", reconstruct, RECONSTRUCTIONS)
     _positive_int("batch_size", batch_size)
+    if guide_alpha is not None:
+        if not (isinstance(guide_alpha, (int, float)) and guide_alpha >= 0 and math.isfinite(guide_alpha)):
+            raise UsageError(f"`guide_alpha`: expected a non-negative number, got {guide_alpha!r}")
+        if reconstruct != "obs":
+            raise UsageError("`guide_alpha` guides the OBS sweep's choice of pruned entries: pass `reconstruct` obs")
+
+
+def check_guide(guide_alpha: float | None, spec: MaskSpec) -> None:
+    if guide_alpha is not None and spec.allocation == "row":
+        raise UsageError("`guide_alpha`: the guided sweep chooses per matrix, not per row (use `allocation` layer, "
+                         "global or owl, or an N:M pattern)")
 
 
 @dataclass(frozen=True)
@@ -125,7 +137,9 @@ class PruneConfig:
     metric: local score S (or 'sparsegpt': SparseGPT's own masks, no saliency); kappa: mirror step
     size; lam: fraction of entries below the threshold t; batch_size: windows per mirror step (and per
     forward of the reconstruction); seed: calibration windows and stochria subsets; reconstruct: 'obs'
-    updates the kept weights after masking. saliency_update: 'exact' runs the recursion step by step over
+    updates the kept weights after masking; guide_alpha (with reconstruct 'obs'): instead of the saliency's
+    mask, let the sweep choose the pruned entries by SparseGPT's score times (saliency rank)^guide_alpha.
+    saliency_update: 'exact' runs the recursion step by step over
     every entry; 'closed-form' (feedback none only) gets the same saliency from per-step vectors in one
     product per matrix (docs/method.md, "The closed form"); 'auto' is closed-form for feedback none.
     """
@@ -142,6 +156,7 @@ class PruneConfig:
     dtype: str = "auto"
     backend: str = "auto"
     saliency_update: str = "auto"
+    guide_alpha: float | None = None
 
     def __post_init__(self) -> None:
         _choice("metric", self.metric, METRICS)
@@ -158,7 +173,10 @@ class PruneConfig:
         if self.feedback == "full" and self.saliency_update == "closed-form":
             raise UsageError("`saliency_update` closed-form needs frozen weights: `feedback` full moves them "
                              "(use exact or auto)")
-        _check_compute(self.device, self.dtype, self.backend, self.reconstruct, self.batch_size)
+        _check_compute(self.device, self.dtype, self.backend, self.reconstruct, self.batch_size, self.guide_alpha)
+        check_guide(self.guide_alpha, self.mask)
+        if self.metric == "sparsegpt" and self.guide_alpha is not None:
+            raise UsageError("`guide_alpha` weighs the sweep by the saliency: `metric` sparsegpt has none")
         if self.metric == "sparsegpt":
             if self.reconstruct != "obs":
                 raise UsageError("`metric` sparsegpt chooses its masks during the OBS sweep: pass `reconstruct` obs")
@@ -182,16 +200,18 @@ class PruneConfig:
 @dataclass(frozen=True)
 class MaskConfig:
     """How `mask_checkpoint` computes: reconstruct 'obs' runs the OBS pass (it needs a Calibration),
-    batch_size windows per forward of that pass, and where (device, dtype, backend)."""
+    batch_size windows per forward of that pass, guide_alpha as for PruneConfig, and where (device, dtype,
+    backend)."""
 
     reconstruct: str = "none"
     batch_size: int = 1
     device: str = "auto"
     dtype: str = "auto"
     backend: str = "auto"
+    guide_alpha: float | None = None
 
     def __post_init__(self) -> None:
-        _check_compute(self.device, self.dtype, self.backend, self.reconstruct, self.batch_size)
+        _check_compute(self.device, self.dtype, self.backend, self.reconstruct, self.batch_size, self.guide_alpha)
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from torch import nn
 from . import backends
 from .algorithm.masks import MaskCutter, check_plan, mask_stats, masked
 from .backends import resolve_device, resolve_dtype
-from .config import Calibration, MaskConfig, MaskSpec, PruneConfig, RunOptions
+from .config import Calibration, MaskConfig, MaskSpec, PruneConfig, RunOptions, check_guide
 from .data import calibration_windows, windows_hash
 from .errors import UsageError
 from .io.checkpoint import LazyCheckpoint, load_config, load_tokenizer
@@ -38,6 +38,8 @@ from .pipeline.export import (
     finish,
     masked_by,
     note_allocation,
+    obs_choice,
+    obs_rule,
     pruned_writer,
     reconstruct_pass,
     reconstructed_weights,
@@ -229,8 +231,10 @@ def _prune_into(staging: str, source: _Source, windows, config: PruneConfig, dev
     pruned, recon_dir = (None if cut is None else masked_by(cut)), None
     if config.reconstruct == "obs":
         recon_dir, report.reconstruction = reconstruct_pass(staging, source.checkpoint, windows, config.batch_size,
-                                                            device, dtype, source.plan, cut, backend, run.progress,
-                                                            run.offload)
+                                                            device, dtype, source.plan,
+                                                            obs_choice(cut, config.guide_alpha, backend), backend,
+                                                            run.progress, run.offload)
+        report.reconstruction["rule"] = obs_rule(cut, config.guide_alpha)
         pruned = reconstructed_weights(recon_dir)
     report = export_checkpoint(source.checkpoint, staging, writer, pruned, source.plan, source.skipped, saliency,
                                config.mask, report)
@@ -244,6 +248,7 @@ def mask_checkpoint(model_dir: str, saliency_dir: str, out: str, spec: MaskSpec,
     the kept weights are reconstructed on `calibration` (nsamples, seqlen, seed default to the saliency's)."""
     start, targeting = time.perf_counter(), targeting or Targeting()
     config, run = config or MaskConfig(), run or RunOptions()
+    check_guide(config.guide_alpha, spec)
     source = _open(model_dir, spec, targeting, run.trust_remote_code, config.reconstruct)
     if config.reconstruct == "obs" and calibration is None:
         raise UsageError("`reconstruct` obs: pass `calib` (the windows are run through the pruned model)")
@@ -254,8 +259,8 @@ def mask_checkpoint(model_dir: str, saliency_dir: str, out: str, spec: MaskSpec,
     if set(saliency.z) != set(source.checkpoint.shapes()):
         raise UsageError("`saliency_dir`: its matrices do not match the model's prunable matrices")
     report = Report(command="mask", model=os.path.abspath(model_dir), saliency=os.path.abspath(saliency_dir),
-                    settings={**saliency.metadata, "reconstruct": config.reconstruct, "backend_used": backend,
-                              "device_used": str(device)}, targeting=targeting.to_dict())
+                    settings={**saliency.metadata, "reconstruct": config.reconstruct, "guide_alpha": config.guide_alpha,
+                              "backend_used": backend, "device_used": str(device)}, targeting=targeting.to_dict())
     windows = None
     if config.reconstruct == "obs":
         meta = saliency.metadata
@@ -272,8 +277,9 @@ def mask_checkpoint(model_dir: str, saliency_dir: str, out: str, spec: MaskSpec,
         if windows is not None:
             recon_dir, report.reconstruction = reconstruct_pass(
                 staging, source.checkpoint, windows, config.batch_size, device,
-                resolve_dtype(config.dtype, source.config, device), source.plan, cut, backend, run.progress,
-                run.offload)
+                resolve_dtype(config.dtype, source.config, device), source.plan,
+                obs_choice(cut, config.guide_alpha, backend), backend, run.progress, run.offload)
+            report.reconstruction["rule"] = obs_rule(cut, config.guide_alpha)
             pruned = reconstructed_weights(recon_dir)
         writer = pruned_writer(source.checkpoint, staging, source.plan)
         report = export_checkpoint(source.checkpoint, staging, writer, pruned, source.plan, source.skipped, saliency,

@@ -41,17 +41,29 @@ def inverse_factor(h: torch.Tensor, name: str) -> tuple[torch.Tensor | None, tor
     return None, dead
 
 
-def sweep_rule(spec: MaskSpec, numel: int) -> dict:
-    """SparseGPT's mask rule for a matrix of `numel` entries: N:M, or a count per matrix (layer)."""
+def sweep_rule(spec: MaskSpec, numel: int, kept: int | None = None) -> dict:
+    """SparseGPT's mask rule for a matrix of `numel` entries: N:M, or a count per matrix (`kept`, when a
+    cross-block allocation settled it, else the spec's sparsity)."""
     if spec.nm is not None:
         return {"nm": spec.nm}
-    return {"prune_count": numel - keep_count(spec.sparsity, numel)}
+    return {"prune_count": numel - (keep_count(spec.sparsity, numel) if kept is None else kept)}
+
+
+def guide_prior(z: torch.Tensor, weight: torch.Tensor, alpha: float, backend: str | None) -> torch.Tensor:
+    """(rank of each entry under the saliency's order / numel)^alpha, float32 in (0, 1]: multiplied into
+    SparseGPT's score w^2 / U_ii^2, it makes the entries the saliency ranks low cheaper to prune."""
+    keys = ops.rank_keys(z.to(weight.device), weight, backend=backend).reshape(-1)
+    rank = torch.empty(keys.numel(), dtype=torch.float64, device=keys.device)
+    rank[keys.argsort(stable=True)] = torch.arange(1, keys.numel() + 1, dtype=torch.float64, device=keys.device)
+    return (rank / keys.numel()).pow(alpha).to(torch.float32).reshape(weight.shape)
 
 
 def reconstruct_weight(weight: torch.Tensor, h: torch.Tensor, keep: torch.Tensor | None, spec: MaskSpec,
-                       name: str, backend: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+                       name: str, backend: str | None, prior: torch.Tensor | None = None,
+                       kept: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(reconstructed weight in float32, keep mask): kept entries updated, pruned ones +0.0. `keep` None:
-    SparseGPT's rule under `spec` chooses the mask during the sweep."""
+    SparseGPT's rule under `spec` (or keeping `kept` entries) chooses the mask during the sweep, its score
+    times `prior` if given."""
     w = weight.to(torch.float32, copy=True)
     u, dead = inverse_factor(h, name)
     if u is None:
@@ -59,6 +71,7 @@ def reconstruct_weight(weight: torch.Tensor, h: torch.Tensor, keep: torch.Tensor
             return torch.where(keep, w, 0.0), keep
         u = torch.eye(w.shape[1], dtype=torch.float32, device=w.device)  # no curvature: rank by magnitude
     w[:, dead] = 0.0
-    rule = {} if keep is not None else sweep_rule(spec, w.numel())
-    keep = ops.obs_sweep_(w, u, keep, blocksize=BLOCKSIZE, backend=backend, **rule)
+    rule = {} if keep is not None else sweep_rule(spec, w.numel(), kept)
+    keep = ops.obs_sweep_(w, u, keep, blocksize=BLOCKSIZE, prior=None if keep is not None else prior,
+                          backend=backend, **rule)
     return w, keep

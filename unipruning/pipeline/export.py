@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 import torch
 
 from ..algorithm.masks import MaskCutter, masked
+from ..algorithm.obs import BLOCKSIZE, DAMP, guide_prior
 from ..config import MaskSpec
 from ..io.checkpoint import LazyCheckpoint
 from ..io.report import REPORT, Report, Totals, git_hash, peak_memory, versions
@@ -89,17 +90,33 @@ def note_allocation(report: Report, cut: MaskCutter | None, spec: MaskSpec) -> N
                                "block_sparsity": {str(b): s for b, s in cut.block_sparsities.items()}}}
 
 
+def obs_choice(cut: MaskCutter | None, guide_alpha: float | None, backend: str) -> Callable | None:
+    """What the OBS pass is told of each matrix's mask (pipeline/reconstruct.py): the saliency's mask;
+    with `guide_alpha`, no mask but the saliency's rank prior for SparseGPT's rule (and the count of a
+    cross-block allocation); None (the sparsegpt metric): SparseGPT's rule alone."""
+    if cut is None:
+        return None
+    if guide_alpha is None:
+        return lambda name, weight: (cut(name, weight), None, None)
+    return lambda name, weight: (None, guide_prior(cut.z[name], weight, guide_alpha, backend),
+                                 cut.counts.get(name))
+
+
+def obs_rule(cut: MaskCutter | None, guide_alpha: float | None) -> str:
+    if cut is None:
+        return "sparsegpt: smallest w^2/U_ii^2"
+    return "saliency mask" if guide_alpha is None else f"guided: smallest w^2/U_ii^2 * saliency rank^{guide_alpha}"
+
+
 def reconstruct_pass(staging: str, checkpoint: LazyCheckpoint, windows: torch.Tensor, batch_size: int,
-                     device: torch.device, dtype: torch.dtype, plan: dict[str, MaskSpec], keep: Callable | None,
+                     device: torch.device, dtype: torch.dtype, plan: dict[str, MaskSpec], choice: Callable | None,
                      backend: str, progress=None, offload: str = "auto") -> tuple[str, dict]:
     """Run the OBS reconstruction (reconstruct.py) into `staging`; (its state directory, report entry)."""
-    from ..algorithm.obs import BLOCKSIZE, DAMP
-
     start = time.perf_counter()
     recon_dir = os.path.join(staging, RECON_STATE)
     os.makedirs(recon_dir, exist_ok=True)
-    blocks = reconstruct(checkpoint.skeleton(dtype), windows, batch_size, device, checkpoint, recon_dir, plan, keep,
-                         backend, progress, offload)
+    blocks = reconstruct(checkpoint.skeleton(dtype), windows, batch_size, device, checkpoint, recon_dir, plan,
+                         choice, backend, progress, offload)
     groups = len(family_for(checkpoint.config).sequential)
     return recon_dir, {
         "method": "obs", "damp": DAMP, "blocksize": BLOCKSIZE, "seconds": time.perf_counter() - start,

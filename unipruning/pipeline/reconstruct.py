@@ -9,10 +9,11 @@ block then produces the next block's input. Each block costs one forward per gro
 output, beside the calibration's own forward; the saliency stays on the dense stream, so `mask` still
 re-masks in seconds (but each new mask needs this pass again).
 
-Masks come from `keep_for(name, weight)` (the saliency's, for UniPruning), or, with the `sparsegpt`
-metric, from SparseGPT's rule applied during the sweep. Finished blocks are saved atomically in
-`state_dir` (the reconstructed weights in the checkpoint's dtype, and the masks), so a killed run
-resumes after the last finished block with identical bytes.
+Masks come from `choice(name, weight)` -> (keep, prior, kept): the saliency's mask (UniPruning), or no
+mask and SparseGPT's rule applied during the sweep, keeping `kept` entries (or the spec's count), its
+score times the saliency's rank prior (Γ-guided) or alone (`choice` None: the `sparsegpt` metric).
+Finished blocks are saved atomically in `state_dir` (the reconstructed weights in the checkpoint's
+dtype, and the masks), so a killed run resumes after the last finished block with identical bytes.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def _state_file(state_dir: str, index: int) -> str:
 
 
 def _reconstruct_block(block: nn.Module, index: int, prefix: str, linears: dict[str, nn.Linear], groups,
-                       stream: BlockStream, originals: dict[str, torch.Tensor], keep_for, plan, backend):
+                       stream: BlockStream, originals: dict[str, torch.Tensor], choice, plan, backend):
     """Reconstruct the planned linears of one block group by group; ({name: weight as stored}, {name: mask})."""
     stored, masks = {}, {}
     for group in groups:
@@ -72,8 +73,8 @@ def _reconstruct_block(block: nn.Module, index: int, prefix: str, linears: dict[
             continue
         h = _group_hessian(block, next(iter(members.values())), stream, index, backend)
         for name, lin in members.items():
-            keep = keep_for(name, originals[name]) if keep_for is not None else None
-            weight, mask = reconstruct_weight(lin.weight.data, h, keep, plan[name], name, backend)
+            keep, prior, kept = choice(name, originals[name]) if choice is not None else (None, None, None)
+            weight, mask = reconstruct_weight(lin.weight.data, h, keep, plan[name], name, backend, prior, kept)
             masks[name] = mask.cpu()
             lin.weight.data.copy_(weight)  # in the compute dtype, then as it will be stored:
             stored[name] = lin.weight.data.to(originals[name].dtype).cpu()
@@ -89,7 +90,7 @@ def _block_linears(model: nn.Module, block: nn.Module, index: int, plan) -> tupl
 
 
 def _run_block(model, checkpoint: LazyCheckpoint, block: nn.Module, index: int, stream: BlockStream, state_dir: str,
-               plan, keep_for, backend, start: float) -> bool:
+               plan, choice, backend, start: float) -> bool:
     """Reconstruct block `index` into its state file, or replay it from there; True when replayed."""
     prefix, linears = _block_linears(model, block, index, plan)
     path = _state_file(state_dir, index)
@@ -100,7 +101,7 @@ def _run_block(model, checkpoint: LazyCheckpoint, block: nn.Module, index: int, 
         return True
     originals = checkpoint.read(list(linears))  # stored dtype: what masks and outputs are cut from
     groups = family_for(model.config).sequential
-    stored, masks = _reconstruct_block(block, index, prefix, linears, groups, stream, originals, keep_for, plan,
+    stored, masks = _reconstruct_block(block, index, prefix, linears, groups, stream, originals, choice, plan,
                                        backend)
     tensors = {**stored, **{f"{n}.keep": m for n, m in masks.items()}}
     with atomic_file(path) as tmp:
@@ -117,7 +118,7 @@ def reconstruct(
     checkpoint: LazyCheckpoint,
     state_dir: str,
     plan: dict[str, MaskSpec],
-    keep_for: Callable[[str, torch.Tensor], torch.Tensor] | None,
+    choice: Callable[[str, torch.Tensor], tuple] | None,
     backend: str,
     progress: Callable[[int, int], None] | None = None,
     offload: str = "auto",
@@ -135,7 +136,7 @@ def reconstruct(
         start = time.perf_counter()
         block = checkpoint.load_block(model, index, device, compute_dtype)
         try:
-            resumed = _run_block(model, checkpoint, block, index, stream, state_dir, plan, keep_for, backend, start)
+            resumed = _run_block(model, checkpoint, block, index, stream, state_dir, plan, choice, backend, start)
             for k in range(len(stream.hidden)):
                 stream.advance(block, index, k)
         finally:
