@@ -742,11 +742,11 @@ def helper_ext_probe(path: str) -> None:
     print(json.dumps(info))
 
 
-def helper_prepare_e2e(scratch: str) -> None:
+def helper_prepare_e2e(scratch: str, root: str = ROOT) -> None:
     """bench_e2e.py reads its texts from ../shared/data/shakespeare beside the checkout; where that is absent
     (the device machine has only the checkout) point it at the copy in benchmarks/data."""
     os.makedirs(scratch, exist_ok=True)
-    expected = os.path.join(os.path.dirname(ROOT), "shared", "data", "shakespeare")
+    expected = os.path.join(os.path.dirname(root), "shared", "data", "shakespeare")
     if os.path.isdir(expected):
         print(f"{expected} exists")
         return
@@ -859,8 +859,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def print_plan(plan: list[Step], deadline: float) -> None:
-    total = sum(s.budget_s for s in plan if not s.run_if_failed)
-    print(f"{len(plan)} steps, budgets {total:.0f} s in all (fallbacks not counted), deadline {deadline:.0f} s\n")
+    total = sum(s.budget_s for s in plan if not s.run_if_failed and not s.skip_reason)
+    print(f"{len(plan)} steps, budgets {total:.0f} s in all (fallbacks and known skips not counted), "
+          f"deadline {deadline:.0f} s for the whole run\n")
     for s in plan:
         cond = f" [only if {s.run_if_failed} fails]" if s.run_if_failed else ""
         cond += f" [skipped: {s.skip_reason}]" if s.skip_reason else ""
