@@ -216,7 +216,6 @@ def _e2e_step(work: str, layers: int) -> Step:
     scratch = os.path.join(work, "e2e")
     return Step("e2e-70b", 110, f"bench_e2e.py --shape 70b: {layers} decoder layers, 128 x 2048 tokens; the 80 "
                 "layers are extrapolated", [
-                    Command(_py(SCRIPT, "--helper", "prepare-e2e", scratch)),
                     Command(_py(os.path.join(ROOT, "benchmarks", "bench_e2e.py"), "--shape", "70b", "--layers",
                                 str(layers), "--nsamples", "128", "--seqlen", "2048", "--work", scratch,
                                 "--out", out))],
@@ -742,19 +741,6 @@ def helper_ext_probe(path: str) -> None:
     print(json.dumps(info))
 
 
-def helper_prepare_e2e(scratch: str, root: str = ROOT) -> None:
-    """bench_e2e.py reads its texts from ../shared/data/shakespeare beside the checkout; where that is absent
-    (the device machine has only the checkout) point it at the copy in benchmarks/data."""
-    os.makedirs(scratch, exist_ok=True)
-    expected = os.path.join(os.path.dirname(root), "shared", "data", "shakespeare")
-    if os.path.isdir(expected):
-        print(f"{expected} exists")
-        return
-    os.makedirs(os.path.dirname(expected), exist_ok=True)
-    os.symlink(TEXTS, expected)
-    print(f"linked {expected} -> {TEXTS}")
-
-
 def _tensor_digests(directory: str) -> dict[str, str]:
     import hashlib
 
@@ -823,8 +809,6 @@ def run_helper(name: str, args: list[str]) -> int:
         print(json.dumps(helper_make_model(a.work, a.model, a.layers)))
     elif name == "ext-probe":
         helper_ext_probe(args[0])
-    elif name == "prepare-e2e":
-        helper_prepare_e2e(args[0])
     elif name == "compare":
         return helper_compare(*args)
     elif name == "nccl-probe":

@@ -373,12 +373,3 @@ except gc.Terminated:
     assert "terminated (SIGTERM)" in steps[1]["reason"]
 
 
-def test_prepare_e2e_points_bench_e2e_at_the_texts_in_the_checkout(tmp_path):
-    root, scratch = tmp_path / "checkout", tmp_path / "scratch"
-    root.mkdir()
-    gc.helper_prepare_e2e(str(scratch), root=str(root))
-    link = tmp_path / "shared" / "data" / "shakespeare"
-    assert scratch.is_dir() and os.path.realpath(link) == os.path.realpath(gc.TEXTS)
-    assert (link / "hamlet_gut.txt").is_file()
-    gc.helper_prepare_e2e(str(scratch), root=str(root))  # a second time: left as it is
-    assert os.path.islink(link)
