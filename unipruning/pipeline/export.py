@@ -84,18 +84,19 @@ def saliency_cutter(checkpoint: LazyCheckpoint, saliency: Saliency, plan: dict[s
 
 def reconstruct_pass(staging: str, checkpoint: LazyCheckpoint, windows: torch.Tensor, batch_size: int,
                      device: torch.device, dtype: torch.dtype, plan: dict[str, MaskSpec], keep: Callable | None,
-                     backend: str, progress=None, offload: str = "auto") -> tuple[str, dict]:
-    """Run the OBS reconstruction (reconstruct.py) into `staging`; (its state directory, report entry)."""
-    from ..algorithm.obs import BLOCKSIZE, DAMP
+                     backend: str, progress=None, offload: str = "auto", obs=None) -> tuple[str, dict]:
+    """Run the OBS reconstruction (reconstruct.py) into `staging`; (its state directory, report entry).
+    obs: algorithm.obs.ObsSettings (default: SparseGPT's dampening and block size)."""
+    from ..algorithm.obs import ObsSettings
 
-    start = time.perf_counter()
+    start, obs = time.perf_counter(), obs or ObsSettings()
     recon_dir = os.path.join(staging, RECON_STATE)
     os.makedirs(recon_dir, exist_ok=True)
     blocks = reconstruct(checkpoint.skeleton(dtype), windows, batch_size, device, checkpoint, recon_dir, plan, keep,
-                         backend, progress, offload)
+                         backend, progress, offload, obs)
     groups = len(family_for(checkpoint.config).sequential)
     return recon_dir, {
-        "method": "obs", "damp": DAMP, "blocksize": BLOCKSIZE, "seconds": time.perf_counter() - start,
+        "method": "obs", "damp": obs.damp, "blocksize": obs.blocksize, "seconds": time.perf_counter() - start,
         "blocks": blocks,
         "cost": f"a second forward per layer on the pruned stream ({groups} partial forwards to collect each "
                 "group's Hessian, then one for the block's output), beside the calibration's own",
