@@ -23,6 +23,8 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 BACKENDS = ("auto", "torch", "triton")
 OFFLOAD_MODES = ("auto", "always", "never")
 SALIENCY_UPDATES = ("auto", "closed-form", "exact")
+# the OBS pass's defaults (SparseGPT's --percdamp and --blocksize; algorithm/obs.py)
+PERCDAMP, BLOCKSIZE = 0.01, 128
 
 _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
@@ -130,6 +132,20 @@ def check_guide(guide_alpha: float | None, spec: MaskSpec) -> None:
                          "global or owl, or an N:M pattern)")
 
 
+def _check_obs(percdamp, blocksize) -> None:
+    if not (isinstance(percdamp, (int, float)) and not isinstance(percdamp, bool) and 0 < percdamp
+            and math.isfinite(percdamp)):
+        raise UsageError(f"`percdamp`: expected a positive fraction of the mean Hessian diagonal, got {percdamp!r}")
+    _positive_int("blocksize", blocksize)
+
+
+def obs_settings(percdamp: float, blocksize: int) -> dict:
+    """The OBS settings as a report records them: only those that differ from SparseGPT's defaults, so that
+    reports (and run keys) of runs with the defaults are what they were before the settings existed."""
+    return {k: v for k, v in (("percdamp", percdamp), ("blocksize", blocksize))
+            if v != {"percdamp": PERCDAMP, "blocksize": BLOCKSIZE}[k]}
+
+
 @dataclass(frozen=True)
 class PruneConfig:
     """Calibration settings (docs/method.md) plus the mask to cut at the end.
@@ -142,6 +158,8 @@ class PruneConfig:
     saliency_update: 'exact' runs the recursion step by step over
     every entry; 'closed-form' (feedback none only) gets the same saliency from per-step vectors in one
     product per matrix (docs/method.md, "The closed form"); 'auto' is closed-form for feedback none.
+    percdamp, blocksize: the OBS pass's dampening (fraction of the mean Hessian diagonal) and columns per
+    lazy batch (SparseGPT's --percdamp and --blocksize).
     """
 
     mask: MaskSpec = field(default_factory=MaskSpec)
@@ -157,9 +175,12 @@ class PruneConfig:
     backend: str = "auto"
     saliency_update: str = "auto"
     guide_alpha: float | None = None
+    percdamp: float = PERCDAMP
+    blocksize: int = BLOCKSIZE
 
     def __post_init__(self) -> None:
         _choice("metric", self.metric, METRICS)
+        _check_obs(self.percdamp, self.blocksize)
         _choice("saliency_update", self.saliency_update, SALIENCY_UPDATES)
         if not (isinstance(self.kappa, (int, float)) and self.kappa > 0 and math.isfinite(self.kappa)):
             raise UsageError(f"`kappa`: expected a positive number, got {self.kappa!r}")
@@ -194,14 +215,16 @@ class PruneConfig:
         return self.saliency_update == "closed-form" or (self.saliency_update == "auto" and self.feedback == "none")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        settings = asdict(self)
+        del settings["percdamp"], settings["blocksize"]
+        return {**settings, **obs_settings(self.percdamp, self.blocksize)}
 
 
 @dataclass(frozen=True)
 class MaskConfig:
     """How `mask_checkpoint` computes: reconstruct 'obs' runs the OBS pass (it needs a Calibration),
-    batch_size windows per forward of that pass, guide_alpha as for PruneConfig, and where (device, dtype,
-    backend)."""
+    batch_size windows per forward of that pass, guide_alpha, percdamp and blocksize as PruneConfig's, and
+    where (device, dtype, backend)."""
 
     reconstruct: str = "none"
     batch_size: int = 1
@@ -209,9 +232,12 @@ class MaskConfig:
     dtype: str = "auto"
     backend: str = "auto"
     guide_alpha: float | None = None
+    percdamp: float = PERCDAMP
+    blocksize: int = BLOCKSIZE
 
     def __post_init__(self) -> None:
         _check_compute(self.device, self.dtype, self.backend, self.reconstruct, self.batch_size, self.guide_alpha)
+        _check_obs(self.percdamp, self.blocksize)
 
 
 @dataclass(frozen=True)
@@ -244,7 +270,8 @@ class Calibration:
 class RunOptions:
     """How a job on checkpoint directories runs: overwrite a non-empty output; where activations live
     between blocks (offload: auto, always = pinned CPU memory, never); allow a checkpoint's own
-    modelling code; dry_run: plan only, write nothing; progress(done, total) per block of each pass."""
+    modelling code; dry_run: plan only, write nothing; progress(done, total) per block of each pass, first
+    with done 0 before the pass's first block (a progress.Progress shows bars)."""
 
     overwrite: bool = False
     offload: str = "auto"

@@ -22,6 +22,7 @@ from torch import nn
 
 from . import backends
 from .algorithm.masks import MaskCutter, check_plan, mask_stats, masked
+from .algorithm.obs import ObsSettings
 from .backends import resolve_device, resolve_dtype
 from .config import Calibration, MaskConfig, MaskSpec, PruneConfig, RunOptions, check_guide
 from .data import calibration_windows, windows_hash
@@ -233,7 +234,8 @@ def _prune_into(staging: str, source: _Source, windows, config: PruneConfig, dev
         recon_dir, report.reconstruction = reconstruct_pass(staging, source.checkpoint, windows, config.batch_size,
                                                             device, dtype, source.plan,
                                                             obs_choice(cut, config.guide_alpha, backend), backend,
-                                                            run.progress, run.offload)
+                                                            run.progress, run.offload,
+                                                            ObsSettings(config.percdamp, config.blocksize))
         report.reconstruction["rule"] = obs_rule(cut, config.guide_alpha)
         pruned = reconstructed_weights(recon_dir)
     report = export_checkpoint(source.checkpoint, staging, writer, pruned, source.plan, source.skipped, saliency,
@@ -278,7 +280,8 @@ def mask_checkpoint(model_dir: str, saliency_dir: str, out: str, spec: MaskSpec,
             recon_dir, report.reconstruction = reconstruct_pass(
                 staging, source.checkpoint, windows, config.batch_size, device,
                 resolve_dtype(config.dtype, source.config, device), source.plan,
-                obs_choice(cut, config.guide_alpha, backend), backend, run.progress, run.offload)
+                obs_choice(cut, config.guide_alpha, backend), backend, run.progress, run.offload,
+                ObsSettings(config.percdamp, config.blocksize))
             report.reconstruction["rule"] = obs_rule(cut, config.guide_alpha)
             pruned = reconstructed_weights(recon_dir)
         writer = pruned_writer(source.checkpoint, staging, source.plan)

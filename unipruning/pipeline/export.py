@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 import torch
 
 from ..algorithm.masks import MaskCutter, masked
-from ..algorithm.obs import BLOCKSIZE, DAMP, guide_prior
+from ..algorithm.obs import ObsSettings, guide_prior
 from ..config import MaskSpec
 from ..io.checkpoint import LazyCheckpoint
 from ..io.report import REPORT, Report, Totals, git_hash, peak_memory, versions
@@ -110,16 +110,17 @@ def obs_rule(cut: MaskCutter | None, guide_alpha: float | None) -> str:
 
 def reconstruct_pass(staging: str, checkpoint: LazyCheckpoint, windows: torch.Tensor, batch_size: int,
                      device: torch.device, dtype: torch.dtype, plan: dict[str, MaskSpec], choice: Callable | None,
-                     backend: str, progress=None, offload: str = "auto") -> tuple[str, dict]:
-    """Run the OBS reconstruction (reconstruct.py) into `staging`; (its state directory, report entry)."""
-    start = time.perf_counter()
+                     backend: str, progress=None, offload: str = "auto", obs=None) -> tuple[str, dict]:
+    """Run the OBS reconstruction (reconstruct.py) into `staging`; (its state directory, report entry).
+    obs: algorithm.obs.ObsSettings (default: SparseGPT's dampening and block size)."""
+    start, obs = time.perf_counter(), obs or ObsSettings()
     recon_dir = os.path.join(staging, RECON_STATE)
     os.makedirs(recon_dir, exist_ok=True)
     blocks = reconstruct(checkpoint.skeleton(dtype), windows, batch_size, device, checkpoint, recon_dir, plan,
-                         choice, backend, progress, offload)
+                         choice, backend, progress, offload, obs)
     groups = len(family_for(checkpoint.config).sequential)
     return recon_dir, {
-        "method": "obs", "damp": DAMP, "blocksize": BLOCKSIZE, "seconds": time.perf_counter() - start,
+        "method": "obs", "damp": obs.damp, "blocksize": obs.blocksize, "seconds": time.perf_counter() - start,
         "blocks": blocks,
         "cost": f"a second forward per layer on the pruned stream ({groups} partial forwards to collect each "
                 "group's Hessian, then one for the block's output), beside the calibration's own",

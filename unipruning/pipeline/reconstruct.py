@@ -28,11 +28,12 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .. import ops
-from ..algorithm.obs import reconstruct_weight
+from ..algorithm.obs import ObsSettings, reconstruct_weight
 from ..config import MaskSpec
 from ..io.checkpoint import LazyCheckpoint
 from ..io.staging import atomic_file
 from ..models import block_matrices, decoder_blocks, family_for
+from ..progress import steps_of as steps_of_progress
 from .calibrate import steps_of
 from .stream import BlockStream, StopForward, capture_block_inputs, release_freed_memory
 
@@ -63,7 +64,8 @@ def _state_file(state_dir: str, index: int) -> str:
 
 
 def _reconstruct_block(block: nn.Module, index: int, prefix: str, linears: dict[str, nn.Linear], groups,
-                       stream: BlockStream, originals: dict[str, torch.Tensor], choice, plan, backend):
+                       stream: BlockStream, originals: dict[str, torch.Tensor], choice, plan, backend,
+                       obs: ObsSettings):
     """Reconstruct the planned linears of one block group by group; ({name: weight as stored}, {name: mask})."""
     stored, masks = {}, {}
     for group in groups:
@@ -74,7 +76,8 @@ def _reconstruct_block(block: nn.Module, index: int, prefix: str, linears: dict[
         h = _group_hessian(block, next(iter(members.values())), stream, index, backend)
         for name, lin in members.items():
             keep, prior, kept = choice(name, originals[name]) if choice is not None else (None, None, None)
-            weight, mask = reconstruct_weight(lin.weight.data, h, keep, plan[name], name, backend, prior, kept)
+            weight, mask = reconstruct_weight(lin.weight.data, h, keep, plan[name], name, backend, prior, kept,
+                                              obs.damp, obs.blocksize)
             masks[name] = mask.cpu()
             lin.weight.data.copy_(weight)  # in the compute dtype, then as it will be stored:
             stored[name] = lin.weight.data.to(originals[name].dtype).cpu()
@@ -90,7 +93,7 @@ def _block_linears(model: nn.Module, block: nn.Module, index: int, plan) -> tupl
 
 
 def _run_block(model, checkpoint: LazyCheckpoint, block: nn.Module, index: int, stream: BlockStream, state_dir: str,
-               plan, choice, backend, start: float) -> bool:
+               plan, choice, backend, start: float, obs: ObsSettings) -> bool:
     """Reconstruct block `index` into its state file, or replay it from there; True when replayed."""
     prefix, linears = _block_linears(model, block, index, plan)
     path = _state_file(state_dir, index)
@@ -102,7 +105,7 @@ def _run_block(model, checkpoint: LazyCheckpoint, block: nn.Module, index: int, 
     originals = checkpoint.read(list(linears))  # stored dtype: what masks and outputs are cut from
     groups = family_for(model.config).sequential
     stored, masks = _reconstruct_block(block, index, prefix, linears, groups, stream, originals, choice, plan,
-                                       backend)
+                                       backend, obs)
     tensors = {**stored, **{f"{n}.keep": m for n, m in masks.items()}}
     with atomic_file(path) as tmp:
         save_file(tensors, tmp, metadata={"seconds": repr(time.perf_counter() - start)})
@@ -122,21 +125,27 @@ def reconstruct(
     backend: str,
     progress: Callable[[int, int], None] | None = None,
     offload: str = "auto",
+    obs: ObsSettings | None = None,
 ) -> list[dict]:
     """Reconstruct the planned matrices ({name: MaskSpec}) of the meta-device skeleton `model`, block by
     block (read from `checkpoint`, released afterwards), writing each finished block to `state_dir`; the
     others keep their weights. Returns per-block timings. Masks are cut from the stored weights (as
     mask-only export does), and the pruned stream runs the reconstructed weights as they will be stored
-    (in the checkpoint's dtype)."""
+    (in the checkpoint's dtype). obs: the sweep's dampening and block size."""
+    obs = obs or ObsSettings()
     stream = capture_block_inputs(model, steps_of(windows, batch_size), device, offload)
+    stream.on_step = steps_of_progress(progress)
     compute_dtype = next(p for p in model.parameters() if not p.is_meta).dtype
     blocks = decoder_blocks(model)
     per_block = []
+    if progress is not None:
+        progress(0, len(blocks))
     for index in range(len(blocks)):
         start = time.perf_counter()
         block = checkpoint.load_block(model, index, device, compute_dtype)
         try:
-            resumed = _run_block(model, checkpoint, block, index, stream, state_dir, plan, choice, backend, start)
+            resumed = _run_block(model, checkpoint, block, index, stream, state_dir, plan, choice, backend, start,
+                                 obs)
             for k in range(len(stream.hidden)):
                 stream.advance(block, index, k)
         finally:
