@@ -76,3 +76,21 @@ def test_prune_method_contradicted_by_an_option_is_one_line(capsys, tmp_path):
     args = _prune_args("--prune_method", "sparsegpt", "--batch-size", "4")  # what it does not set stays free
     _method_settings(args)
     assert args.batch_size == 4 and args.reconstruct == "obs"
+
+
+@pytest.mark.parametrize("preset,reconstruct", [("quality", "obs"), ("fast", "none")])
+def test_preset_sets_the_reconstruction_and_nothing_else(preset, reconstruct):
+    args = _prune_args("--preset", preset, "--sparsity", "0.6", "--pattern", "unstructured")
+    before = {k: v for k, v in vars(args).items() if k not in ("preset", "reconstruct")}
+    _method_settings(args)
+    assert args.reconstruct == reconstruct
+    assert {k: v for k, v in vars(args).items() if k not in ("preset", "reconstruct")} == before
+
+
+def test_preset_quality_combines_with_a_metric_but_not_against_itself():
+    args = _prune_args("--preset", "quality", "--metric", "ria")
+    _method_settings(args)
+    assert (args.metric, args.reconstruct) == ("ria", "obs")
+    args = _prune_args("--preset", "quality", "--prune_method", "sparsegpt")
+    _method_settings(args)
+    assert (args.metric, args.reconstruct) == ("sparsegpt", "obs")

@@ -46,6 +46,10 @@ PRUNE_METHODS = {
     "magnitude": {"metric": "magnitude", "allocation": "layer", "batch_size": "nsamples"},  # per matrix
     "sparsegpt": {"metric": "sparsegpt", "reconstruct": "obs"},
 }
+# named choices of what to run, from the SmolLM2-135M table (README, "Which settings"): quality = the
+# saliency's masks with the OBS reconstruction, best or near-best there; fast = mask only (the defaults),
+# whose saliency `mask` re-cuts in seconds
+PRESETS = {"fast": {}, "quality": {"reconstruct": "obs"}}
 PACK_FORMATS = ("2:4", "fp8-2:4")
 MORE_HELP = "`unipruning COMMAND --help` lists a command's options, their defaults and examples."
 
@@ -190,6 +194,9 @@ def _prune_parser(sub) -> None:
                         "--batch-size NSAMPLES; sparsegpt = --metric sparsegpt --reconstruct obs")
     p.add_argument("--reconstruct", choices=RECONSTRUCTIONS, default="none",
                    help="obs: update the kept weights after masking (OBS sweep, a second forward per layer)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="quality = --reconstruct obs (the best perplexity we measured; a second pass over the "
+                        "blocks); fast = the defaults, mask only (default: none, the options as given)")
     _obs_arguments(p)
     p.add_argument("--feedback", choices=FEEDBACKS, default="none",
                    help="none: layer-streamed, any size; full: S measured along AdamW fine-tuning of the whole "
@@ -381,7 +388,9 @@ def _settle(args, settings: dict, source: str) -> None:
 
 
 def _method_settings(args) -> None:
-    """--prune_method and an llm-compressor --recipe, as the options they stand for."""
+    """--preset, --prune_method and an llm-compressor --recipe, as the options they stand for."""
+    if getattr(args, "preset", None) is not None:
+        _settle(args, PRESETS[args.preset], f"--preset {args.preset}")
     if args.prune_method is not None:
         _settle(args, PRUNE_METHODS[args.prune_method], f"--prune_method {args.prune_method}")
     if args.recipe is not None:
