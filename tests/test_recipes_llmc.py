@@ -95,7 +95,8 @@ def test_what_does_not_map_is_one_line_naming_it(tmp_path, tiny_llama, text_file
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and path in err, err
     expected = {"GPTQ": "GPTQModifier does not map", "[0.5": "must be one number", "1:4": "prunes 1 of every 4",
-                "owl": "needs numbers owl_m and owl_lmbda", "start": "start does not map", "LlamaMLP": "class 'LlamaMLP'",
+                "owl": "needs numbers owl_m and owl_lmbda", "start": "start does not map",
+                "LlamaMLP": "class 'LlamaMLP'",
                 "'Linear'": "ignores every prunable matrix"}
     assert next(v for k, v in expected.items() if k in needle) in err, err
     assert not (tmp_path / "o").exists()
