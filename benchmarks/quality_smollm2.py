@@ -86,14 +86,15 @@ def jobs(args, ctx, alpha: float | None) -> list[dict]:
     n, model, out = str(args.nsamples), ctx["model"], "{out}"
     prune = ["-m", "unipruning", "prune", "--model", model, "--out", out, *window_options(args, ctx)]
     mask = ["-m", "unipruning", "mask", "--model", model, "--out", out]
+    used = {m for m, a in CUTS if f"ours-{m}-{a}" not in args.skip} | {"stochria"}
     todo = [{"name": f"calibrate-{m}", "setting": "0.5", "keep": True, "eval": False,
              "cmd": prune[:6] + [saliency_dir(args, m)] + prune[7:] + ["--sparsity", "0.5"]
-             + [o.format(n=n) for o in opts]} for m, opts in METRICS.items()]
+             + [o.format(n=n) for o in opts]} for m, opts in METRICS.items() if m in used]
     first = args.settings[0]
     # all windows in one forward: the reconstruction's Hessians are sums over windows (batching changes
     # only the order of the sums), and one forward of 16 windows is cheaper than 16 on a CPU
     obs = ["--reconstruct", "obs", *window_options(args, ctx), "--batch-size", n]
-    for a in args.alphas if alpha is None else []:
+    for a in args.alphas if alpha is None and len(args.alphas) > 1 else []:
         sal = ["--saliency", saliency_dir(args, "stochria") + "/saliency"]
         todo.append({"name": f"sweep-guided-a{a}", "setting": first, "check": True,
                      "cmd": mask + sal + setting_options(first) + obs + ["--guide-alpha", str(a)]})
@@ -179,7 +180,9 @@ def run(job: dict, args, ctx: dict) -> dict:
     return record
 
 
-def choose_alpha(records: list[dict]) -> float:
+def choose_alpha(records: list[dict], alphas: list[float]) -> float:
+    if len(alphas) == 1:
+        return alphas[0]
     sweep = [r for r in records if r["method"].startswith("sweep-guided-a")]
     best = min(sweep, key=lambda r: r["perplexity"]["calib-check"])
     return float(best["method"].rsplit("-a", 1)[1])
@@ -261,8 +264,9 @@ def main(argv=None) -> None:
     dense = {"name": "dense", "setting": "", "cmd": []}
     records = [run_dense(dense, args, ctx)]
     records += [run(j, args, ctx) for j in jobs(args, ctx, None)]
-    alpha = choose_alpha(records)
-    print(f"guide alpha: {alpha} (calibration-domain check windows)", flush=True)
+    alpha = choose_alpha(records, args.alphas)
+    print(f"guide alpha: {alpha}" + (" (calibration-domain check windows)" if len(args.alphas) > 1 else ""),
+          flush=True)
     for job in [j for j in jobs(args, ctx, alpha) if not j["name"].startswith("calibrate")]:
         records.append(run(job, args, ctx))
         write_outputs(args, ctx, records, alpha, out)
