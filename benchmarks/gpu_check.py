@@ -55,6 +55,8 @@ SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hi
                num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=8192,
                rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True, initializer_range=0.02)
 TOKENIZER_VOCAB = 8192
+# the budgets assume 2048-token windows; prune's default is now the model's context (4096 for this config)
+SEQLEN = "2048"
 
 
 # ---------------------------------------------------------------------------------------------------- plan
@@ -164,7 +166,7 @@ def _benchmark_steps(work: str, full: bool) -> list[Step]:
 
 def _prune_command(model: str, out: str, calib: str, nsamples: int, *extra: str) -> Command:
     return Command(_py("-m", "unipruning", "prune", "--model", model, "--out", out, "--calib", calib,
-                       "--nsamples", str(nsamples), "--overwrite", *extra))
+                       "--nsamples", str(nsamples), "--seqlen", SEQLEN, "--overwrite", *extra))
 
 
 def _prune_steps(work: str, model: str | None, nsamples: int) -> list[Step]:
@@ -193,7 +195,7 @@ def _prune_steps(work: str, model: str | None, nsamples: int) -> list[Step]:
              "--nproc_per_node=1 (one process: the package joins no process group); same bytes?",
              [Command([*torchrun, SCRIPT, "--helper", "nccl-probe", nccl_json]),
               Command([*torchrun, "-m", "unipruning", "prune", "--model", model_dir, "--out", outs["torchrun"],
-                       "--calib", calib, "--nsamples", str(nsamples), "--overwrite"]),
+                       "--calib", calib, "--nsamples", str(nsamples), "--seqlen", SEQLEN, "--overwrite"]),
               compare("torchrun")], needs=needs, keep_going=True,
              artifacts={**report("torchrun"), "json": os.path.join(work, "same-torchrun.json"), "nccl": nccl_json},
              figures=_prune_figures),
