@@ -258,8 +258,9 @@ def finish_step_vectors(
         # sum_ij |W_ij| (ir_i + ic_j) f_j = sum_j f_j ic_j colabs_j + ir . (|W| f)
         total = (factor * col_inv64 * col_abs).sum() + (row_inv64 * weighted_rows).sum()
         row_inv, col_inv = row_inv64.to(torch.float32), col_inv64.to(torch.float32)
-    mean = float(total) / (rows * cols)
-    col_scale = (factor / mean if mean > 0 else torch.zeros_like(factor)).to(torch.float32)
+    # kept on the device (no host sync per step): the same float64 division as on the host
+    mean = total / (rows * cols)
+    col_scale = torch.where(mean > 0, factor / mean, torch.zeros_like(factor)).to(torch.float32)
     return row_inv, col_inv, col_scale
 
 
