@@ -3,7 +3,7 @@
 Pure compute: tensors in, tensors out (or updated in place, trailing underscore). No nn.Module, no
 transformers, no autograd. The fused Triton kernels keep these signatures exactly.
 
-Maths (SPEC sections 3-5), for one prunable matrix W (out, in) and one calibration step:
+Maths (docs/method.md), for one prunable matrix W (out, in) and one calibration step:
     n_j        = E_tokens[x_j^2]                        activation statistics of the step
     S_ij       = |W_ij| * g_j                            magnitude (g = 1/mean), wanda (g = sqrt(n)/mean)
     S_ij       = (|W_ij| * (ir_i + ic_j)) * g_j          ria / stochria (ir = 1/row sum, ic = 1/col sum,
@@ -493,7 +493,7 @@ def global_keep_counts(
 
 
 
-# ------------------------------------------------------------------ OBS reconstruction (SPEC 9)
+# ------------------------------------------------------- OBS reconstruction (docs/method.md)
 def hessian_accumulate_(h: torch.Tensor, x: torch.Tensor) -> None:
     """h (in, in) float32 += x^T x over the tokens of x (..., in), accumulated in float32."""
     xf = x.reshape(-1, x.shape[-1]).to(torch.float32)
