@@ -133,8 +133,7 @@ def _test_steps(work: str) -> list[Step]:
              [Command(_pytest(gpu_xml, "-m", "gpu or cuda_ext", os.path.join(ROOT, "tests")))],
              needs=[installed], artifacts={"junit": gpu_xml}, figures=_junit_figures),
         Step("obs-kernels", 30, "the Triton OBS kernels (Hessian, column sweep) compiled, against their twins",
-             [Command(_pytest(obs_xml, "-m", "not gpu", "-k", "hessian or obs_sweep",
-                              os.path.join(ROOT, "tests", "test_kernels.py")))],
+             [Command(_pytest(obs_xml, "-m", "not gpu", os.path.join(ROOT, "tests", "kernels", "test_obs.py")))],
              needs=[installed], artifacts={"junit": obs_xml}, figures=_junit_figures),
     ]
 

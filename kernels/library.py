@@ -34,6 +34,9 @@ def act_sqsum_op(sqsum: torch.Tensor, x: torch.Tensor) -> None:
 
 @act_sqsum_op.register_fake
 def _(sqsum, x):
+    torch._check(sqsum.dim() == 1 and x.shape[-1] == sqsum.shape[0],
+                 lambda: f"act_sqsum_: sqsum {tuple(sqsum.shape)} is not one entry per channel of x {tuple(x.shape)}")
+    torch._check(sqsum.dtype == torch.float64, lambda: f"act_sqsum_: sqsum must be float64, got {sqsum.dtype}")
     return None
 
 
@@ -44,6 +47,9 @@ def hessian_accumulate_op(h: torch.Tensor, x: torch.Tensor) -> None:
 
 @hessian_accumulate_op.register_fake
 def _(h, x):
+    torch._check(h.dim() == 2 and h.shape[0] == h.shape[1] == x.shape[-1],
+                 lambda: f"hessian_accumulate_: h {tuple(h.shape)} is not (in, in) for x {tuple(x.shape)}")
+    torch._check(h.dtype == torch.float32, lambda: f"hessian_accumulate_: h must be float32, got {h.dtype}")
     return None
 
 
@@ -62,6 +68,15 @@ def mirror_update_op(
 
 @mirror_update_op.register_fake
 def _(z, weight, row_inv, col_inv, col_scale, kappa, threshold):
+    rows, cols = weight.shape
+    torch._check(z.shape == weight.shape, lambda: f"mirror_update_: z {tuple(z.shape)} != weight {tuple(weight.shape)}")
+    torch._check(z.dtype == torch.float32, lambda: f"mirror_update_: z must be float32, got {z.dtype}")
+    torch._check(col_scale.shape == (cols,), lambda: f"mirror_update_: col_scale {tuple(col_scale.shape)} != ({cols},)")
+    torch._check((row_inv is None) == (col_inv is None), lambda: "mirror_update_: row_inv and col_inv come together")
+    if row_inv is not None:
+        torch._check(row_inv.shape == (rows,) and col_inv.shape == (cols,),
+                     lambda: f"mirror_update_: row_inv/col_inv {tuple(row_inv.shape)}/{tuple(col_inv.shape)} for "
+                             f"weight {(rows, cols)}")
     return None
 
 
@@ -72,6 +87,7 @@ def rank_keys_op(z: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 @rank_keys_op.register_fake
 def _(z, weight):
+    torch._check(z.shape == weight.shape, lambda: f"rank_keys: z {tuple(z.shape)} != weight {tuple(weight.shape)}")
     return torch.empty_like(z, dtype=torch.int64)
 
 
@@ -82,10 +98,16 @@ def kth_smallest_op(values: torch.Tensor, k: int) -> torch.Tensor:
 
 @kth_smallest_op.register_fake
 def _(values, k):
+    torch._check(1 <= k <= values.numel(), lambda: f"kth_smallest: k = {k} outside [1, {values.numel()}]")
     return values.new_empty(())
 
 
 def _mask_fake(keys, *args):
+    torch._check(keys.dtype == torch.int64, lambda: f"mask ops take int64 rank keys, got {keys.dtype}")
+    if len(args) == 2:  # nm_mask(keys, n, m)
+        n, m = args
+        torch._check(0 < n < m and keys.shape[-1] % m == 0,
+                     lambda: f"nm_mask: {n}:{m} needs 0 < n < m and in_features {keys.shape[-1]} divisible by m")
     return torch.empty_like(keys, dtype=torch.bool)
 
 
