@@ -45,41 +45,71 @@ def _local_files(path: str, option: str) -> list[str]:
 
 
 def _read_local(files: list[str], option: str) -> list[str]:
+    docs = _read_plain(files, option)  # every file checked first: bad bytes or lines are one line naming them
     try:
         import datasets  # noqa: F401  (lazy: heavy, and absent on some GPU images)
     except ImportError:
         log.debug("datasets not installed: reading %d local file(s) directly", len(files))
-        return _read_plain(files, option)
+        return docs
     from datasets import load_dataset
     from datasets.utils.logging import disable_progress_bar
 
     disable_progress_bar()
-    if files[0].endswith(".jsonl"):
-        ds = load_dataset("json", data_files=files, split="train")
-        if "text" not in ds.column_names:
-            raise UsageError(f"`{option}`: {files[0]} has no 'text' field")
+    try:
+        if files[0].endswith(".jsonl"):
+            ds = load_dataset("json", data_files=files, split="train")
+        else:
+            ds = load_dataset("text", data_files=files, sample_by="document", split="train")
         return [t for t in ds["text"] if t]
-    ds = load_dataset("text", data_files=files, sample_by="document", split="train")
-    return [t for t in ds["text"] if t]
+    except Exception as exc:  # noqa: BLE001 - e.g. a field of mixed types: the documents read directly are the same
+        log.debug("datasets could not load %s (%s): using the documents read directly", files[0], exc)
+        return docs
+
+
+def _decoded(path: str, option: str) -> str:
+    """The text of a file as Python's text mode reads it (UTF-8, universal newlines), or a one-line error."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as exc:
+        raise UsageError(f"`{option}`: cannot read {path}: {exc.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"`{option}`: {path} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}): "
+                         "convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+    if "\0" in text:
+        raise UsageError(f"`{option}`: {path} contains NUL bytes: it is binary data, not text")
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _jsonl_texts(path: str, text: str, option: str) -> list[str]:
+    docs = []
+    for n, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as exc:
+            raise UsageError(f"`{option}`: {path} line {n} is not valid JSON ({exc}): fix or remove it") from None
+        if not isinstance(record, dict) or "text" not in record:
+            raise UsageError(f"`{option}`: {path} line {n} has no 'text' field")
+        if not isinstance(record["text"], str):
+            raise UsageError(f"`{option}`: {path} line {n}: 'text' is {type(record['text']).__name__}, expected a "
+                             "string")
+        if record["text"]:
+            docs.append(record["text"])
+    return docs
 
 
 def _read_plain(files: list[str], option: str) -> list[str]:
     docs = []
     for path in files:
-        with open(path, encoding="utf-8") as handle:
-            if path.endswith(".jsonl"):
-                for n, line in enumerate(handle, 1):
-                    if not line.strip():
-                        continue
-                    record = json.loads(line)
-                    if "text" not in record:
-                        raise UsageError(f"`{option}`: {path} line {n} has no 'text' field")
-                    if record["text"]:
-                        docs.append(record["text"])
-            else:
-                text = handle.read()
-                if text:
-                    docs.append(text)
+        text = _decoded(path, option)
+        if path.endswith(".jsonl"):
+            docs.extend(_jsonl_texts(path, text, option))
+        elif text:
+            docs.append(text)
     return docs
 
 

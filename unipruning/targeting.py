@@ -135,9 +135,9 @@ def read_recipe(path: str) -> dict:
     """A recipe file (YAML, or JSON, which YAML also reads) as a dict with only the known keys."""
     if not os.path.isfile(path):
         raise UsageError(f"`recipe`: {path!r} is not a file")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
     try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
         if path.endswith(".json"):
             data = json.loads(text)
         else:

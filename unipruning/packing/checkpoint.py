@@ -26,7 +26,7 @@ from torch import nn
 
 from ..errors import UsageError
 from ..io.checkpoint import SAFE_INDEX, LazyCheckpoint, assign, empty_model, load_config, shard_headers, weight_shards
-from ..io.staging import check_out, staged_directory, write_json
+from ..io.staging import preflight, write_json, writing
 from ..io.writer import copy_side_files
 from ..models import copy_stored, model_matrices, resolve_stored, stored_name
 from .formats import (
@@ -97,9 +97,9 @@ def pack_checkpoint(model_dir: str, out: str, dtype: str = "auto", overwrite: bo
     # whole nn.Linear weights (fused ones included); MoE experts are 3-D parameters in the model, which
     # PyTorch's semi-structured tensors cannot represent: they stay dense
     prunable = {m.stored for m in LazyCheckpoint(model_dir, config).matrices if m.expert is None}
-    check_out(out, overwrite, {"model_dir": model_dir})
+    preflight(out, overwrite, {"model_dir": model_dir})
     target, found, index = _DTYPES[dtype], _Packed(), {}
-    with staged_directory(out) as staging:
+    with writing(out, overwrite, {"model_dir": model_dir}) as staging:
         for shard in weight_shards(model_dir):
             with safe_open(os.path.join(model_dir, shard), framework="pt") as handle:
                 metadata = handle.metadata() or {"format": "pt"}
