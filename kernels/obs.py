@@ -91,10 +91,10 @@ def _obs_block_kernel(w_ptr, err_ptr, keep_ptr, u_ptr, rows, width, stride_w, st
     tl.store(err_ptr + offs, errs, mask=ok)
 
 
-def obs_sweep_triton(w, u, keep=None, prune_count=None, nm=None, blocksize=128):
+def obs_sweep_triton(w, u, keep=None, prune_count=None, nm=None, blocksize=128, prior=None):
     """`reference.obs_sweep_` with the in-block sweep fused (see the module docstring)."""
     if keep is None and nm is not None:
-        return R.obs_sweep_(w, u, keep, prune_count, nm, blocksize)
+        return R.obs_sweep_(w, u, keep, prune_count, nm, blocksize, prior)
     rows, cols = w.shape
     choose = keep is None
     keep = torch.ones_like(w, dtype=torch.bool) if choose else keep.clone()
@@ -105,7 +105,8 @@ def obs_sweep_triton(w, u, keep=None, prune_count=None, nm=None, blocksize=128):
         i2 = min(i1 + blocksize, cols)
         if choose:  # SparseGPT's per-block rule, from the weights as the sweep reaches the block
             count = prune_count * i2 // cols - prune_count * i1 // cols
-            flat = R._smallest_flat(w[:, i1:i2].square() / d[i1:i2].square(), count)
+            score = w[:, i1:i2].square() / d[i1:i2].square()
+            flat = R._smallest_flat(score if prior is None else score * prior[:, i1:i2], count)
             keep[:, i1:i2][flat // (i2 - i1), flat % (i2 - i1)] = False
         w1 = w[:, i1:i2].contiguous()
         k1 = keep[:, i1:i2].contiguous().view(torch.int8)

@@ -529,6 +529,7 @@ def obs_sweep_(
     prune_count: int | None = None,
     nm: tuple[int, int] | None = None,
     blocksize: int = 128,
+    prior: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The lazy-batch OBS sweep of SparseGPT, in place on w (rows, cols) float32; returns the keep mask.
 
@@ -538,7 +539,8 @@ def obs_sweep_(
     SparseGPT's rule on the current (updated) weights, score w^2 / U[i, i]^2: with `nm` = (n, m), the
     m - n smallest of every group of m columns of a row when the sweep reaches the group; else
     `prune_count` entries in all, the smallest of each block, spread over blocks in proportion to
-    their columns. Pruned entries end as +0.0.
+    their columns. `prior` (rows, cols), when given, multiplies that score (a guide such as the
+    saliency's rank: docs/method.md, "Reconstruction"). Pruned entries end as +0.0.
     """
     rows, cols = w.shape
     choose = keep is None
@@ -552,12 +554,15 @@ def obs_sweep_(
         err1 = torch.zeros_like(w1)
         if choose and nm is None:
             count = prune_count * i2 // cols - prune_count * i1 // cols
-            flat = _smallest_flat(w1.square() / d[i1:i2].square(), count)
+            score = w1.square() / d[i1:i2].square()
+            flat = _smallest_flat(score if prior is None else score * prior[:, i1:i2], count)
             k1[flat // (i2 - i1), flat % (i2 - i1)] = False
         for i in range(i2 - i1):
             if choose and nm is not None and i % nm[1] == 0:
                 n, m = nm
                 score = w1[:, i:i + m].square() / d[i1 + i:i1 + i + m].square()
+                if prior is not None:
+                    score = score * prior[:, i1 + i:i1 + i + m]
                 k1[:, i:i + m].scatter_(1, score.sort(dim=1, stable=True).indices[:, : m - n], False)
             col = w1[:, i]
             q = torch.where(k1[:, i], col, 0.0)

@@ -13,9 +13,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the rooms, lowest first: a module imports only from its own room or lower ones
 RANKS = [
     ("unipruning.kernels", 0),
-    ("unipruning.errors", 1), ("unipruning.lazy", 1), ("unipruning.version", 1),
+    ("unipruning.errors", 1), ("unipruning.lazy", 1), ("unipruning.version", 1), ("unipruning.offline", 1),
+    ("unipruning.progress", 1),
     ("unipruning.config", 2), ("unipruning.models", 2), ("unipruning.backends", 2), ("unipruning.targeting", 2),
-    ("unipruning.data", 2),
+    ("unipruning.data", 2), ("unipruning.llmc", 2),
     ("unipruning.ops", 3),
     ("unipruning.algorithm", 4),
     ("unipruning.io", 5),

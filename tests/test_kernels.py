@@ -277,7 +277,7 @@ def test_hessian_accumulation_matches_twin_to_rounding(n, tokens, dtype):
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("rule", ["mask", "sparsegpt", "sparsegpt-nm"])
+@pytest.mark.parametrize("rule", ["mask", "sparsegpt", "sparsegpt-nm", "guided", "guided-nm"])
 @pytest.mark.parametrize("shape,blocksize", [((40, 200), 64), ((7, 33), 128)])
 def test_obs_sweep_is_bit_identical_to_twin(rule, shape, blocksize):
     w, u = _obs_problem(*shape)
@@ -286,6 +286,8 @@ def test_obs_sweep_is_bit_identical_to_twin(rule, shape, blocksize):
                  else torch.rand(shape, device=device()) > 0.6},
         "sparsegpt": {"prune_count": w.numel() * 6 // 10},
         "sparsegpt-nm": {"nm": (1, 3)} if shape[1] % 3 == 0 else {"prune_count": 5},
+        "guided": {"prune_count": w.numel() // 2, "prior": torch.rand(shape, device=device()) + 0.01},
+        "guided-nm": {"nm": (2, 4) if shape[1] % 4 == 0 else (1, 3), "prior": torch.rand(shape, device=device())},
     }[rule]
     a, b = w.clone(), w.clone()
     keep_a = T.obs_sweep_(a, u, blocksize=blocksize, **kwargs)

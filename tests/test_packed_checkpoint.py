@@ -180,3 +180,19 @@ def test_pack_and_load_an_moe_checkpoint(family, tmp_path, text_file):
         got = unpack_24(params[name]) if name in sparse else params[name].detach()
         assert torch.equal(got, expected.detach()), name
     assert any(p.dim() == 3 for p in params.values())  # the experts, assembled
+
+
+def test_load_packed_without_cuda_is_one_line_and_a_cpu_build_is_inspection_only(packed, monkeypatch):
+    from unipruning import UsageError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UsageError, match="sees no CUDA GPU here") as info:
+        load_packed(packed, device="cuda")
+    assert "\n" not in str(info.value)
+    with pytest.raises(UsageError, match="cuSPARSELt compresses there"):
+        load_packed(packed, device="cpu", layout="cusparselt")
+    model = load_packed(packed, device="cpu")  # built: its tensors can be read
+    assert isinstance(model.model.layers[0].mlp.up_proj.weight, SparseSemiStructuredTensorCUTLASS)
+    with pytest.raises(UsageError, match="cannot run it .*load it with device='cuda'") as info:
+        model(torch.randint(0, 400, (1, 8)))
+    assert "\n" not in str(info.value)

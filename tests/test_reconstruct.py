@@ -205,3 +205,43 @@ def test_mask_reconstruction_needs_calib(runs, tiny_llama, tmp_path, capsys):
 def test_in_memory_prune_refuses_reconstruction():
     with pytest.raises(UsageError, match="prune_checkpoint"):
         prune(torch.nn.Module(), torch.zeros(1, 4, dtype=torch.long), PruneConfig(reconstruct="obs"))
+
+
+def test_a_flat_prior_leaves_sparsegpts_rule_unchanged_and_a_steep_one_follows_the_prior():
+    _, w, h = problem()
+    u, _ = obs_inverse_factor(h, 0.01)
+    count = w.numel() // 2
+    plain, flat = w.clone(), w.clone()
+    keep_plain = obs_sweep_(plain, u, prune_count=count)
+    keep_flat = obs_sweep_(flat, u, prune_count=count, prior=torch.ones_like(w))
+    assert torch.equal(keep_plain, keep_flat) and torch.equal(plain, flat)
+    ranks = torch.rand(w.shape, generator=torch.Generator().manual_seed(1))
+    steep = w.clone()
+    keep_steep = obs_sweep_(steep, u, prune_count=count, prior=ranks.pow(40))  # the prior decides
+    assert int((~keep_steep).sum()) == count
+    agree = (keep_steep == (ranks > ranks.reshape(-1).kthvalue(count).values)).float().mean()
+    assert agree > (keep_plain == keep_steep).float().mean() and agree > 0.9
+
+
+def test_guide_prior_is_the_saliency_rank():
+    from unipruning.algorithm.obs import guide_prior
+
+    z = torch.tensor([[0.3, 0.1], [0.4, 0.2]])
+    prior = guide_prior(z, torch.ones(2, 2), 1.0, "torch")
+    assert torch.equal(prior, torch.tensor([[0.75, 0.25], [1.0, 0.5]]))
+    assert torch.equal(guide_prior(z, torch.ones(2, 2), 0.0, "torch"), torch.ones(2, 2))
+
+
+def test_guided_reconstruction_end_to_end(tiny_llama, text_file, tmp_path):
+    out = tmp_path / "guided"
+    assert run_cli("prune", "--model", tiny_llama, "--out", out, "--calib", text_file, *SMALL, "--sparsity", "0.6",
+                   "--reconstruct", "obs", "--guide-alpha", "0.5") == 0
+    tensors = read_all(out)
+    for name in prunable(tiny_llama):
+        w = tensors[name]
+        assert int((w == 0).sum()) == w.numel() - keep_count(0.6, w.numel()), name
+        assert not torch.signbit(w[w == 0]).any()
+    with pytest.raises(UsageError, match="pass `reconstruct` obs"):
+        PruneConfig(guide_alpha=1.0)
+    with pytest.raises(UsageError, match="`metric` sparsegpt has none"):
+        PruneConfig(metric="sparsegpt", reconstruct="obs", guide_alpha=1.0)

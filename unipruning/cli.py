@@ -13,18 +13,22 @@ import json
 import logging
 import math
 import os
+import shlex
 import signal
 import sys
+import textwrap
 import traceback
 
 from .config import (
     ALLOCATIONS,
     BACKENDS,
+    BLOCKSIZE,
     DEVICES,
     DTYPES,
     FEEDBACKS,
     METRICS,
     OFFLOAD_MODES,
+    PERCDAMP,
     RECONSTRUCTIONS,
     SALIENCY_UPDATES,
     Calibration,
@@ -34,13 +38,36 @@ from .config import (
     RunOptions,
 )
 from .errors import UsageError, cli_wording
+from .progress import Progress
 
 log = logging.getLogger("unipruning")
+
+DESCRIPTION = ("unipruning: post-training pruning of LLMs with UniPruning (a mirror-descent saliency; masks for "
+               "any sparsity and N:M pattern cut from it in seconds)")
+# Wanda's --prune_method (locuslab/wanda main.py) in our options; "nsamples": one mirror step over every
+# window, whose saliency ranks by the metric's score over all calibration tokens, as Wanda's does
+PRUNE_METHODS = {
+    "wanda": {"metric": "wanda", "allocation": "row", "batch_size": "nsamples"},  # Wanda compares per row
+    "magnitude": {"metric": "magnitude", "allocation": "layer", "batch_size": "nsamples"},  # per matrix
+    "sparsegpt": {"metric": "sparsegpt", "reconstruct": "obs"},
+}
+PACK_FORMATS = ("2:4", "fp8-2:4")
+MORE_HELP = "`unipruning COMMAND --help` lists a command's options, their defaults and examples."
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, exit 2 (argparse would print the usage block first)
         raise UsageError(message)
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every default shown ("(default: ...)"), except None and on/off flags, whose help says what happens;
+    the examples of the epilog kept as written."""
+
+    def _get_help_string(self, action):
+        if action.default is None or isinstance(action.default, bool):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _fraction(text: str) -> float:
@@ -50,61 +77,131 @@ def _fraction(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
 
 
+def _wrapped(text: str) -> str:
+    return textwrap.fill(text, 100)
+
+
+def _examples(*lines: str) -> str:
+    return "examples:\n" + "\n".join(f"  {line}" for line in lines)
+
+
 # ------------------------------------------------------------------------------------------ arguments
 def _mask_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sparsity", type=_fraction, default=None,
-                   help="fraction of weights removed, in (0, 1) (default 0.5; implied by an N:M pattern)")
-    p.add_argument("--pattern", default="unstructured", help="unstructured, or N:M (keep N of every M), e.g. 2:4")
+    p.add_argument("--sparsity", "--sparsity_ratio", type=_fraction, default=None,
+                   help="fraction of weights removed, in (0, 1) (default: 0.5, or the one an N:M pattern implies)")
+    p.add_argument("--pattern", "--sparsity_type", default="unstructured", metavar="unstructured|N:M",
+                   help="unstructured, or N:M: keep N of every M consecutive inputs (2:4, 4:8)")
     p.add_argument("--allocation", choices=ALLOCATIONS, default="layer",
-                   help="budget per matrix (layer), per output row (row) or one global threshold (global)")
+                   help="budget per matrix (layer), per output row (row), one global threshold (global), or per "
+                        "block from its outlier ratio (owl)")
     p.add_argument("--bounds", nargs=2, type=_fraction, metavar=("S_MIN", "S_MAX"), default=(0.0, 0.99),
-                   help="per-matrix sparsity bounds of --allocation global (default 0 0.99)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+                   help="per-matrix sparsity bounds of --allocation global")
+    p.add_argument("--owl-m", type=float, default=5.0,
+                   help="--allocation owl: an outlier is an entry above this times its block's mean saliency")
+    p.add_argument("--owl-lambda", type=float, default=0.08,
+                   help="--allocation owl: block sparsities stay within +-this of --sparsity")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (off: refuse)")
+
+
+def _obs_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--percdamp", type=float, default=PERCDAMP,
+                   help="--reconstruct obs: dampening, a fraction of the mean Hessian diagonal (SparseGPT's)")
+    p.add_argument("--blocksize", type=int, default=BLOCKSIZE,
+                   help="--reconstruct obs: columns per lazy batch of the OBS sweep (SparseGPT's)")
+    p.add_argument("--guide-alpha", type=float, default=None, metavar="ALPHA",
+                   help="--reconstruct obs: let the sweep choose the pruned entries by SparseGPT's score "
+                        "w^2/U_ii^2 times (saliency rank)^ALPHA instead of keeping the saliency's mask "
+                        "(default: none, keep the saliency's mask)")
 
 
 def _targeting_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--targets", nargs="+", metavar="REGEX", default=None,
                    help="prune only matrices whose name matches one of these regular expressions (default: all)")
     p.add_argument("--ignore", nargs="+", metavar="REGEX", default=None,
-                   help="never prune matrices whose name matches one of these regular expressions")
+                   help="never prune matrices whose name matches one of these regular expressions (default: none)")
     p.add_argument("--dense-layers", default=None, metavar="I,J",
-                   help="decoder blocks kept dense, comma-separated, negative from the end (e.g. 0,-1)")
+                   help="decoder blocks kept dense, comma-separated, negative from the end, e.g. 0,-1 (default: none)")
     p.add_argument("--recipe", default=None, metavar="FILE",
-                   help="YAML/JSON with ignore, targets, dense_layers and per-module overrides (sparsity, pattern)")
+                   help="YAML/JSON: unipruning's (ignore, targets, dense_layers, per-module overrides) or an "
+                        "llm-compressor recipe with a SparseGPTModifier or WandaPruningModifier stage")
     p.add_argument("--trust-remote-code", action="store_true",
-                   help="allow a checkpoint's own modelling code (off by default)")
+                   help="allow a checkpoint's own modelling code (off: refused)")
     p.add_argument("--offload-activations", choices=OFFLOAD_MODES, default="auto",
                    help="activations between blocks in pinned CPU memory: always, never, or auto (when they "
                         "would take over a third of the GPU's free memory)")
 
 
-def _compute_arguments(p: argparse.ArgumentParser, device_help: str | None = None) -> None:
+def _compute_arguments(p: argparse.ArgumentParser, device_help: str = "where it computes (auto: cuda if present)"):
     p.add_argument("--device", choices=DEVICES, default="auto", help=device_help)
     p.add_argument("--dtype", choices=DTYPES, default="auto",
                    help="compute dtype (auto: the checkpoint's on a GPU, float32 on a CPU)")
-    p.add_argument("--backend", choices=BACKENDS, default="auto")
-    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: --model)")
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="kernels: torch (any device), triton (CUDA); auto picks triton on a GPU")
+    _tokenizer_argument(p)
+
+
+def _tokenizer_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tokenizer", default=None, metavar="DIR|ORG/NAME",
+                   help="tokenizer directory or hub id (default: --model's)")
+
+
+def _hub_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--revision", default=None,
+                   help="branch, tag or commit of a hub --model (default: main)")
+    p.add_argument("--cache-dir", "--cache_dir", default=None, metavar="DIR",
+                   help="the hub cache for model ids (default: HF_HUB_CACHE, ~/.cache/huggingface/hub); "
+                        "with HF_HUB_OFFLINE=1 only what is cached there is used")
+
+
+def _quiet_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress bars (they show only when stderr is a terminal anyway)")
+
+
+def _calibration_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--calib", default="c4", metavar="SOURCE",
+                   help="c4 or wikitext2 (from the hub, drawn as Wanda and SparseGPT draw them; c4:DIR, "
+                        "wikitext2:DIR for a local copy of the hub's dataset), or local text: a .txt file, a "
+                        "directory of .txt files, a .jsonl with a text field")
+    p.add_argument("--nsamples", type=int, default=128, help="calibration windows")
+    p.add_argument("--seqlen", type=int, default=None,
+                   help="tokens per window (default: the model's max_position_embeddings, at most 4096, as the "
+                        "papers use it: 2048 for LLaMA-1 and OPT, 4096 for Llama-2)")
+    p.add_argument("--batch-size", type=int, default=1, help="windows per mirror step (must divide --nsamples)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the windows and of stochria's subsets")
 
 
 def _prune_parser(sub) -> None:
-    p = sub.add_parser("prune", help="calibrate, learn the saliency, write a pruned checkpoint")
-    p.add_argument("--model", required=True, help="Hugging Face model directory (safetensors)")
-    p.add_argument("--out", required=True, help="output directory (pruned checkpoint + saliency/ + report)")
+    p = sub.add_parser(
+        "prune", help="calibrate on text, learn the saliency, write a pruned checkpoint",
+        description=_wrapped("Calibrate on text, learn UniPruning's saliency and write a pruned checkpoint, its "
+                    "saliency/ (for `mask`) and pruning_report.json. Never loads the whole model."),
+        formatter_class=_Formatter, epilog=_examples(
+            "unipruning prune --model meta-llama/Llama-2-7b-hf --out ./llama2-50 --sparsity 0.5",
+            "unipruning prune --model ./llama --out ./llama-24 --pattern 2:4 --calib ./texts --seqlen 2048",
+            "unipruning prune --model ./llama --out ./llama-wanda --prune_method wanda --sparsity_ratio 0.5 "
+            "--sparsity_type unstructured --nsamples 128",
+            "unipruning prune --model ./llama --out ./llama-sgpt --recipe sparsegpt_recipe.yaml --dry-run"))
+    p.add_argument("--model", required=True, metavar="DIR|ORG/NAME",
+                   help="Hugging Face model directory (safetensors) or hub id")
+    p.add_argument("--out", "--save_model", required=True, help="output directory (pruned checkpoint + saliency/ "
+                                                                 "+ pruning_report.json)")
     _mask_arguments(p)
     p.add_argument("--metric", choices=METRICS, default="stochria",
                    help="local score anchoring the saliency; sparsegpt: SparseGPT's masks (needs --reconstruct obs)")
+    p.add_argument("--prune_method", "--prune-method", choices=sorted(PRUNE_METHODS), default=None, metavar="METHOD",
+                   help="Wanda's names: wanda = --metric wanda --allocation row (N:M: layer) --batch-size "
+                        "NSAMPLES (one step: the score over all windows); magnitude = --metric magnitude "
+                        "--batch-size NSAMPLES; sparsegpt = --metric sparsegpt --reconstruct obs")
     p.add_argument("--reconstruct", choices=RECONSTRUCTIONS, default="none",
                    help="obs: update the kept weights after masking (OBS sweep, a second forward per layer)")
+    _obs_arguments(p)
     p.add_argument("--feedback", choices=FEEDBACKS, default="none",
                    help="none: layer-streamed, any size; full: S measured along AdamW fine-tuning of the whole "
                         "model (must fit in memory; the output keeps the original weights)")
     p.add_argument("--dry-run", action="store_true",
                    help="list the matrices, the sparsity each gets and a memory/time estimate; write nothing")
-    p.add_argument("--calib", default="c4", help="c4, wikitext2, or a .txt / directory of .txt / .jsonl PATH")
-    p.add_argument("--nsamples", type=int, default=128, help="calibration windows")
-    p.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window")
-    p.add_argument("--batch-size", type=int, default=1, help="windows per mirror step")
-    p.add_argument("--seed", type=int, default=0)
+    _calibration_arguments(p)
     p.add_argument("--kappa", type=float, default=0.01, help="mirror step size")
     p.add_argument("--lam", type=float, default=0.001, help="fraction of entries below the threshold t")
     p.add_argument("--saliency-update", choices=SALIENCY_UPDATES, default="auto",
@@ -112,72 +209,147 @@ def _prune_parser(sub) -> None:
                         "weights); exact: the recursion step by step; auto: closed-form for --feedback none")
     _compute_arguments(p)
     _targeting_arguments(p)
+    _hub_arguments(p)
+    _quiet_argument(p)
+    p.set_defaults(default_of=p.get_default)
 
 
 def _mask_parser(sub) -> None:
-    p = sub.add_parser("mask", help="cut new masks from a saved saliency (no calibration)")
-    p.add_argument("--model", required=True, help="the dense model the saliency was computed on")
+    p = sub.add_parser(
+        "mask", help="cut new masks (sparsity, N:M, targeting) from a saved saliency, no calibration",
+        description=_wrapped("Cut new masks from a saliency written by `prune` and write the pruned checkpoint; the "
+                             "same bytes as `prune` with the same settings. No calibration, unless --reconstruct "
+                             "obs."),
+        formatter_class=_Formatter, epilog=_examples(
+            "unipruning mask --model ./llama --saliency ./llama-50/saliency --out ./llama-70 --sparsity 0.7",
+            "unipruning mask --model ./llama --saliency ./llama-50/saliency --out ./llama-24 --pattern 2:4",
+            "unipruning mask --model ./llama --saliency ./llama-50/saliency --out ./llama-70-obs --sparsity 0.7 "
+            "--reconstruct obs --calib ./texts"))
+    p.add_argument("--model", required=True, metavar="DIR|ORG/NAME",
+                   help="the dense model the saliency was computed on (directory or hub id)")
     p.add_argument("--saliency", required=True, help="a saliency/ directory written by prune")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="output directory (pruned checkpoint + pruning_report.json)")
     _mask_arguments(p)
     p.add_argument("--reconstruct", choices=RECONSTRUCTIONS, default="none",
                    help="obs: update the kept weights after masking (needs --calib)")
-    p.add_argument("--calib", default=None, help="calibration text of --reconstruct obs (as for prune)")
-    p.add_argument("--nsamples", type=int, default=None, help="default: the saliency's")
-    p.add_argument("--seqlen", type=int, default=None, help="default: the saliency's")
-    p.add_argument("--seed", type=int, default=None, help="default: the saliency's")
+    _obs_arguments(p)
+    p.add_argument("--calib", default=None, metavar="SOURCE",
+                   help="calibration text of --reconstruct obs, as for prune (default: none)")
+    p.add_argument("--nsamples", type=int, default=None, help="windows of --reconstruct obs (default: the saliency's)")
+    p.add_argument("--seqlen", type=int, default=None, help="their length (default: the saliency's)")
+    p.add_argument("--seed", type=int, default=None, help="their seed (default: the saliency's)")
     p.add_argument("--batch-size", type=int, default=1, help="windows per forward of the reconstruction")
-    _compute_arguments(p, device_help="where the masks are computed")
+    _compute_arguments(p, device_help="where the masks are computed (auto: cuda if present)")
     _targeting_arguments(p)
+    _hub_arguments(p)
+    _quiet_argument(p)
 
 
 def _eval_parser(sub) -> None:
-    p = sub.add_parser("eval", help="perplexity of a checkpoint, or lm-eval tasks (--tasks)")
-    p.add_argument("--model", required=True)
-    p.add_argument("--data", default="wikitext2", help="wikitext2, c4, or a .txt / directory / .jsonl PATH")
-    p.add_argument("--seqlen", type=int, default=2048)
+    p = sub.add_parser(
+        "eval", help="perplexity of a checkpoint (wikitext2, c4, local text), or lm-eval tasks",
+        description=_wrapped("Perplexity with the papers' protocol (documents joined, non-overlapping windows of "
+                    "--seqlen, mean NLL of every predicted token), or lm-evaluation-harness tasks (--tasks)."),
+        formatter_class=_Formatter, epilog=_examples(
+            "unipruning eval --model ./llama-70 --data wikitext2",
+            "unipruning eval --model ./llama-70 --data ./heldout.txt --seqlen 256 --json",
+            "unipruning eval --model ./llama-70 --tasks boolq,rte --limit 100 --include-path ./tasks"))
+    p.add_argument("--model", required=True, metavar="DIR|ORG/NAME", help="checkpoint directory or hub id")
+    p.add_argument("--data", default="wikitext2", metavar="SOURCE",
+                   help="wikitext2 (test split, Wanda's and SparseGPT's) or c4 (their 256 validation windows), "
+                        "c4:DIR / wikitext2:DIR for a local copy, or local text: .txt, directory, .jsonl")
+    p.add_argument("--seqlen", type=int, default=None,
+                   help="tokens per window (default: as for prune, the model's context up to 4096)")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
-    p.add_argument("--device", choices=DEVICES, default="auto")
-    p.add_argument("--dtype", choices=DTYPES, default="auto")
-    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: --model)")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--device", choices=DEVICES, default="auto",
+                   help="auto: cuda if present; a model larger than one device is spread over the GPUs and the "
+                        "CPU (accelerate's device_map=auto)")
+    p.add_argument("--dtype", choices=DTYPES, default="auto",
+                   help="compute dtype (auto: the checkpoint's on a GPU, float32 on a CPU)")
+    _tokenizer_argument(p)
+    p.add_argument("--json", action="store_true", help="print the result as JSON (off: one line of text)")
     p.add_argument("--tasks", default=None, metavar="T1,T2",
                    help="lm-evaluation-harness tasks instead of perplexity, e.g. boolq,rte,hellaswag,winogrande,"
                         "arc_easy,arc_challenge,openbookqa (needs pip install 'unipruning[eval]')")
-    p.add_argument("--include-path", default=None, help="directory of local lm-eval task definitions (YAML)")
+    p.add_argument("--include-path", default=None, metavar="DIR",
+                   help="directory of local lm-eval task definitions (YAML)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples of each task")
-    p.add_argument("--num-fewshot", type=int, default=None)
+    p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples per task (default: the task's)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow a checkpoint's own modelling code")
+    _hub_arguments(p)
+    _quiet_argument(p)
 
 
-def _pack_and_demo_parsers(sub) -> None:
-    p = sub.add_parser("pack", help="pack a 2:4-pruned checkpoint for sparse tensor cores (values + metadata)")
-    p.add_argument("--model", required=True, help="a checkpoint pruned with --pattern 2:4")
+def _pack_parser(sub) -> None:
+    p = sub.add_parser(
+        "pack", help="pack a 2:4 checkpoint for sparse tensor cores (bf16/fp16, or FP8 + 2:4 through torchao)",
+        description=_wrapped("Pack a checkpoint pruned with --pattern 2:4: values + metadata for PyTorch's "
+                             "semi-structured tensors (--format 2:4), or FP8 e4m3 values with per-row scales "
+                             "for torchao's FP8 + 2:4 kernel (--format fp8-2:4, needs pip install "
+                             "'unipruning[fp8]' to run it). Load either with unipruning.load_packed."),
+        formatter_class=_Formatter, epilog=_examples(
+            "unipruning pack --model ./llama-24 --out ./llama-24-packed",
+            "unipruning pack --model ./llama-24 --out ./llama-24-packed --dtype bfloat16",
+            "unipruning pack --model ./llama-24 --out ./llama-24-fp8 --format fp8-2:4"))
+    p.add_argument("--model", required=True, metavar="DIR|ORG/NAME", help="a checkpoint pruned with --pattern 2:4")
     p.add_argument("--out", required=True, help="output directory (load it with unipruning.load_packed)")
+    p.add_argument("--format", choices=PACK_FORMATS, default="2:4",
+                   help="2:4: fp16/bf16 values + CUTLASS metadata (sm80+); fp8-2:4: e4m3 values, per-row scales "
+                        "and 2:4 metadata for torchao's CUTLASS kernel (sm90)")
     p.add_argument("--dtype", choices=("auto", "float16", "bfloat16"), default="auto",
-                   help="cast floating tensors first (2:4 packing needs float16 or bfloat16; auto: as stored)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    p = sub.add_parser("demo", help="train a small Llama on shipped Shakespeare, prune it, compare perplexity")
-    p.add_argument("--out", default=None, help="keep the pruned checkpoints here (default: temporary)")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--device", choices=DEVICES, default="auto")
+                   help="cast floating tensors first (2:4 needs float16 or bfloat16; auto: as stored; fp8-2:4: the "
+                        "dtype of the unpacked tensors and of the kernel's output, auto = bfloat16)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (off: refuse)")
+    _hub_arguments(p)
+    _quiet_argument(p)
+
+
+def _demo_parser(sub) -> None:
+    p = sub.add_parser(
+        "demo", help="train a small Llama on shipped Shakespeare, prune it, compare perplexities",
+        description=_wrapped("Train (once, then cached) a 4-block Llama on three Shakespeare plays shipped in the "
+                             "package, prune it at 50% and cut 2:4 masks from the same saliency, and print the "
+                             "held-out perplexity before and after. No model, no network."),
+        formatter_class=_Formatter, epilog=_examples(
+            "unipruning demo",
+            "unipruning demo --out ./demo-out          # keep the pruned checkpoints",
+            'eval "$(unipruning demo --paths)"         # DEMO_MODEL, DEMO_CALIB, DEMO_HELDOUT for the README'))
+    p.add_argument("--out", default=None, help="keep the pruned checkpoints here (default: a temporary directory)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (off: refuse)")
+    p.add_argument("--device", choices=DEVICES, default="auto", help="where it computes (auto: cuda if present)")
+    p.add_argument("--paths", action="store_true",
+                   help="only print (training first if needed) shell exports of the demo model's directory and "
+                        "texts: DEMO_MODEL, DEMO_CALIB, DEMO_HELDOUT")
+    _quiet_argument(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="unipruning", description="UniPruning: mirror-descent saliency, masks for any sparsity.")
+    parser = _Parser(prog="unipruning", description=DESCRIPTION, formatter_class=_Formatter,
+                     epilog=MORE_HELP)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
     _prune_parser(sub)
     _mask_parser(sub)
     _eval_parser(sub)
-    _pack_and_demo_parsers(sub)
+    _pack_parser(sub)
+    _demo_parser(sub)
     return parser
+
+
+def overview(parser: argparse.ArgumentParser | None = None) -> str:
+    """What `unipruning` alone prints: the commands, one line each."""
+    parser = parser or build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    width = max(len(a.dest) for a in sub._choices_actions)
+    lines = [f"{DESCRIPTION}", "", "commands:"]
+    lines += [f"  {a.dest:<{width}}  {a.help}" for a in sub._choices_actions]
+    return "\n".join([*lines, "", MORE_HELP])
 
 
 # ------------------------------------------------------------------------------------------ options
 def _mask_spec(args) -> MaskSpec:
     return MaskSpec(sparsity=args.sparsity, pattern=args.pattern, allocation=args.allocation,
-                    bounds=tuple(args.bounds))
+                    bounds=tuple(args.bounds), owl_m=args.owl_m, owl_lambda=args.owl_lambda)
 
 
 def _targeting(args):
@@ -186,30 +358,74 @@ def _targeting(args):
     return Targeting.from_options(args.targets, args.ignore, args.dense_layers, args.recipe)
 
 
+def _progress(args) -> Progress | None:
+    """Bars unless --quiet (and then only on a terminal: tqdm's own test of stderr)."""
+    return None if args.quiet else Progress(disable=None)
+
+
 def _run_options(args, progress: bool = True, dry_run: bool = False) -> RunOptions:
     return RunOptions(overwrite=args.overwrite, offload=args.offload_activations,
                       trust_remote_code=args.trust_remote_code, dry_run=dry_run,
-                      progress=_progress_bar() if progress else None)
+                      progress=_progress(args) if progress else None)
 
 
-def _progress_bar():
-    """A progress callable (done, total); each pass over the blocks (calibration, then reconstruction)
-    gets its own bar."""
-    from tqdm.auto import tqdm
+def _settle(args, settings: dict, source: str) -> None:
+    """Apply `settings` ({dest: value}) that `source` (--prune_method, a recipe) implies: an option left at
+    its default takes the value, one given otherwise is a contradiction. "nsamples" means --nsamples."""
+    for dest, value in settings.items():
+        value = args.nsamples if value == "nsamples" else value
+        if dest == "allocation" and value == "row" and args.pattern != "unstructured":
+            value = "layer"  # N:M masks are per group of M: there is no row budget to choose
+        if not hasattr(args, dest):
+            raise UsageError(f"{source} sets {dest}, which `unipruning {args.command}` has no option for")
+        current = getattr(args, dest)
+        if current == args.default_of(dest):
+            setattr(args, dest, value)
+        elif current != value:
+            raise UsageError(f"`{dest}` {current} contradicts {source}, which means `{dest}` {value}")
 
-    bar, passes = None, 0
 
-    def update(done: int, total: int) -> None:
-        nonlocal bar, passes
-        if done == 1:
-            passes += 1
-            # on a terminal only (disable=None): a log or a captured stderr keeps one line per fault
-            bar = tqdm(total=total, desc=f"blocks, pass {passes}", unit="block", file=sys.stderr, disable=None)
-        bar.update(1)
-        if done == total:
-            bar.close()
+def _method_settings(args) -> None:
+    """--prune_method and an llm-compressor --recipe, as the options they stand for."""
+    if args.prune_method is not None:
+        _settle(args, PRUNE_METHODS[args.prune_method], f"--prune_method {args.prune_method}")
+    if args.recipe is not None:
+        from . import llmc
+        from .targeting import read_recipe
 
-    return update
+        data = read_recipe(args.recipe)
+        if llmc.is_llmc_recipe(data):
+            imported = llmc.import_recipe(data, args.recipe)
+            _settle(args, imported.settings, f"`recipe` {args.recipe} ({imported.modifier})")
+
+
+def _resolve_sources(args, command: str) -> None:
+    """Hub ids of --model and --tokenizer as snapshot directories of the hub cache (io/hub.py), and the
+    default --seqlen: the model's context as the papers take it (data.default_seqlen)."""
+    from .io.hub import TOKENIZER_FILES, resolve_model
+
+    if args.quiet:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    model_id = args.model
+    args.model = resolve_model(args.model, "model_dir", args.revision, args.cache_dir)
+    tokenizer = getattr(args, "tokenizer", None)
+    if tokenizer is not None:
+        revision = args.revision if tokenizer == model_id else None
+        args.tokenizer = resolve_model(tokenizer, "tokenizer_dir", revision, args.cache_dir, TOKENIZER_FILES)
+    if command in ("prune", "eval") and args.seqlen is None:
+        args.seqlen = _model_seqlen(args.model)
+
+
+def _model_seqlen(model_dir: str) -> int:
+    from .data import SEQLEN_FALLBACK, default_seqlen
+
+    try:
+        with open(os.path.join(model_dir, "config.json")) as f:
+            return default_seqlen(json.load(f))
+    except (OSError, ValueError):  # no readable config: the job's own check words the error
+        return SEQLEN_FALLBACK
 
 
 # ------------------------------------------------------------------------------------------ commands
@@ -218,10 +434,13 @@ def _prune(args) -> None:
     from .jobs import prune_checkpoint
     from .pipeline.export import SALIENCY_DIR
 
+    _method_settings(args)
+    _resolve_sources(args, "prune")
     config = PruneConfig(mask=_mask_spec(args), metric=args.metric, kappa=args.kappa, lam=args.lam,
                          batch_size=args.batch_size, seed=args.seed, device=args.device, dtype=args.dtype,
                          backend=args.backend, reconstruct=args.reconstruct, feedback=args.feedback,
-                         saliency_update=args.saliency_update)
+                         saliency_update=args.saliency_update, guide_alpha=args.guide_alpha,
+                         percdamp=args.percdamp, blocksize=args.blocksize)
     calibration = Calibration(args.calib, args.nsamples, args.seqlen, args.tokenizer)
     report = prune_checkpoint(args.model, args.out, config, calibration, _run_options(args, dry_run=args.dry_run),
                               _targeting(args))
@@ -240,8 +459,17 @@ def _mask(args) -> None:
     from .io.report import print_summary
     from .jobs import mask_checkpoint
 
+    if args.recipe is not None:
+        from . import llmc
+        from .targeting import read_recipe
+
+        if llmc.is_llmc_recipe(read_recipe(args.recipe)):
+            raise UsageError(f"`recipe` {args.recipe} is an llm-compressor recipe, which sets the pruning method: "
+                             "use it with `unipruning prune`")
+    _resolve_sources(args, "mask")
     config = MaskConfig(reconstruct=args.reconstruct, batch_size=args.batch_size, device=args.device,
-                        dtype=args.dtype, backend=args.backend)
+                        dtype=args.dtype, backend=args.backend, guide_alpha=args.guide_alpha,
+                        percdamp=args.percdamp, blocksize=args.blocksize)
     calibration = None
     if args.calib is not None:
         calibration = Calibration(args.calib, args.nsamples, args.seqlen, args.tokenizer, args.seed)
@@ -252,6 +480,7 @@ def _mask(args) -> None:
 
 
 def _eval(args) -> int:
+    _resolve_sources(args, "eval")
     if args.tasks is not None:
         from .evaluate import evaluate_tasks
 
@@ -269,7 +498,7 @@ def _eval(args) -> int:
     from .evaluate import evaluate_checkpoint
 
     result = evaluate_checkpoint(args.model, args.data, args.seqlen, args.device, args.dtype, args.tokenizer,
-                                 args.batch_size, args.trust_remote_code)
+                                 args.batch_size, args.trust_remote_code, _progress(args))
     if not math.isfinite(result["perplexity"]):  # JSON has no NaN or Infinity: null, and the reason
         result["error"] = (f"perplexity is not finite ({result['perplexity']}): the model's outputs hold NaN/Inf "
                            "(weights with NaN/Inf, or an overflow in its dtype: try --dtype float32)")
@@ -287,21 +516,34 @@ def _eval(args) -> int:
 
 
 def _pack(args) -> None:
-    from .packing import pack_checkpoint
+    _resolve_sources(args, "pack")
+    if args.format == "fp8-2:4":
+        from .packing.fp8 import export_fp8_24
 
-    report = pack_checkpoint(args.model, args.out, args.dtype, args.overwrite)
-    print(f"packed {report['packed_matrices']} matrices ({report['layout']}, {report['dtype']}): "
-          f"{report['packed_matrix_bytes_dense'] / 2**20:.1f} MiB dense -> "
-          f"{report['packed_matrix_bytes'] / 2**20:.1f} MiB ({report['packed_fraction']:.4f})")
+        report = export_fp8_24(args.model, args.out, args.dtype, args.overwrite, _progress(args))
+        print(f"packed {report['packed_matrices']} matrices as FP8 + 2:4 (e4m3, per-row scales, {report['dtype']}): "
+              f"{report['bytes_bf16'] / 2**20:.1f} MiB in bf16 -> {report['bytes_stored'] / 2**20:.1f} MiB "
+              f"({report['stored_fraction_of_bf16']:.4f})")
+    else:
+        from .packing import pack_checkpoint
+
+        report = pack_checkpoint(args.model, args.out, args.dtype, args.overwrite, _progress(args))
+        print(f"packed {report['packed_matrices']} matrices ({report['layout']}, {report['dtype']}): "
+              f"{report['packed_matrix_bytes_dense'] / 2**20:.1f} MiB dense -> "
+              f"{report['packed_matrix_bytes'] / 2**20:.1f} MiB ({report['packed_fraction']:.4f})")
     for name, reason in report["dense_matrices"].items():
         print(f"kept dense: {name}: {reason}")
     print(f"wrote {args.out}")
 
 
 def _demo(args) -> None:
-    from .demo import run_demo
+    from .demo import demo_paths, run_demo
 
-    run_demo(args.out, args.overwrite, args.device)
+    if args.paths:
+        for name, path in demo_paths(_progress(args)).items():
+            print(f"export {name}={shlex.quote(path)}")
+        return
+    run_demo(args.out, args.overwrite, args.device, _progress(args))
 
 
 COMMANDS = {"prune": _prune, "mask": _mask, "eval": _eval, "pack": _pack, "demo": _demo}
@@ -366,6 +608,10 @@ def _failure(args, exc: BaseException) -> tuple[str, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:  # a request for orientation, answered on stdout: not an error
+        print(overview())
+        return 0
     try:
         args = build_parser().parse_args(argv)
     except UsageError as exc:
@@ -387,6 +633,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # torchao (the fp8 extra), which transformers imports when it is installed, logs that its CUDA kernels
+    # did not load on a CPU machine, and torch warns about its enums: neither concerns a unipruning user
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     try:
         from transformers.utils import logging as hf_logging
 

@@ -16,13 +16,15 @@ from .errors import UsageError
 SALIENCY_METRICS = ("magnitude", "wanda", "ria", "stochria")
 METRICS = (*SALIENCY_METRICS, "sparsegpt")
 RECONSTRUCTIONS = ("none", "obs")
-ALLOCATIONS = ("layer", "row", "global")
+ALLOCATIONS = ("layer", "row", "global", "owl")
 FEEDBACKS = ("none", "full")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 BACKENDS = ("auto", "torch", "triton")
 OFFLOAD_MODES = ("auto", "always", "never")
 SALIENCY_UPDATES = ("auto", "closed-form", "exact")
+# the OBS pass's defaults (SparseGPT's --percdamp and --blocksize; algorithm/obs.py)
+PERCDAMP, BLOCKSIZE = 0.01, 128
 
 _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
@@ -58,14 +60,18 @@ class MaskSpec:
     """Which mask to cut from a saliency.
 
     sparsity: fraction of entries removed, in (0, 1). With an N:M pattern it is implied (1 - N/M) and
-    may be left None. allocation: 'layer' (per matrix), 'row' (per output row) or 'global' (one
-    threshold over all matrices, each matrix's sparsity within `bounds`).
+    may be left None. allocation: 'layer' (per matrix), 'row' (per output row), 'global' (one
+    threshold over all matrices, each matrix's sparsity within `bounds`) or 'owl' (per decoder block,
+    from its outlier ratio: blocks with more entries above owl_m times the block's mean saliency keep
+    more, within +-owl_lambda of `sparsity`, averaging exactly to it; OWL, Yin et al. 2024).
     """
 
     sparsity: float | None = None
     pattern: str = "unstructured"
     allocation: str = "layer"
     bounds: tuple[float, float] = (0.0, 0.99)
+    owl_m: float = 5.0
+    owl_lambda: float = 0.08
 
     def __post_init__(self) -> None:
         nm = parse_pattern(self.pattern)
@@ -88,18 +94,56 @@ class MaskSpec:
         if not 0 <= lo <= hi < 1:
             raise UsageError(f"`bounds`: expected 0 <= s_min <= s_max < 1, got {self.bounds}")
         object.__setattr__(self, "bounds", (float(lo), float(hi)))
+        if not (isinstance(self.owl_m, (int, float)) and self.owl_m > 0):
+            raise UsageError(f"`owl_m`: expected a positive number, got {self.owl_m!r}")
+        if not (isinstance(self.owl_lambda, (int, float)) and 0 <= self.owl_lambda):
+            raise UsageError(f"`owl_lambda`: expected a non-negative number, got {self.owl_lambda!r}")
+        if self.allocation == "owl" and not 0 <= self.sparsity - self.owl_lambda < self.sparsity + self.owl_lambda < 1:
+            raise UsageError(f"`owl_lambda` {self.owl_lambda} takes blocks outside (0, 1) around `sparsity` "
+                             f"{self.sparsity}")
+
+    @property
+    def cross_block(self) -> bool:
+        """Whether a matrix's mask depends on the saliency of other blocks (global, owl)."""
+        return self.allocation in ("global", "owl")
 
     @property
     def nm(self) -> tuple[int, int] | None:
         return parse_pattern(self.pattern)
 
 
-def _check_compute(device: str, dtype: str, backend: str, reconstruct: str, batch_size: int) -> None:
+def _check_compute(device: str, dtype: str, backend: str, reconstruct: str, batch_size: int,
+                   guide_alpha: float | None) -> None:
     _choice("device", device, DEVICES)
     _choice("dtype", dtype, DTYPES)
     _choice("backend", backend, BACKENDS)
     _choice("reconstruct", reconstruct, RECONSTRUCTIONS)
     _positive_int("batch_size", batch_size)
+    if guide_alpha is not None:
+        if not (isinstance(guide_alpha, (int, float)) and guide_alpha >= 0 and math.isfinite(guide_alpha)):
+            raise UsageError(f"`guide_alpha`: expected a non-negative number, got {guide_alpha!r}")
+        if reconstruct != "obs":
+            raise UsageError("`guide_alpha` guides the OBS sweep's choice of pruned entries: pass `reconstruct` obs")
+
+
+def check_guide(guide_alpha: float | None, spec: MaskSpec) -> None:
+    if guide_alpha is not None and spec.allocation == "row":
+        raise UsageError("`guide_alpha`: the guided sweep chooses per matrix, not per row (use `allocation` layer, "
+                         "global or owl, or an N:M pattern)")
+
+
+def _check_obs(percdamp, blocksize) -> None:
+    if not (isinstance(percdamp, (int, float)) and not isinstance(percdamp, bool) and 0 < percdamp
+            and math.isfinite(percdamp)):
+        raise UsageError(f"`percdamp`: expected a positive fraction of the mean Hessian diagonal, got {percdamp!r}")
+    _positive_int("blocksize", blocksize)
+
+
+def obs_settings(percdamp: float, blocksize: int) -> dict:
+    """The OBS settings as a report records them: only those that differ from SparseGPT's defaults, so that
+    reports (and run keys) of runs with the defaults are what they were before the settings existed."""
+    return {k: v for k, v in (("percdamp", percdamp), ("blocksize", blocksize))
+            if v != {"percdamp": PERCDAMP, "blocksize": BLOCKSIZE}[k]}
 
 
 @dataclass(frozen=True)
@@ -109,9 +153,13 @@ class PruneConfig:
     metric: local score S (or 'sparsegpt': SparseGPT's own masks, no saliency); kappa: mirror step
     size; lam: fraction of entries below the threshold t; batch_size: windows per mirror step (and per
     forward of the reconstruction); seed: calibration windows and stochria subsets; reconstruct: 'obs'
-    updates the kept weights after masking. saliency_update: 'exact' runs the recursion step by step over
+    updates the kept weights after masking; guide_alpha (with reconstruct 'obs'): instead of the saliency's
+    mask, let the sweep choose the pruned entries by SparseGPT's score times (saliency rank)^guide_alpha.
+    saliency_update: 'exact' runs the recursion step by step over
     every entry; 'closed-form' (feedback none only) gets the same saliency from per-step vectors in one
     product per matrix (docs/method.md, "The closed form"); 'auto' is closed-form for feedback none.
+    percdamp, blocksize: the OBS pass's dampening (fraction of the mean Hessian diagonal) and columns per
+    lazy batch (SparseGPT's --percdamp and --blocksize).
     """
 
     mask: MaskSpec = field(default_factory=MaskSpec)
@@ -126,9 +174,13 @@ class PruneConfig:
     dtype: str = "auto"
     backend: str = "auto"
     saliency_update: str = "auto"
+    guide_alpha: float | None = None
+    percdamp: float = PERCDAMP
+    blocksize: int = BLOCKSIZE
 
     def __post_init__(self) -> None:
         _choice("metric", self.metric, METRICS)
+        _check_obs(self.percdamp, self.blocksize)
         _choice("saliency_update", self.saliency_update, SALIENCY_UPDATES)
         if not (isinstance(self.kappa, (int, float)) and self.kappa > 0 and math.isfinite(self.kappa)):
             raise UsageError(f"`kappa`: expected a positive number, got {self.kappa!r}")
@@ -142,7 +194,10 @@ class PruneConfig:
         if self.feedback == "full" and self.saliency_update == "closed-form":
             raise UsageError("`saliency_update` closed-form needs frozen weights: `feedback` full moves them "
                              "(use exact or auto)")
-        _check_compute(self.device, self.dtype, self.backend, self.reconstruct, self.batch_size)
+        _check_compute(self.device, self.dtype, self.backend, self.reconstruct, self.batch_size, self.guide_alpha)
+        check_guide(self.guide_alpha, self.mask)
+        if self.metric == "sparsegpt" and self.guide_alpha is not None:
+            raise UsageError("`guide_alpha` weighs the sweep by the saliency: `metric` sparsegpt has none")
         if self.metric == "sparsegpt":
             if self.reconstruct != "obs":
                 raise UsageError("`metric` sparsegpt chooses its masks during the OBS sweep: pass `reconstruct` obs")
@@ -160,22 +215,29 @@ class PruneConfig:
         return self.saliency_update == "closed-form" or (self.saliency_update == "auto" and self.feedback == "none")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        settings = asdict(self)
+        del settings["percdamp"], settings["blocksize"]
+        return {**settings, **obs_settings(self.percdamp, self.blocksize)}
 
 
 @dataclass(frozen=True)
 class MaskConfig:
     """How `mask_checkpoint` computes: reconstruct 'obs' runs the OBS pass (it needs a Calibration),
-    batch_size windows per forward of that pass, and where (device, dtype, backend)."""
+    batch_size windows per forward of that pass, guide_alpha, percdamp and blocksize as PruneConfig's, and
+    where (device, dtype, backend)."""
 
     reconstruct: str = "none"
     batch_size: int = 1
     device: str = "auto"
     dtype: str = "auto"
     backend: str = "auto"
+    guide_alpha: float | None = None
+    percdamp: float = PERCDAMP
+    blocksize: int = BLOCKSIZE
 
     def __post_init__(self) -> None:
-        _check_compute(self.device, self.dtype, self.backend, self.reconstruct, self.batch_size)
+        _check_compute(self.device, self.dtype, self.backend, self.reconstruct, self.batch_size, self.guide_alpha)
+        _check_obs(self.percdamp, self.blocksize)
 
 
 @dataclass(frozen=True)
@@ -208,7 +270,8 @@ class Calibration:
 class RunOptions:
     """How a job on checkpoint directories runs: overwrite a non-empty output; where activations live
     between blocks (offload: auto, always = pinned CPU memory, never); allow a checkpoint's own
-    modelling code; dry_run: plan only, write nothing; progress(done, total) per block of each pass."""
+    modelling code; dry_run: plan only, write nothing; progress(done, total) per block of each pass, first
+    with done 0 before the pass's first block (a progress.Progress shows bars)."""
 
     overwrite: bool = False
     offload: str = "auto"

@@ -1,6 +1,6 @@
 """`unipruning demo`: the whole job on an embedded default, with no model and no network at hand.
 
-A small Llama-architecture model is trained (seeded, one to two minutes on 2 CPU cores) on three
+A small Llama-architecture model is trained (seeded, 500 steps, with a progress bar and its ETA) on three
 Shakespeare plays shipped inside the package, with a byte-level BPE tokenizer trained on the same text;
 a fourth play is held out for perplexity. The trained model is cached (UNIPRUNING_CACHE, else
 ~/.cache/unipruning). Then it is pruned with the default settings at 50% unstructured, the 2:4 masks
@@ -24,6 +24,7 @@ import torch
 
 from .io.identity import cache_root
 from .io.staging import out_lock, staged_directory, writing
+from .progress import Progress, bar_of
 
 log = logging.getLogger("unipruning")
 
@@ -93,8 +94,14 @@ def build_model(recipe: TinyLlama, vocab_size: int):
     return LlamaForCausalLM(config)
 
 
-def train_lm(model, ids: torch.Tensor, recipe: TinyLlama, log_every: int = 100) -> list[float]:
+def train_lm(model, ids: torch.Tensor, recipe: TinyLlama, log_every: int = 100,
+             progress: Progress | None = None) -> list[float]:
     """Seeded AdamW with cosine decay on random windows of `ids` (1-D). Returns the loss curve."""
+    with bar_of(progress, recipe.train_steps, "training", "step") as bar:
+        return _train_steps(model, ids, recipe, log_every, bar)
+
+
+def _train_steps(model, ids: torch.Tensor, recipe: TinyLlama, log_every: int, bar) -> list[float]:
     gen = torch.Generator().manual_seed(recipe.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, betas=(0.9, 0.95), weight_decay=0.1)
     warmup = max(1, recipe.train_steps // 20)
@@ -112,20 +119,22 @@ def train_lm(model, ids: torch.Tensor, recipe: TinyLlama, log_every: int = 100) 
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         losses.append(loss.item())
+        bar.update(1)
         if log_every and (step + 1) % log_every == 0:
             log.info("train step %d/%d  loss %.3f", step + 1, recipe.train_steps, float(loss.detach()))
     model.eval()
     return losses
 
 
-def build_trained_model(directory: str, recipe: TinyLlama, train_texts: list[str], heldout_texts: list[str]) -> dict:
+def build_trained_model(directory: str, recipe: TinyLlama, train_texts: list[str], heldout_texts: list[str],
+                        progress: Progress | None = None) -> dict:
     """Train tokenizer and model on `train_texts`, save them (fp32 safetensors) plus
     texts/{train,heldout}.txt (documents joined by blank lines)."""
     start = time.perf_counter()
     tokenizer = train_tokenizer(train_texts, recipe.vocab_size)
     model = build_model(recipe, len(tokenizer))
     ids = tokenizer("\n\n".join(train_texts), return_tensors="pt", verbose=False).input_ids[0]
-    losses = train_lm(model, ids, recipe)
+    losses = train_lm(model, ids, recipe, progress=progress)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     os.makedirs(os.path.join(directory, "texts"))
@@ -140,7 +149,8 @@ def build_trained_model(directory: str, recipe: TinyLlama, train_texts: list[str
 
 
 def cached_trained_model(
-    recipe: TinyLlama, train_texts: list[str], heldout_texts: list[str], prefix: str, what: str
+    recipe: TinyLlama, train_texts: list[str], heldout_texts: list[str], prefix: str, what: str,
+    progress: Progress | None = None,
 ) -> str:
     """Directory of a model trained by `build_trained_model`, keyed by its recipe and texts: trained on
     first use, reused afterwards."""
@@ -157,19 +167,29 @@ def cached_trained_model(
             return directory
         print(f"Training {what}; cached in {directory}", flush=True)
         with staged_directory(directory) as staging:
-            build_trained_model(staging, recipe, train_texts, heldout_texts)
+            build_trained_model(staging, recipe, train_texts, heldout_texts, progress)
     return directory
 
 
-def cached_demo_model(recipe: TinyLlama = TinyLlama()) -> str:
+def cached_demo_model(recipe: TinyLlama = TinyLlama(), progress: Progress | None = None) -> str:
     """Directory of the trained demo model, training it on first use."""
     return cached_trained_model(recipe, packaged_text(TRAIN_PLAYS), packaged_text(HELDOUT_PLAYS), "demo-llama",
-                                "the demo model (seeded, one to two minutes on 2 CPU cores)")
+                                f"the demo model (seeded, {recipe.train_steps} steps, once)", progress)
 
 
-def run_demo(out: str | None = None, overwrite: bool = False, device: str = "auto") -> dict:
+def demo_paths(progress: Progress | None = None) -> dict[str, str]:
+    """The demo model's directory and texts (training it first if needed), for the README's commands:
+    {"DEMO_MODEL": ..., "DEMO_CALIB": its training text, "DEMO_HELDOUT": the held-out play}."""
+    model_dir = cached_demo_model(progress=progress)
+    texts = os.path.join(model_dir, "texts")
+    return {"DEMO_MODEL": model_dir, "DEMO_CALIB": os.path.join(texts, "train.txt"),
+            "DEMO_HELDOUT": os.path.join(texts, "heldout.txt")}
+
+
+def run_demo(out: str | None = None, overwrite: bool = False, device: str = "auto",
+             progress: Progress | None = None) -> dict:
     """Train (or reuse) the demo model, prune it at 50% and 2:4, print reports and perplexities."""
-    from .config import Calibration, MaskSpec, PruneConfig
+    from .config import Calibration, MaskSpec, PruneConfig, RunOptions
     from .evaluate import evaluate_checkpoint
     from .io.report import print_block_table, print_summary
     from .io.staging import preflight
@@ -179,7 +199,7 @@ def run_demo(out: str | None = None, overwrite: bool = False, device: str = "aut
     sources = {"UNIPRUNING_CACHE": cache_root()}  # the trained model is read from there
     if out is not None:
         preflight(out, overwrite, sources)
-    model_dir = cached_demo_model(recipe)
+    model_dir = cached_demo_model(recipe, progress)
     texts = os.path.join(model_dir, "texts")
     heldout = os.path.join(texts, "heldout.txt")
     with tempfile.TemporaryDirectory(prefix="unipruning-demo-") as scratch:
@@ -189,7 +209,7 @@ def run_demo(out: str | None = None, overwrite: bool = False, device: str = "aut
             config = PruneConfig(mask=MaskSpec(sparsity=0.5), device=device)
             print("\n== unipruning prune --sparsity 0.5 (defaults: stochria, allocation layer) ==", flush=True)
             calibration = Calibration(os.path.join(texts, "train.txt"), nsamples=128, seqlen=recipe.seqlen)
-            report50 = prune_checkpoint(model_dir, pruned50, config, calibration)
+            report50 = prune_checkpoint(model_dir, pruned50, config, calibration, RunOptions(progress=progress))
             print_block_table(report50)
             print_summary(report50)
             print("\n== unipruning mask --pattern 2:4 (same saliency, no calibration) ==", flush=True)
@@ -198,7 +218,7 @@ def run_demo(out: str | None = None, overwrite: bool = False, device: str = "aut
             print_summary(report24)
             rows = []
             for label, directory in (("dense", model_dir), ("50% unstructured", pruned50), ("2:4", pruned24)):
-                result = evaluate_checkpoint(directory, heldout, recipe.seqlen, device_name=device)
+                result = evaluate_checkpoint(directory, heldout, recipe.seqlen, device_name=device, progress=progress)
                 rows.append((label, result["perplexity"]))
         print(f"\n== held-out perplexity ({', '.join(HELDOUT_PLAYS)}, seqlen {recipe.seqlen}) ==")
         for label, ppl in rows:
@@ -207,5 +227,6 @@ def run_demo(out: str | None = None, overwrite: bool = False, device: str = "aut
             print("\n(outputs were temporary: pass --out DIR to keep the pruned checkpoints)")
         else:
             print(f"\npruned checkpoints: {os.path.join(out, 'pruned-50')}, {os.path.join(out, 'pruned-2of4')}")
+        print(f"demo model: {model_dir} (for the README's commands: eval \"$(unipruning demo --paths)\")")
     return {"perplexity": dict(rows)}
 

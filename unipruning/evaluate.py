@@ -4,7 +4,11 @@ Perplexity follows the standard protocol: documents joined with "\n\n", non-over
 `seqlen` tokens, mean next-token negative log-likelihood over every predicted token. Tasks (boolq, rte,
 hellaswag, winogrande, arc_easy, arc_challenge, openbookqa, or any task lm-eval knows, including local
 task definitions through `include_path`) run with `lm_eval.simple_evaluate` on an `HFLM` wrapping the
-model we load, when the optional extra is installed (`pip install 'unipruning[eval]'`)."""
+model we load, when the optional extra is installed (`pip install 'unipruning[eval]'`).
+
+Where the model lives (`placement`): on the compute device when it fits there, else, on a GPU, spread over
+the GPUs and the CPU by accelerate (`device_map="auto"`, as Wanda loads its models), so that a 70B model is
+evaluated on a machine none of whose devices holds it."""
 
 from __future__ import annotations
 
@@ -16,23 +20,30 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import UsageError
+from .progress import Progress, bar_of
+
+FIT_MARGIN = 1.2  # weights x this, plus the logits of one batch, must fit in the device's free memory
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, windows: torch.Tensor, device: torch.device, batch_size: int = 8) -> float:
-    """exp(mean NLL) of `model` over (n, seqlen) token windows (each predicts seqlen - 1 tokens)."""
+def perplexity(model: nn.Module, windows: torch.Tensor, device: torch.device, batch_size: int = 8,
+               progress: Progress | None = None) -> float:
+    """exp(mean NLL) of `model` over (n, seqlen) token windows (each predicts seqlen - 1 tokens). `device`:
+    where the input ids go (a model spread by a device map takes them on its embedding's device)."""
     model.eval()
     if batch_size < 1:
         raise UsageError(f"`batch_size`: expected a positive integer, got {batch_size}")
     total_nll, total_tokens = 0.0, 0
-    for batch in windows.split(batch_size):
-        ids = batch.to(device)
-        logits = model(input_ids=ids, use_cache=False).logits.float()
-        nll = F.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
-        )
-        total_nll += float(nll)
-        total_tokens += ids[:, 1:].numel()
+    with bar_of(progress, int(windows.shape[0]), "eval", "window") as bar:
+        for batch in windows.split(batch_size):
+            ids = batch.to(device)
+            logits = model(input_ids=ids, use_cache=False).logits.float()
+            nll = F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].to(logits.device).reshape(-1), reduction="sum"
+            )
+            total_nll += float(nll)
+            total_tokens += ids[:, 1:].numel()
+            bar.update(int(batch.shape[0]))
     mean = total_nll / total_tokens
     return math.exp(mean) if mean < 700 else math.inf  # nan stays nan; beyond e^700 a float overflows
 
@@ -49,14 +60,47 @@ def _checked_model(model_dir: str, batch_size: int, trust_remote_code: bool):
     return config
 
 
+def placement(need_bytes: int, device: torch.device, free_bytes: int | None = None) -> str | dict:
+    """"device" when `need_bytes` fit in `device`'s free memory (`free_bytes`, measured when None), else the
+    device map for from_pretrained: "auto" on a GPU (accelerate spreads the model over the GPUs, then the CPU);
+    on a CPU there is nowhere else to go, so "device"."""
+    if device.type != "cuda":
+        return "device"
+    free = torch.cuda.mem_get_info(device)[0] if free_bytes is None else free_bytes
+    return "device" if need_bytes <= free else "auto"
+
+
+def _need_bytes(model_dir: str, dtype: torch.dtype, config, batch_size: int, seqlen: int) -> int:
+    """Weights in `dtype` (from the shard headers) with margin, and the float32 logits of one batch, twice
+    (the model's own and the float copy)."""
+    from .io.checkpoint import shard_headers
+
+    params = sum(math.prod(shape) for _, _, shape in shard_headers(model_dir).values())
+    vocab = int(getattr(config, "vocab_size", 0) or 0)
+    return int(params * dtype.itemsize * FIT_MARGIN) + 2 * batch_size * seqlen * vocab * 4
+
+
+def _load_placed(model_dir: str, dtype: torch.dtype, device: torch.device, where: str | dict,
+                 trust_remote_code: bool) -> tuple[nn.Module, torch.device]:
+    """The model loaded where `where` says, and the device its input ids go to."""
+    from .io.checkpoint import load_model
+
+    if where == "device":
+        return load_model(model_dir, dtype, trust_remote_code).to(device), device
+    model = load_model(model_dir, dtype, trust_remote_code, device_map=where)
+    return model, model.get_input_embeddings().weight.device
+
+
 def evaluate_checkpoint(
     model_dir: str, data: str, seqlen: int, device_name: str = "auto", dtype_name: str = "auto",
     tokenizer_dir: str | None = None, batch_size: int = 8, trust_remote_code: bool = False,
+    progress: Progress | None = None, where: str | dict | None = None,
 ) -> dict:
-    """`unipruning eval`: perplexity of a checkpoint directory on a text source."""
+    """`unipruning eval`: perplexity of a checkpoint directory on a text source. `where`: "device", or a
+    device map for from_pretrained ("auto", {"": "cpu"}, ...); None chooses (`placement`)."""
     from .backends import resolve_device, resolve_dtype
     from .data import eval_windows
-    from .io.checkpoint import check_seqlen, check_token_ids, load_model, load_tokenizer
+    from .io.checkpoint import check_seqlen, check_token_ids, load_tokenizer
 
     config = _checked_model(model_dir, batch_size, trust_remote_code)
     check_seqlen(config, seqlen)
@@ -64,10 +108,15 @@ def evaluate_checkpoint(
     tokenizer = load_tokenizer(tokenizer_dir or model_dir)
     windows = eval_windows(tokenizer, data, seqlen)
     check_token_ids(config, windows, tokenizer_dir or model_dir)
-    model = load_model(model_dir, resolve_dtype(dtype_name, config, device), trust_remote_code).to(device)
-    ppl = perplexity(model, windows, device, batch_size)
+    dtype = resolve_dtype(dtype_name, config, device)
+    if where is None:
+        where = placement(_need_bytes(model_dir, dtype, config, batch_size, seqlen), device)
+    model, inputs = _load_placed(model_dir, dtype, device, where, trust_remote_code)
+    ppl = perplexity(model, windows, inputs, batch_size, progress)
     return {"model": model_dir, "data": data, "seqlen": seqlen, "windows": int(windows.shape[0]),
-            "tokens": int(windows.numel()), "perplexity": ppl}
+            "tokens": int(windows.numel()), "perplexity": ppl,
+            "placement": where if where == "device" else dict(getattr(model, "hf_device_map", None) or
+                                                               (where if isinstance(where, dict) else {"": where}))}
 
 
 PAPER_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")

@@ -22,8 +22,9 @@ from torch import nn
 
 from . import backends
 from .algorithm.masks import MaskCutter, check_plan, mask_stats, masked
+from .algorithm.obs import ObsSettings
 from .backends import resolve_device, resolve_dtype
-from .config import Calibration, MaskConfig, MaskSpec, PruneConfig, RunOptions
+from .config import Calibration, MaskConfig, MaskSpec, PruneConfig, RunOptions, check_guide
 from .data import HUB_SOURCES, calibration_windows, windows_hash
 from .errors import UsageError
 from .io.checkpoint import (
@@ -44,6 +45,9 @@ from .pipeline.export import (
     export_checkpoint,
     finish,
     masked_by,
+    note_allocation,
+    obs_choice,
+    obs_rule,
     pruned_writer,
     reconstruct_pass,
     reconstructed_weights,
@@ -238,18 +242,22 @@ def _prune_into(staging: str, source: _Source, windows, config: PruneConfig, dev
     writer = pruned_writer(source.checkpoint, staging, source.plan)
     # masks that need no other block's saliency: each block's weights are written as it finishes
     streamed = (config.feedback == "none" and config.reconstruct == "none" and config.has_saliency
-                and config.mask.allocation != "global")
+                and not config.mask.cross_block)
     report.weights_written = "per block during calibration" if streamed else "after calibration"
     on_block = streamed_writes(writer, source.plan, config.mask, backend, device) if streamed else None
     saliency = learn_from_checkpoint(source.checkpoint, windows, config, device, dtype, state_dir, on_block, run,
                                      report, start)
     cut = None if saliency is None else saliency_cutter(source.checkpoint, saliency, source.plan, config.mask,
                                                         backend, device)
+    note_allocation(report, cut, config.mask)
     pruned, recon_dir = (None if cut is None else masked_by(cut)), None
     if config.reconstruct == "obs":
         recon_dir, report.reconstruction = reconstruct_pass(staging, source.checkpoint, windows, config.batch_size,
-                                                            device, dtype, source.plan, cut, backend, run.progress,
-                                                            run.offload)
+                                                            device, dtype, source.plan,
+                                                            obs_choice(cut, config.guide_alpha, backend), backend,
+                                                            run.progress, run.offload,
+                                                            ObsSettings(config.percdamp, config.blocksize))
+        report.reconstruction["rule"] = obs_rule(cut, config.guide_alpha)
         pruned = reconstructed_weights(recon_dir)
     report = export_checkpoint(source.checkpoint, staging, writer, pruned, source.plan, source.skipped, saliency,
                                config.mask, report)
@@ -263,6 +271,7 @@ def mask_checkpoint(model_dir: str, saliency_dir: str, out: str, spec: MaskSpec,
     the kept weights are reconstructed on `calibration` (nsamples, seqlen, seed default to the saliency's)."""
     start, targeting = time.perf_counter(), targeting or Targeting()
     config, run = config or MaskConfig(), run or RunOptions()
+    check_guide(config.guide_alpha, spec)
     source = _open(model_dir, spec, targeting, run.trust_remote_code, config.reconstruct)
     if config.reconstruct == "obs" and calibration is None:
         raise UsageError("`reconstruct` obs: pass `calib` (the windows are run through the pruned model)")
@@ -276,8 +285,8 @@ def mask_checkpoint(model_dir: str, saliency_dir: str, out: str, spec: MaskSpec,
     if saliency.shapes != shapes:
         raise UsageError("`saliency_dir`: its matrices do not match the model's prunable matrices")
     report = Report(command="mask", model=os.path.abspath(model_dir), saliency=os.path.abspath(saliency_dir),
-                    settings={**saliency.metadata, "reconstruct": config.reconstruct, "backend_used": backend,
-                              "device_used": str(device)}, targeting=targeting.to_dict())
+                    settings={**saliency.metadata, "reconstruct": config.reconstruct, "guide_alpha": config.guide_alpha,
+                              "backend_used": backend, "device_used": str(device)}, targeting=targeting.to_dict())
     windows = None
     if config.reconstruct == "obs":
         meta = saliency.metadata
@@ -289,12 +298,15 @@ def mask_checkpoint(model_dir: str, saliency_dir: str, out: str, spec: MaskSpec,
         report.calibration["seed"] = calibration.seed
     with writing(out, run.overwrite, sources) as staging:
         cut = saliency_cutter(source.checkpoint, saliency, source.plan, spec, backend, device)
+        note_allocation(report, cut, spec)
         pruned, recon_dir = masked_by(cut), None
         if windows is not None:
             recon_dir, report.reconstruction = reconstruct_pass(
                 staging, source.checkpoint, windows, config.batch_size, device,
-                resolve_dtype(config.dtype, source.config, device), source.plan, cut, backend, run.progress,
-                run.offload)
+                resolve_dtype(config.dtype, source.config, device), source.plan,
+                obs_choice(cut, config.guide_alpha, backend), backend, run.progress, run.offload,
+                ObsSettings(config.percdamp, config.blocksize))
+            report.reconstruction["rule"] = obs_rule(cut, config.guide_alpha)
             pruned = reconstructed_weights(recon_dir)
         writer = pruned_writer(source.checkpoint, staging, source.plan)
         report = export_checkpoint(source.checkpoint, staging, writer, pruned, source.plan, source.skipped, saliency,

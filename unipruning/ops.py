@@ -75,6 +75,7 @@ def hessian_accumulate_(h: torch.Tensor, x: torch.Tensor, backend: str | None = 
     _impl(backend, x).hessian_accumulate_(h, x)
 
 
-def obs_sweep_(w, u, keep=None, prune_count=None, nm=None, blocksize=128, backend: str | None = None):
-    """The lazy-batch OBS sweep, in place on w (float32); returns the keep mask (kernels/reference.py)."""
-    return _impl(backend, w).obs_sweep_(w, u, keep, prune_count, nm, blocksize)
+def obs_sweep_(w, u, keep=None, prune_count=None, nm=None, blocksize=128, prior=None, backend: str | None = None):
+    """The lazy-batch OBS sweep, in place on w (float32); returns the keep mask (kernels/reference.py).
+    prior: multiplies the score of the mask-choosing rule (keep None)."""
+    return _impl(backend, w).obs_sweep_(w, u, keep, prune_count, nm, blocksize, prior)

@@ -14,6 +14,10 @@ A recipe:
     overrides:                             # first match wins; unmatched matrices take the CLI mask
       - {match: "mlp\\.", pattern: "2:4"}
       - {match: "self_attn\\.", sparsity: 0.4}
+
+An llm-compressor recipe (stages with a SparseGPTModifier or WandaPruningModifier, llmc.py) is read too:
+its `targets` and `ignore` are matched against module names the way compressed-tensors matches them
+(`module_targets`, `module_ignore`); the rest of it (method, sparsity, pattern) is the CLI's to apply.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import os
 import re
 from dataclasses import dataclass, field
 
+from . import llmc
 from .config import MaskSpec
 from .errors import UsageError
 
@@ -65,6 +70,8 @@ class Targeting:
     dense_layers: tuple[int, ...] = ()
     overrides: tuple[Override, ...] = field(default=())
     recipe: str | None = None
+    module_targets: tuple[str, ...] = ()  # llm-compressor's targets and ignore (llmc.py), on module names
+    module_ignore: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _compile("`targets`", self.targets)
@@ -75,8 +82,12 @@ class Targeting:
         targets, ignore = list(targets or ()), list(ignore or ())
         layers = list(parse_layers(dense_layers))
         overrides: list[Override] = []
-        if recipe:
-            data = read_recipe(recipe)
+        data = read_recipe(recipe) if recipe else None
+        if llmc.is_llmc_recipe(data):
+            imported = llmc.import_recipe(data, recipe)
+            llmc.check_targets(imported.targets, imported.ignore, recipe)
+            return cls(tuple(targets), tuple(ignore), tuple(layers), (), recipe, imported.targets, imported.ignore)
+        if data is not None:
             targets += list(data.get("targets", []))
             ignore += list(data.get("ignore", []))
             layers += list(parse_layers(data.get("dense_layers")))
@@ -99,16 +110,21 @@ class Targeting:
         for regex in targets:
             if not any(regex.search(m.name) for m in matrices):
                 raise UsageError(f"`targets`: {regex.pattern!r} matches no prunable matrix")
-        if self.overrides and spec.allocation == "global":
+        for target in self.module_targets:
+            if not any(llmc.targeted((target,), m.module) for m in matrices):
+                raise UsageError(f"`recipe` {self.recipe}: targets {target!r} matches no module holding a prunable "
+                                 "matrix")
+        if self.overrides and spec.cross_block:
             raise UsageError("`recipe` overrides set per-matrix sparsities: use `allocation` layer or row")
         pruned, skipped = {}, {}
         for m in matrices:
-            hit = next((r.pattern for r in ignore if r.search(m.name)), None)
+            hit = next((r.pattern for r in ignore if r.search(m.name)), None) or llmc.ignored(self.module_ignore,
+                                                                                             m.module)
             if m.block in dense:
                 skipped[m.name] = f"dense layer {m.block}"
             elif hit is not None:
                 skipped[m.name] = f"ignored ({hit})"
-            elif targets and not any(r.search(m.name) for r in targets):
+            elif not self._targeted(m, targets):
                 skipped[m.name] = "not targeted"
             else:
                 pruned[m.name] = self._spec_for(m.name, spec)
@@ -116,23 +132,33 @@ class Targeting:
             raise UsageError("targeting leaves no matrix to prune (check `targets`, `ignore`, `dense_layers`)")
         return pruned, skipped
 
+    def _targeted(self, m, targets: tuple[re.Pattern, ...]) -> bool:
+        """No targets at all: every matrix; else one of --targets' regexes or the recipe's module targets."""
+        if not targets and not self.module_targets:
+            return True
+        return any(r.search(m.name) for r in targets) or llmc.targeted(self.module_targets, m.module)
+
     def _spec_for(self, name: str, spec: MaskSpec) -> MaskSpec:
         for o in self.overrides:
             if o.match.search(name):
                 pattern = o.pattern or (spec.pattern if o.sparsity is None else "unstructured")
                 nm = pattern != "unstructured"
                 return MaskSpec(sparsity=None if nm else (o.sparsity if o.sparsity is not None else spec.sparsity),
-                                pattern=pattern, allocation="layer" if nm else spec.allocation, bounds=spec.bounds)
+                                pattern=pattern, allocation="layer" if nm else spec.allocation, bounds=spec.bounds,
+                                owl_m=spec.owl_m, owl_lambda=spec.owl_lambda)
         return spec
 
     def to_dict(self) -> dict:
         return {"targets": list(self.targets), "ignore": list(self.ignore), "dense_layers": list(self.dense_layers),
                 "overrides": [{"match": o.match.pattern, "sparsity": o.sparsity, "pattern": o.pattern}
-                              for o in self.overrides], "recipe": self.recipe}
+                              for o in self.overrides], "recipe": self.recipe,
+                **({"llm_compressor": {"targets": list(self.module_targets), "ignore": list(self.module_ignore)}}
+                   if self.module_targets or self.module_ignore else {})}
 
 
 def read_recipe(path: str) -> dict:
-    """A recipe file (YAML, or JSON, which YAML also reads) as a dict with only the known keys."""
+    """A recipe file (YAML, or JSON, which YAML also reads) as a dict with only the known keys, or an
+    llm-compressor recipe as it is (llmc.py reads it)."""
     if not os.path.isfile(path):
         raise UsageError(f"`recipe`: {path!r} is not a file")
     try:
@@ -146,6 +172,8 @@ def read_recipe(path: str) -> dict:
             data = yaml.safe_load(text)
     except Exception as exc:  # noqa: BLE001 - any parse error is the user's file
         raise UsageError(f"`recipe` {path}: cannot parse it: {str(exc).splitlines()[0]}") from None
+    if llmc.is_llmc_recipe(data):
+        return data
     if not isinstance(data, dict) or set(data) - _RECIPE_KEYS:
         raise UsageError(f"`recipe` {path}: expected a mapping with keys among {', '.join(sorted(_RECIPE_KEYS))}")
     return data

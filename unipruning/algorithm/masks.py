@@ -10,6 +10,7 @@ a row. Counts use the decimal the user wrote (0.7 is 7/10, not its binary roundi
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterator, Mapping
 from fractions import Fraction
 
@@ -78,34 +79,86 @@ def global_counts(z: Mapping[str, torch.Tensor], weights: Mapping[str, torch.Ten
     return dict(zip(names, counts, strict=True))
 
 
+_BLOCK = re.compile(r"\.(\d+)\.")
+
+
+def block_of(name: str) -> int:
+    """The decoder block of a matrix name (the first .N. in it: model.layers.N.*)."""
+    return int(_BLOCK.search(name).group(1))
+
+
+def owl_block_sparsities(z: Mapping[str, torch.Tensor], names: list[str], spec: MaskSpec) -> dict[int, float]:
+    """OWL's per-block sparsity (Yin et al. 2024) from the saliency: D_b, the fraction of block b's
+    entries whose z exceeds owl_m times the block's mean z, is scaled to [0, 2 lambda] as OWL does; s_b =
+    s - (that - its mean weighted by block size), shrunk toward s where needed to stay within +-lambda, so
+    blocks with more outliers keep more and the size-weighted mean is exactly s. Reads each z twice (the
+    block means first), one matrix at a time."""
+    totals: dict[int, list[float]] = {}
+    for name in names:
+        zb = z[name]
+        entry = totals.setdefault(block_of(name), [0.0, 0, 0])
+        entry[0] += float(zb.sum(dtype=torch.float64))
+        entry[1] += zb.numel()
+    for name in names:
+        b = block_of(name)
+        totals[b][2] += int((z[name] > spec.owl_m * totals[b][0] / totals[b][1]).sum())
+    ratio = {b: outliers / numel for b, (_, numel, outliers) in totals.items()}
+    lo, hi = min(ratio.values()), max(ratio.values())
+    scaled = {b: 0.0 if hi == lo else 2 * spec.owl_lambda * (r - lo) / (hi - lo) for b, r in ratio.items()}
+    size = sum(numel for _, numel, _ in totals.values())
+    mean = sum(scaled[b] * totals[b][1] for b in scaled) / size
+    offset = {b: scaled[b] - mean for b in scaled}
+    # centring an uneven spread can take a block beyond lambda: shrink toward the target, mean still 0
+    shrink = min(1.0, spec.owl_lambda / max(max(abs(d) for d in offset.values()), 1e-300))
+    return {b: spec.sparsity - offset[b] * shrink for b in sorted(offset)}
+
+
+def owl_counts(z: Mapping[str, torch.Tensor], numels: Mapping[str, int], names: list[str],
+               spec: MaskSpec) -> tuple[dict[str, int], dict[int, float]]:
+    """Kept count per matrix under OWL's block sparsities, the total exactly keep_count(s, all entries)
+    (largest remainders get the rounding); and the block sparsities."""
+    sparsities = owl_block_sparsities(z, names, spec)
+    wanted = {n: (1 - Fraction(sparsities[block_of(n)])) * numels[n] for n in names}
+    counts = {n: math.floor(w) for n, w in wanted.items()}
+    missing = keep_count(spec.sparsity, sum(numels[n] for n in names)) - sum(counts.values())
+    order = sorted(names, key=lambda n: (counts[n] - wanted[n], n))  # largest remainder first
+    for n in order[:missing] if missing > 0 else order[::-1][:-missing]:
+        counts[n] += 1 if missing > 0 else -1
+    return counts, sparsities
+
+
 def matrix_mask(z: torch.Tensor, weight: torch.Tensor, spec: MaskSpec, count: int | None = None,
                 backend: str | None = None) -> torch.Tensor:
-    """The keep mask of one matrix (bool, same shape as W). `count`: kept total under `global`."""
+    """The keep mask of one matrix (bool, same shape as W). `count`: kept total under `global` / `owl`."""
     keys = ops.rank_keys(z.to(weight.device), weight, backend=backend)
     nm = spec.nm
     if nm is not None:
         return ops.nm_mask(keys, nm[0], nm[1], backend=backend)
     if spec.allocation == "row":
         return ops.row_topk_mask(keys, keep_count(spec.sparsity, weight.shape[1]), backend=backend)
-    if spec.allocation == "global":
+    if spec.cross_block:
         if count is None:
-            raise ValueError("allocation 'global' needs the per-matrix count from global_counts()")
+            raise ValueError(f"allocation {spec.allocation!r} needs the per-matrix count (MaskCutter)")
         return ops.topk_mask(keys, count, backend=backend)
     return ops.topk_mask(keys, keep_count(spec.sparsity, weight.numel()), backend=backend)
 
 
 class MaskCutter:
     """cut(name, weight) -> the keep mask (on `device`, or the weight's) of a planned matrix from its z,
-    under its planned MaskSpec. With allocation global the per-matrix counts are settled once, over
-    every planned matrix (`weights` then supplies them, lazily if it likes, with `numels` their sizes)."""
+    under its planned MaskSpec. With allocation global or owl the per-matrix counts are settled once, over
+    every planned matrix (`weights` then supplies them, lazily if it likes, with `numels` their sizes);
+    `block_sparsities` holds owl's per-block sparsities."""
 
     def __init__(self, z: Mapping[str, torch.Tensor], plan: Mapping[str, MaskSpec], spec: MaskSpec,
                  backend: str | None, device: torch.device | None = None,
                  weights: Mapping[str, torch.Tensor] | None = None, numels: Mapping[str, int] | None = None):
         self.z, self.plan, self.backend, self.device = z, plan, backend, device
-        self.counts = {}
+        self.counts, self.block_sparsities = {}, None
         if spec.allocation == "global":
             self.counts = global_counts(z, weights, list(plan), spec, backend, device, numels)
+        elif spec.allocation == "owl":
+            numels = numels if numels is not None else {n: weights[n].numel() for n in plan}
+            self.counts, self.block_sparsities = owl_counts(z, numels, list(plan), spec)
 
     def __call__(self, name: str, weight: torch.Tensor) -> torch.Tensor:
         on = self.device if self.device is not None else weight.device

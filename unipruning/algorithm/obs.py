@@ -1,7 +1,8 @@
 """Weight reconstruction of one matrix (docs/method.md, "Reconstruction"): SparseGPT's lazy-batch OBS sweep.
 
-Given H = 2/n X^T X of the matrix's input (float32), dampened by DAMP of its mean diagonal, U = the upper
-Cholesky factor of H^-1 (`ops.obs_inverse_factor`), the sweep walks the columns in blocks of BLOCKSIZE:
+Given H = 2/n X^T X of the matrix's input (float32), dampened by `damp` of its mean diagonal (DAMP, SparseGPT's
+--percdamp), U = the upper Cholesky factor of H^-1 (`ops.obs_inverse_factor`), the sweep walks the columns in
+blocks of `blocksize` (BLOCKSIZE, SparseGPT's --blocksize):
 each column's pruned entries are zeroed and their error, divided by U_ii, is subtracted from the later
 columns along U's row (`ops.obs_sweep_`). With a mask given the sweep keeps it; without (the `sparsegpt`
 metric) it chooses, per block, the entries of smallest w^2 / U_ii^2 (for N:M, the M-N smallest of each
@@ -11,24 +12,33 @@ group as the sweep reaches it).
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 
 from .. import ops
-from ..config import MaskSpec
+from ..config import BLOCKSIZE as _BLOCKSIZE
+from ..config import PERCDAMP, MaskSpec
 from .masks import keep_count
 
 log = logging.getLogger("unipruning")
 
-DAMP = 0.01  # fraction of the mean Hessian diagonal added to it (SparseGPT's default)
+DAMP = PERCDAMP  # fraction of the mean Hessian diagonal added to it (SparseGPT's default)
 DAMP_RETRIES = 6  # each retry dampens ten times more
-BLOCKSIZE = 128  # columns per lazy batch
+BLOCKSIZE = _BLOCKSIZE  # columns per lazy batch
 
 
-def inverse_factor(h: torch.Tensor, name: str) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """(U, dead inputs) of the dampened Hessian; dampening ten times more, with a logged warning, while
-    the factorisation fails; U None (also logged) when it never succeeds (non-finite activations)."""
-    damp = DAMP
+@dataclass(frozen=True)
+class ObsSettings:
+    """The two knobs of the sweep (validated by PruneConfig / MaskConfig)."""
+
+    damp: float = DAMP
+    blocksize: int = BLOCKSIZE
+
+
+def inverse_factor(h: torch.Tensor, name: str, damp: float = DAMP) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(U, dead inputs) of the Hessian dampened by `damp`; dampening ten times more, with a logged warning,
+    while the factorisation fails; U None (also logged) when it never succeeds (non-finite activations)."""
     for attempt in range(DAMP_RETRIES + 1):
         u, dead = ops.obs_inverse_factor(h, damp)
         if u is not None:
@@ -41,24 +51,38 @@ def inverse_factor(h: torch.Tensor, name: str) -> tuple[torch.Tensor | None, tor
     return None, dead
 
 
-def sweep_rule(spec: MaskSpec, numel: int) -> dict:
-    """SparseGPT's mask rule for a matrix of `numel` entries: N:M, or a count per matrix (layer)."""
+def sweep_rule(spec: MaskSpec, numel: int, kept: int | None = None) -> dict:
+    """SparseGPT's mask rule for a matrix of `numel` entries: N:M, or a count per matrix (`kept`, when a
+    cross-block allocation settled it, else the spec's sparsity)."""
     if spec.nm is not None:
         return {"nm": spec.nm}
-    return {"prune_count": numel - keep_count(spec.sparsity, numel)}
+    return {"prune_count": numel - (keep_count(spec.sparsity, numel) if kept is None else kept)}
+
+
+def guide_prior(z: torch.Tensor, weight: torch.Tensor, alpha: float, backend: str | None) -> torch.Tensor:
+    """(rank of each entry under the saliency's order / numel)^alpha, float32 in (0, 1]: multiplied into
+    SparseGPT's score w^2 / U_ii^2, it makes the entries the saliency ranks low cheaper to prune."""
+    keys = ops.rank_keys(z.to(weight.device), weight, backend=backend).reshape(-1)
+    rank = torch.empty(keys.numel(), dtype=torch.float64, device=keys.device)
+    rank[keys.argsort(stable=True)] = torch.arange(1, keys.numel() + 1, dtype=torch.float64, device=keys.device)
+    return (rank / keys.numel()).pow(alpha).to(torch.float32).reshape(weight.shape)
 
 
 def reconstruct_weight(weight: torch.Tensor, h: torch.Tensor, keep: torch.Tensor | None, spec: MaskSpec,
-                       name: str, backend: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+                       name: str, backend: str | None, prior: torch.Tensor | None = None,
+                       kept: int | None = None, damp: float = DAMP,
+                       blocksize: int = BLOCKSIZE) -> tuple[torch.Tensor, torch.Tensor]:
     """(reconstructed weight in float32, keep mask): kept entries updated, pruned ones +0.0. `keep` None:
-    SparseGPT's rule under `spec` chooses the mask during the sweep."""
+    SparseGPT's rule under `spec` (or keeping `kept` entries) chooses the mask during the sweep, its score
+    times `prior` if given."""
     w = weight.to(torch.float32, copy=True)
-    u, dead = inverse_factor(h, name)
+    u, dead = inverse_factor(h, name, damp)
     if u is None:
         if keep is not None:
             return torch.where(keep, w, 0.0), keep
         u = torch.eye(w.shape[1], dtype=torch.float32, device=w.device)  # no curvature: rank by magnitude
     w[:, dead] = 0.0
-    rule = {} if keep is not None else sweep_rule(spec, w.numel())
-    keep = ops.obs_sweep_(w, u, keep, blocksize=BLOCKSIZE, backend=backend, **rule)
+    rule = {} if keep is not None else sweep_rule(spec, w.numel(), kept)
+    keep = ops.obs_sweep_(w, u, keep, blocksize=blocksize, prior=None if keep is not None else prior,
+                          backend=backend, **rule)
     return w, keep

@@ -71,11 +71,13 @@ def load_config(model_dir: str, trust_remote_code: bool = False):
     return config
 
 
-def load_model(model_dir: str, dtype: torch.dtype, trust_remote_code: bool = False):
-    """The causal LM of a directory on the CPU, in `dtype`, in eval mode."""
+def load_model(model_dir: str, dtype: torch.dtype, trust_remote_code: bool = False, device_map=None):
+    """The causal LM of a directory on the CPU (or where `device_map` puts it, through accelerate), in
+    `dtype`, in eval mode."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, trust_remote_code=trust_remote_code)
+    extra = {} if device_map is None else {"device_map": device_map}
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, trust_remote_code=trust_remote_code, **extra)
     model.eval()
     return model
 

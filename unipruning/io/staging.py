@@ -34,7 +34,8 @@ from ..errors import UsageError
 
 log = logging.getLogger("unipruning")
 
-OUTPUT_MARKERS = ("pruning_report.json", "packing_report.json")  # what prune/mask and pack write last
+# what prune/mask, pack and pack --format fp8-2:4 write last
+OUTPUT_MARKERS = ("pruning_report.json", "packing_report.json", "fp8_24_report.json")
 STAGED = "staged"
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 

@@ -25,10 +25,11 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import UsageError
-from ..io.checkpoint import SAFE_INDEX, LazyCheckpoint, assign, empty_model, load_config, shard_headers, weight_shards
+from ..io.checkpoint import load_config, weight_shards
 from ..io.staging import preflight, write_json, writing
 from ..io.writer import copy_side_files
-from ..models import copy_stored, model_matrices, resolve_stored, stored_name
+from ..progress import Progress, bar_of
+from .assemble import add_config_entry, existing_sparsity_config, fill_model, packable, write_index
 from .formats import (
     LAYOUTS,
     PACKABLE_DTYPES,
@@ -36,8 +37,11 @@ from .formats import (
     pack_24,
     pack_cutlass_torch,
     skip_reason,
+    sparse_device_problem,
     unpack_cutlass_torch,
 )
+from .fp8 import CONFIG_KEY as FP8_KEY
+from .fp8 import load_fp8_24
 
 FORMAT_VERSION = 1
 CONFIG_KEY = "unipruning_packed"
@@ -80,42 +84,36 @@ class _Packed:
         return written
 
 
-def _write_index(model_dir: str, staging: str, index: dict[str, str]) -> None:
-    if os.path.isfile(os.path.join(model_dir, SAFE_INDEX)):
-        with open(os.path.join(model_dir, SAFE_INDEX)) as f:
-            source_index = json.load(f)
-        source_index["weight_map"] = dict(sorted(index.items()))
-        write_json(os.path.join(staging, SAFE_INDEX), source_index)
-
-
-def pack_checkpoint(model_dir: str, out: str, dtype: str = "auto", overwrite: bool = False) -> dict:
-    """`unipruning pack`: write the packed checkpoint of a 2:4-pruned model directory to `out`."""
+def pack_checkpoint(model_dir: str, out: str, dtype: str = "auto", overwrite: bool = False,
+                    progress: Progress | None = None) -> dict:
+    """`unipruning pack`: write the packed checkpoint of a 2:4-pruned model directory to `out` (a bar of
+    its shards with `progress`)."""
     start = time.perf_counter()
     if dtype not in _DTYPES:
         raise UsageError(f"`dtype`: expected one of {', '.join(_DTYPES)}, got {dtype!r}")
-    config = load_config(model_dir)
-    # whole nn.Linear weights (fused ones included); MoE experts are 3-D parameters in the model, which
-    # PyTorch's semi-structured tensors cannot represent: they stay dense
-    prunable = {m.stored for m in LazyCheckpoint(model_dir, config).matrices if m.expert is None}
+    _, prunable = packable(model_dir)
     preflight(out, overwrite, {"model_dir": model_dir})
     target, found, index = _DTYPES[dtype], _Packed(), {}
-    with writing(out, overwrite, {"model_dir": model_dir}) as staging:
-        for shard in weight_shards(model_dir):
+    shards = weight_shards(model_dir)
+    with writing(out, overwrite, {"model_dir": model_dir}) as staging, \
+            bar_of(progress, len(shards), "pack", "shard") as bar:
+        for shard in shards:
             with safe_open(os.path.join(model_dir, shard), framework="pt") as handle:
                 metadata = handle.metadata() or {"format": "pt"}
                 tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
             written = found.pack_shard(tensors, prunable, target)
             save_file(written, os.path.join(staging, shard), metadata=metadata)
             index.update(dict.fromkeys(written, shard))
+            bar.update(1)
         if not found.packed:
             first = next(iter(found.dense.items()), ("", "no prunable matrices"))
             raise UsageError(f"`model_dir`: no 2:4 matrix to pack (e.g. {first[0]}: {first[1]})")
-        _write_index(model_dir, staging, index)
+        write_index(model_dir, staging, index)
         dtype_name = str(found.dtype).removeprefix("torch.")
         entry = {"format_version": FORMAT_VERSION, "layout": "cutlass", "dtype": dtype_name,
                  "packed": sorted(found.packed), "dense": dict(sorted(found.dense.items()))}
-        copy_side_files(model_dir, staging, _existing_sparsity_config(model_dir))
-        _add_config_entry(os.path.join(staging, "config.json"), entry, target)
+        copy_side_files(model_dir, staging, existing_sparsity_config(model_dir))
+        add_config_entry(os.path.join(staging, "config.json"), entry, target, CONFIG_KEY)
         report = {
             "command": "pack", "model": os.path.abspath(model_dir), "layout": "cutlass", "dtype": dtype_name,
             "packed_matrices": len(found.packed), "dense_matrices": found.dense,
@@ -126,22 +124,6 @@ def pack_checkpoint(model_dir: str, out: str, dtype: str = "auto", overwrite: bo
     return report
 
 
-def _existing_sparsity_config(model_dir: str) -> dict | None:
-    with open(os.path.join(model_dir, "config.json")) as f:
-        return json.load(f).get("sparsity_config")
-
-
-def _add_config_entry(path: str, entry: dict, dtype: torch.dtype | None) -> None:
-    with open(path) as f:
-        config = json.load(f)
-    if config.get("sparsity_config") is None:
-        config.pop("sparsity_config", None)
-    config[CONFIG_KEY] = entry
-    if dtype is not None:
-        config["dtype"] = str(dtype).removeprefix("torch.")
-    write_json(path, config)
-
-
 def _packed_entry(model_dir: str):
     """(config, its `unipruning_packed` entry) of a packed checkpoint, or a one-line error."""
     config = load_config(model_dir)
@@ -150,22 +132,6 @@ def _packed_entry(model_dir: str):
         raise UsageError(f"`model_dir`: {model_dir} is not a packed checkpoint of format version {FORMAT_VERSION} "
                          "(write one with `unipruning pack`)")
     return config, entry
-
-
-def _destinations(model: nn.Module, config, packed: set[str], shard_of: dict[str, str], device: torch.device):
-    """Where each stored tensor goes: ({stored name: whole parameter}, {stored name: expert matrices}).
-    A whole parameter has its own name or the family's rename; MoE checkpoints store experts one by one
-    (never packed) and they are copied into slices of a 3-D parameter, given real storage here."""
-    params = dict(model.named_parameters())
-    whole = {stored_name(config, name, shard_of): name for name in params if name not in packed}
-    whole.pop(None, None)
-    experts = [m for m in model_matrices(config) if m.expert is not None and m.param not in whole.values()]
-    slices: dict[str, list] = {}
-    for m in resolve_stored(experts, config, shard_of):
-        slices.setdefault(m.stored, []).append(m)
-    for name in {m.param for m in experts}:
-        assign(model, name, torch.empty(params[name].shape, dtype=params[name].dtype, device=device))
-    return whole, slices
 
 
 def _packed_weight(handle, name: str, device: torch.device, layout: str) -> torch.Tensor:
@@ -181,34 +147,42 @@ def load_packed(model_dir: str, device: str | torch.device = "cuda", layout: str
 
     No packed layer is ever made dense with layout "cutlass" (the stored format); "cusparselt"
     compresses each layer on the GPU through a transient dense copy. Sparse matmuls need a CUDA GPU of
-    compute capability 8.0+; on a CPU the model is built (for inspection) but cannot run forward."""
+    compute capability 8.0+: `device` "cuda" without one is a one-line UsageError. On a CPU the model is
+    built for inspection only (its tensors, `unpack_24` of each packed weight): its forward raises a
+    one-line UsageError instead of failing inside torch. An FP8 + 2:4 checkpoint (`pack --format fp8-2:4`)
+    is handed to `fp8.load_fp8_24`."""
     if layout not in LAYOUTS:
         raise UsageError(f"`layout`: expected one of {', '.join(LAYOUTS)}, got {layout!r}")
-    config, entry = _packed_entry(model_dir)
     device = torch.device(device)
-    model = empty_model(config, getattr(torch, entry["dtype"]))
-    packed = set(entry["packed"])
-    shard_of = {key: shard for key, (shard, _, _) in shard_headers(model_dir).items()}
-    whole, slices = _destinations(model, config, packed, shard_of, device)
-    for shard in dict.fromkeys(shard_of.values()):
-        with safe_open(os.path.join(model_dir, shard), framework="pt") as handle:
-            for key in (k for k, s in shard_of.items() if s == shard):
-                if key.endswith(PACKED_SUFFIX) and key.removesuffix(PACKED_SUFFIX) in packed:
-                    name = key.removesuffix(PACKED_SUFFIX)
-                    assign(model, name, _packed_weight(handle, name, device, layout))
-                elif key in whole:
-                    assign(model, whole[key], handle.get_tensor(key).to(device))
-                elif key in slices:
-                    tensor = handle.get_tensor(key)
-                    for m in slices[key]:
-                        copy_stored(model.get_parameter(m.param), m, tensor)
-    if any(p.is_meta for p in model.parameters()):
-        model.tie_weights()
-    missing = [n for n, p in model.named_parameters() if p.is_meta]
-    if missing:
-        raise UsageError(f"`model_dir`: the packed checkpoint lacks {missing[0]!r}")
-    for module in model.modules():  # rebuilt on the CPU: move the computed buffers to `device`
-        for name, buffer in list(module._buffers.items()):
-            if buffer is not None and buffer.device != device:
-                module._buffers[name] = buffer.to(device)
+    if _is_fp8(model_dir):
+        return load_fp8_24(model_dir, device)
+    why = sparse_device_problem(device)
+    if why is not None and (device.type == "cuda" or layout == "cusparselt"):
+        raise UsageError(f"load_packed: {why}" + ("" if device.type == "cuda" else " (cuSPARSELt compresses there)"))
+    config, entry = _packed_entry(model_dir)
+    model = fill_model(model_dir, config, getattr(torch, entry["dtype"]), set(entry["packed"]), PACKED_SUFFIX, device,
+                       lambda handle, name: _packed_weight(handle, name, device, layout))
+    if why is not None:
+        _inspection_only(model, why)
     return model
+
+
+def _is_fp8(model_dir: str) -> bool:
+    try:
+        with open(os.path.join(model_dir, "config.json")) as f:
+            return FP8_KEY in json.load(f)
+    except (OSError, ValueError):  # load_config words the problem
+        return False
+
+
+def _inspection_only(model: nn.Module, why: str) -> None:
+    """Make every packed layer's forward a one-line UsageError (a model built where it cannot run)."""
+    message = (f"this model was loaded with load_packed on a device that cannot run it ({why}); load it with "
+               "device='cuda'")
+
+    def refuse(module, args):
+        raise UsageError(message)
+
+    for module in model.modules():
+        if isinstance(getattr(module, "weight", None), torch.sparse.SparseSemiStructuredTensor):
+            module.register_forward_pre_hook(refuse)

@@ -225,6 +225,18 @@ def unpack_24(packed: torch.Tensor) -> torch.Tensor:
     raise UsageError(f"packed: expected a tensor made by pack_24, got {type(packed).__name__}")
 
 
+def sparse_device_problem(device: torch.device) -> str | None:
+    """Why `device` cannot run PyTorch's 2:4 sparse matmuls (a CUDA GPU of compute capability 8.0+), or None."""
+    if device.type != "cuda":
+        return f"2:4 sparse matmuls run only on a CUDA GPU (compute capability 8.0+), not on {device}"
+    if not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+        return f"device {device}: torch {torch.__version__} ({build}) sees no CUDA GPU here"
+    if torch.cuda.get_device_capability(device) < (8, 0):
+        return f"{device} lacks sparse tensor cores (compute capability 8.0+ needed)"
+    return None
+
+
 def skip_reason(weight: torch.Tensor) -> str | None:
     """Why an nn.Linear weight cannot be swapped for a packed one, or None when it can."""
     try:
@@ -247,8 +259,8 @@ def sparsify_(model: nn.Module, layout: str = "cutlass") -> dict[str, str | None
         raise UsageError("sparsify_: 2:4 sparse matmuls run only on a CUDA GPU (compute capability 8.0+); "
                          f"the model's linear layers are on {', '.join(sorted(str(d) for d in devices))}")
     for device in devices:
-        if torch.cuda.get_device_capability(device) < (8, 0):
-            raise UsageError(f"sparsify_: {device} lacks sparse tensor cores (compute capability 8.0+ needed)")
+        if (why := sparse_device_problem(device)) is not None:
+            raise UsageError(f"sparsify_: {why}")
     outcome: dict[str, str | None] = {}
     for name, module in linears.items():
         reason = skip_reason(module.weight)

@@ -27,6 +27,7 @@ from ..io import saliency as store
 from ..io.checkpoint import LazyCheckpoint
 from ..io.saliency import Saliency
 from ..models import Matrix, block_matrices, decoder_blocks, fingerprint, model_matrices, weight_of
+from ..progress import steps_of as steps_of_progress
 from . import distributed
 from .inputs import observe
 from .stream import BlockStream, capture_block_inputs, release_freed_memory
@@ -119,6 +120,13 @@ def _closed_form_block(model, matrices: list[Matrix], stream: BlockStream, index
     return z, t, unseen
 
 
+def learn_block(model, matrices: list[Matrix], stream: BlockStream, index: int, config: PruneConfig, backend: str):
+    """(z, t, unseen) of one resident block's matrices over every step of `stream`, in closed form or by the
+    exact recursion (config.closed_form); its outputs replace its inputs in `stream`."""
+    learn = _closed_form_block if config.closed_form else _calibrate_block
+    return learn(model, matrices, stream, index, config, backend)
+
+
 def saliency_metadata(model: nn.Module, config: PruneConfig, windows: torch.Tensor, names: list[str],
                       unseen: list[str]) -> dict:
     """How a saliency was obtained (stored in its directory; `mask` checks the fingerprint)."""
@@ -157,8 +165,7 @@ def _run_block(model, stream: BlockStream, index: int, config: PruneConfig, back
     matrices = block_matrices(model, index)
     saved = store.load_block(state_dir, index, [m.name for m in matrices]) if state_dir else None
     if saved is None:
-        learn = _closed_form_block if config.closed_form else _calibrate_block
-        z, t, unseen = learn(model, matrices, stream, index, config, backend)
+        z, t, unseen = learn_block(model, matrices, stream, index, config, backend)
         seconds = time.perf_counter() - start
         if state_dir and distributed.is_main():
             store.save_block(state_dir, index, z, t, seconds, unseen)
@@ -188,15 +195,19 @@ def calibrate(
     weights are not changed. Each block is moved to `device` while it is calibrated (or, with a
     `checkpoint`, read there). on_block(index, z of its matrices) is called when a block's saliency is
     final (also for blocks found done in `state_dir`); offload: where the activations live between
-    blocks (stream.activation_home)."""
+    blocks (stream.activation_home); progress(done, total) before the first block and after each (a
+    progress.Progress also shows the steps inside a block)."""
     backend = backends.resolve(config.backend, device)
     steps = steps_of(windows, config.batch_size)
     stream = capture_block_inputs(model, [distributed.share(b) for b in steps], device, offload)
+    stream.on_step = steps_of_progress(progress)
     z: dict = {}  # {name: z}; with a state_dir {name: (block file, key)}: memory holds one block's z
     t: dict[str, float] = {}
     unseen: list[str] = []  # matrices whose input never saw a token (experts never routed to)
     per_block = []
     blocks = decoder_blocks(model)
+    if progress is not None:
+        progress(0, len(blocks))  # the bar shows before block 0, the slowest (it waits for the first steps)
     for index in range(len(blocks)):
         done = _resident_block(model, checkpoint, index, device, stream, config, backend, state_dir, len(steps))
         names = list(done.t)

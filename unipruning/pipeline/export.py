@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 import torch
 
 from ..algorithm.masks import MaskCutter, masked
+from ..algorithm.obs import ObsSettings, guide_prior
 from ..config import MaskSpec
 from ..io.checkpoint import LazyCheckpoint
 from ..io.report import REPORT, Report, Totals, git_hash, peak_memory, versions
@@ -82,20 +83,44 @@ def saliency_cutter(checkpoint: LazyCheckpoint, saliency: Saliency, plan: dict[s
     return MaskCutter(saliency.z, plan, spec, backend, device, checkpoint.lazy(sorted(plan)), numels)
 
 
-def reconstruct_pass(staging: str, checkpoint: LazyCheckpoint, windows: torch.Tensor, batch_size: int,
-                     device: torch.device, dtype: torch.dtype, plan: dict[str, MaskSpec], keep: Callable | None,
-                     backend: str, progress=None, offload: str = "auto") -> tuple[str, dict]:
-    """Run the OBS reconstruction (reconstruct.py) into `staging`; (its state directory, report entry)."""
-    from ..algorithm.obs import BLOCKSIZE, DAMP
+def note_allocation(report: Report, cut: MaskCutter | None, spec: MaskSpec) -> None:
+    """Record OWL's block sparsities in the report's mask entry (other allocations need no note)."""
+    if cut is not None and cut.block_sparsities is not None:
+        report.mask = {"owl": {"m": spec.owl_m, "lambda": spec.owl_lambda,
+                               "block_sparsity": {str(b): s for b, s in cut.block_sparsities.items()}}}
 
-    start = time.perf_counter()
+
+def obs_choice(cut: MaskCutter | None, guide_alpha: float | None, backend: str) -> Callable | None:
+    """What the OBS pass is told of each matrix's mask (pipeline/reconstruct.py): the saliency's mask;
+    with `guide_alpha`, no mask but the saliency's rank prior for SparseGPT's rule (and the count of a
+    cross-block allocation); None (the sparsegpt metric): SparseGPT's rule alone."""
+    if cut is None:
+        return None
+    if guide_alpha is None:
+        return lambda name, weight: (cut(name, weight), None, None)
+    return lambda name, weight: (None, guide_prior(cut.z[name], weight, guide_alpha, backend),
+                                 cut.counts.get(name))
+
+
+def obs_rule(cut: MaskCutter | None, guide_alpha: float | None) -> str:
+    if cut is None:
+        return "sparsegpt: smallest w^2/U_ii^2"
+    return "saliency mask" if guide_alpha is None else f"guided: smallest w^2/U_ii^2 * saliency rank^{guide_alpha}"
+
+
+def reconstruct_pass(staging: str, checkpoint: LazyCheckpoint, windows: torch.Tensor, batch_size: int,
+                     device: torch.device, dtype: torch.dtype, plan: dict[str, MaskSpec], choice: Callable | None,
+                     backend: str, progress=None, offload: str = "auto", obs=None) -> tuple[str, dict]:
+    """Run the OBS reconstruction (reconstruct.py) into `staging`; (its state directory, report entry).
+    obs: algorithm.obs.ObsSettings (default: SparseGPT's dampening and block size)."""
+    start, obs = time.perf_counter(), obs or ObsSettings()
     recon_dir = os.path.join(staging, RECON_STATE)
     os.makedirs(recon_dir, exist_ok=True)
-    blocks = reconstruct(checkpoint.skeleton(dtype), windows, batch_size, device, checkpoint, recon_dir, plan, keep,
-                         backend, progress, offload)
+    blocks = reconstruct(checkpoint.skeleton(dtype), windows, batch_size, device, checkpoint, recon_dir, plan,
+                         choice, backend, progress, offload, obs)
     groups = len(family_for(checkpoint.config).sequential)
     return recon_dir, {
-        "method": "obs", "damp": DAMP, "blocksize": BLOCKSIZE, "seconds": time.perf_counter() - start,
+        "method": "obs", "damp": obs.damp, "blocksize": obs.blocksize, "seconds": time.perf_counter() - start,
         "blocks": blocks,
         "cost": f"a second forward per layer on the pruned stream ({groups} partial forwards to collect each "
                 "group's Hessian, then one for the block's output), beside the calibration's own",
@@ -119,7 +144,7 @@ def export_checkpoint(checkpoint: LazyCheckpoint, staging: str, writer: PrunedWr
     if saliency is not None:
         saliency.save(os.path.join(staging, SALIENCY_DIR))
     report.mask = {"sparsity": spec.sparsity, "pattern": spec.pattern, "allocation": spec.allocation,
-                   "bounds": list(spec.bounds)}
+                   "bounds": list(spec.bounds), **(report.mask or {})}
     report.matrices, report.skipped = matrices, skipped
     report.total = Totals.of(matrices, checkpoint.num_parameters)
     report.peak_memory, report.versions, report.git_hash = peak_memory(), versions(), git_hash()

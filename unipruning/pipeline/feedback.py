@@ -71,9 +71,9 @@ def _schedule(steps: int):
 
 
 def _trajectory(model: nn.Module, steps: list[torch.Tensor], config: PruneConfig, device: torch.device,
-                backend: str, state, matrices) -> list[float]:
+                backend: str, state, matrices, on_step=None) -> list[float]:
     """Every step: forward and backward on the step's windows, the mirror step from W_k and that
-    forward's activations, then AdamW moves the weights. Returns the losses."""
+    forward's activations, then AdamW moves the weights (on_step(done, steps) after each). Returns the losses."""
     stats = source_stats(model, matrices, config, backend)
     params = list(model.parameters())
     optimizer = torch.optim.AdamW(params, lr=LR, betas=BETAS, eps=EPS, weight_decay=0.0)
@@ -94,6 +94,8 @@ def _trajectory(model: nn.Module, steps: list[torch.Tensor], config: PruneConfig
                 optimizer.step()
                 scheduler.step()
                 losses.append(float(loss.detach()))
+                if on_step is not None:
+                    on_step(k + 1, len(steps))
                 if not torch.isfinite(loss):
                     raise UsageError(f"`feedback` full: the loss became {losses[-1]} at step {k}; try `dtype` float32")
     finally:
@@ -102,9 +104,10 @@ def _trajectory(model: nn.Module, steps: list[torch.Tensor], config: PruneConfig
 
 
 def calibrate_full(model: nn.Module, windows: torch.Tensor, config: PruneConfig, device: torch.device,
-                   restore: bool = True) -> tuple[Saliency, dict]:
+                   restore: bool = True, on_step=None) -> tuple[Saliency, dict]:
     """The saliency of every prunable matrix under feedback `full`, and a report entry (losses, timing).
-    The model is moved to `device`, fine-tuned step by step, and (restore) given its weights back."""
+    The model is moved to `device`, fine-tuned step by step (on_step(done, steps) after each), and
+    (restore) given its weights back."""
     start = time.perf_counter()
     backend = backends.resolve(config.backend, device)
     steps = steps_of(windows, config.batch_size)
@@ -119,7 +122,7 @@ def calibrate_full(model: nn.Module, windows: torch.Tensor, config: PruneConfig,
     try:
         for p in model.parameters():
             p.requires_grad_(True)
-        losses = _trajectory(model, steps, config, device, backend, state, matrices)
+        losses = _trajectory(model, steps, config, device, backend, state, matrices, on_step)
     finally:
         for p, flag in zip(model.parameters(), grad_flags, strict=True):
             p.requires_grad_(flag)

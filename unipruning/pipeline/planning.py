@@ -1,14 +1,21 @@
 """`prune --dry-run`: what would be pruned, with which sparsity, and what it would cost; nothing written.
 
-The estimate is arithmetic on the checkpoint's shapes (read from the shard headers: no weight is read)
-and two throughputs measured here in a fraction of a second (a matmul and a copy on the compute
-device), so it is an order of magnitude, stated as such:
-- memory (feedback none): the largest decoder block in the compute dtype, the activations between
-  blocks (on the device unless offloaded), one micro-batch's MLP intermediate and the block's float32
-  saliency state; feedback full: the whole model with gradients and AdamW moments (feedback.py);
-- time: the forward FLOPs of every block over the calibration tokens (three times that with the backward
-  of feedback full, one more forward per block with --reconstruct obs) at the measured matmul rate, plus
-  the mirror steps' memory traffic (about 16 bytes per prunable weight per step) at the measured copy rate.
+Memory is arithmetic on the checkpoint's shapes (the shard headers): feedback none: the largest decoder
+block in the compute dtype, the activations between blocks (on the device unless offloaded), one
+micro-batch's MLP intermediate and the block's float32 saliency state; feedback full: the whole model
+with gradients and AdamW moments (feedback.py).
+
+Time, for the layer-streamed calibration (feedback none), comes from a probe of this device: block 0 is
+read from the checkpoint and calibrated for real, by the code a prune runs, on PROBE_STEPS[0] and then
+PROBE_STEPS[1] steps of random token windows of the run's shape (after an untimed warm-up run); the two
+timings give the block's fixed cost and its cost per step, and every block is taken to cost what block 0
+costs (the blocks of the supported families are alike) plus the measured time to read it. What the probe
+does not run is added from arithmetic, which is a lower bound: the second pass of --reconstruct obs (one
+more forward per block at the measured matmul rate; the OBS sweeps themselves are not counted), feedback
+full (forward and backward of the whole model per step) and the sparsegpt metric (no calibration pass:
+only that second pass); writing the output (read and write of every tensor) is not counted. On a loaded
+machine the probe is as noisy as the machine: the same dry run gave 28 s and 403 s here for a run that
+took 158 s (the demo model, 128 windows of 128 tokens, 2 shared CPU cores, 2026-12-01).
 """
 
 from __future__ import annotations
@@ -20,10 +27,12 @@ import torch
 
 from ..config import Calibration, PruneConfig
 from ..io.report import DryRun
-from ..models import num_blocks
-from .stream import MAX_TOKENS
+from ..models import block_matrices, num_blocks
+from .calibrate import learn_block, steps_of
+from .stream import MAX_TOKENS, capture_block_inputs
 
-MIRROR_BYTES = 16  # per prunable weight and step: read W and z, write z, the threshold's pass
+PROBE_STEPS = (1, 3)  # steps of the two probe runs of block 0: fixed cost and cost per step
+PROBE_WARMUP = 1  # an untimed run of one step first: first calls allocate and initialise
 
 
 def _throughput(device: torch.device, dtype: torch.dtype) -> tuple[float, float]:
@@ -93,17 +102,77 @@ def _memory(checkpoint, config: PruneConfig, seqlen: int, tokens: int, dtype: to
                     "(activations move to pinned CPU memory with --offload-activations)"}
 
 
-def _time(checkpoint, config: PruneConfig, nsamples: int, tokens: int, device: torch.device,
-          dtype: torch.dtype) -> dict:
-    flop_rate, copy_rate = _throughput(device, dtype)
-    prunable = sum(m.shape[0] * m.shape[1] for m in checkpoint.matrices)
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _probe(checkpoint, config: PruneConfig, seqlen: int, device: torch.device, dtype: torch.dtype,
+           offload: str = "auto") -> dict:
+    """Block 0 read and calibrated for real on random windows, PROBE_STEPS[0] then PROBE_STEPS[1] steps of
+    `config.batch_size` x `seqlen` tokens: {read_seconds, probe_seconds: {steps: seconds}}."""
+    from .. import backends
+
+    backend = backends.resolve(config.backend, device)
+    model = checkpoint.skeleton(dtype)
+    vocab = int(checkpoint.config.vocab_size)
+    windows = torch.randint(0, vocab, (max(PROBE_STEPS) * config.batch_size, seqlen),
+                            generator=torch.Generator().manual_seed(0))
+    seconds, read = {}, []
+    for steps in (*[PROBE_STEPS[0]] * PROBE_WARMUP, *PROBE_STEPS):
+        start = time.perf_counter()
+        checkpoint.load_block(model, 0, device, dtype)
+        _sync(device)
+        read.append(time.perf_counter() - start)
+        try:
+            stream = capture_block_inputs(model, steps_of(windows[: steps * config.batch_size], config.batch_size),
+                                          device, offload)
+            start = time.perf_counter()
+            learn_block(model, block_matrices(model, 0), stream, 0, config, backend)
+            _sync(device)
+            seconds[steps] = time.perf_counter() - start
+        finally:
+            checkpoint.release_block(model, 0)
+    return {"read_seconds": min(read), "probe_seconds": seconds}
+
+
+def extrapolate(probe: dict, steps: int, blocks: int) -> dict:
+    """The calibration's seconds from the probe's: per block a fixed cost plus a cost per step (the line
+    through the two probe runs, neither below zero: the machine's noise can tilt it), plus the read."""
+    (s1, t1), (s2, t2) = sorted(probe["probe_seconds"].items())
+    per_step = max((t2 - t1) / (s2 - s1), 0.0)
+    fixed = max(t1 - per_step * s1, 0.0)
+    block = fixed + per_step * steps + probe["read_seconds"]
+    return {"calibration_seconds": blocks * block, "block_seconds": block, "block_fixed_seconds": fixed,
+            "step_seconds": per_step, "read_seconds": probe["read_seconds"]}
+
+
+def _lower_bound_terms(checkpoint, config: PruneConfig, tokens: int, device, dtype) -> dict:
+    """Arithmetic for what the probe does not run: obs's second pass, feedback full, the sparsegpt metric."""
+    if config.feedback == "none" and config.reconstruct == "none" and config.has_saliency:
+        return {"seconds": 0.0}
+    flop_rate, _ = _throughput(device, dtype)
     hidden = int(checkpoint.config.hidden_size)
     block_params = checkpoint.num_parameters - int(checkpoint.config.vocab_size) * hidden  # all but the embedding
-    forwards = 3 if config.feedback == "full" else 1 + (config.reconstruct == "obs")
+    forwards = 3 * (config.feedback == "full") + (config.reconstruct == "obs")
     flops = 2 * tokens * block_params * forwards
-    mirror = 0 if config.metric == "sparsegpt" else nsamples // config.batch_size * prunable * MIRROR_BYTES
-    return {"seconds": flops / flop_rate + mirror / copy_rate, "forward_flops": flops, "mirror_bytes": mirror,
-            "measured_matmul_flops_per_s": flop_rate, "measured_copy_bytes_per_s": copy_rate}
+    return {"seconds": flops / flop_rate, "forward_flops": flops, "measured_matmul_flops_per_s": flop_rate}
+
+
+def _time(checkpoint, config: PruneConfig, calibration: Calibration, device: torch.device,
+          dtype: torch.dtype) -> dict:
+    tokens = calibration.nsamples * calibration.seqlen
+    extra = _lower_bound_terms(checkpoint, config, tokens, device, dtype)
+    if config.feedback != "none" or not config.has_saliency:
+        return {"seconds": extra["seconds"], "lower_bound": extra, "probe": None,
+                "note": "a lower bound from arithmetic (this mode has no layer-streamed calibration to probe)"}
+    probe = _probe(checkpoint, config, calibration.seqlen, device, dtype)
+    calib = extrapolate(probe, calibration.nsamples // config.batch_size, num_blocks(checkpoint.config))
+    note = ("calibration from a timed probe of block 0 on this device" +
+            ("; plus a lower bound for the reconstruction pass" if extra["seconds"] else "") +
+            "; reading the calibration text and writing the output are not counted")
+    return {"seconds": calib["calibration_seconds"] + extra["seconds"], "calibration": calib, "probe": probe,
+            "lower_bound": extra, "note": note}
 
 
 def dry_run_plan(checkpoint, plan: dict, skipped: dict, config: PruneConfig, calibration: Calibration,
@@ -115,9 +184,7 @@ def dry_run_plan(checkpoint, plan: dict, skipped: dict, config: PruneConfig, cal
                   for m in checkpoint.matrices if m.name in plan)
     estimate = {"device": str(device), "dtype": str(dtype).removeprefix("torch."),
                 "memory": _memory(checkpoint, config, calibration.seqlen, tokens, dtype),
-                **_time(checkpoint, config, calibration.nsamples, tokens, device, dtype),
-                "note": "an order-of-magnitude estimate from shapes and throughputs measured just now; disk reads "
-                        "and attention are not counted"}
+                **_time(checkpoint, config, calibration, device, dtype)}
     return DryRun(model=checkpoint.model_dir, settings=config.to_dict(),
                   matrices=_matrix_plan(checkpoint, plan, skipped), pruned=len(plan), skipped=len(skipped),
                   prunable_params=sum(m.shape[0] * m.shape[1] for m in checkpoint.matrices),

@@ -9,10 +9,11 @@ block then produces the next block's input. Each block costs one forward per gro
 output, beside the calibration's own forward; the saliency stays on the dense stream, so `mask` still
 re-masks in seconds (but each new mask needs this pass again).
 
-Masks come from `keep_for(name, weight)` (the saliency's, for UniPruning), or, with the `sparsegpt`
-metric, from SparseGPT's rule applied during the sweep. Finished blocks are saved atomically in
-`state_dir` (the reconstructed weights in the checkpoint's dtype, and the masks), so a killed run
-resumes after the last finished block with identical bytes.
+Masks come from `choice(name, weight)` -> (keep, prior, kept): the saliency's mask (UniPruning), or no
+mask and SparseGPT's rule applied during the sweep, keeping `kept` entries (or the spec's count), its
+score times the saliency's rank prior (Γ-guided) or alone (`choice` None: the `sparsegpt` metric).
+Finished blocks are saved atomically in `state_dir` (the reconstructed weights in the checkpoint's
+dtype, and the masks), so a killed run resumes after the last finished block with identical bytes.
 """
 
 from __future__ import annotations
@@ -28,11 +29,12 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .. import ops
-from ..algorithm.obs import reconstruct_weight
+from ..algorithm.obs import ObsSettings, reconstruct_weight
 from ..config import MaskSpec
 from ..io.checkpoint import LazyCheckpoint
 from ..io.staging import atomic_file
 from ..models import block_matrices, decoder_blocks, family_for
+from ..progress import steps_of as steps_of_progress
 from .calibrate import steps_of
 from .stream import BlockStream, StopForward, capture_block_inputs, release_freed_memory
 
@@ -80,7 +82,8 @@ def _saved_block(path: str, names: list[str]) -> dict[str, torch.Tensor] | None:
 
 
 def _reconstruct_block(block: nn.Module, index: int, prefix: str, linears: dict[str, nn.Linear], groups,
-                       stream: BlockStream, originals: dict[str, torch.Tensor], keep_for, plan, backend):
+                       stream: BlockStream, originals: dict[str, torch.Tensor], choice, plan, backend,
+                       obs: ObsSettings):
     """Reconstruct the planned linears of one block group by group; ({name: weight as stored}, {name: mask})."""
     stored, masks = {}, {}
     for group in groups:
@@ -90,8 +93,9 @@ def _reconstruct_block(block: nn.Module, index: int, prefix: str, linears: dict[
             continue
         h = _group_hessian(block, next(iter(members.values())), stream, index, backend)
         for name, lin in members.items():
-            keep = keep_for(name, originals[name]) if keep_for is not None else None
-            weight, mask = reconstruct_weight(lin.weight.data, h, keep, plan[name], name, backend)
+            keep, prior, kept = choice(name, originals[name]) if choice is not None else (None, None, None)
+            weight, mask = reconstruct_weight(lin.weight.data, h, keep, plan[name], name, backend, prior, kept,
+                                              obs.damp, obs.blocksize)
             masks[name] = mask.cpu()
             lin.weight.data.copy_(weight)  # in the compute dtype, then as it will be stored:
             stored[name] = lin.weight.data.to(originals[name].dtype).cpu()
@@ -107,7 +111,7 @@ def _block_linears(model: nn.Module, block: nn.Module, index: int, plan) -> tupl
 
 
 def _run_block(model, checkpoint: LazyCheckpoint, block: nn.Module, index: int, stream: BlockStream, state_dir: str,
-               plan, keep_for, backend, start: float) -> bool:
+               plan, choice, backend, start: float, obs: ObsSettings) -> bool:
     """Reconstruct block `index` into its state file, or replay it from there; True when replayed."""
     prefix, linears = _block_linears(model, block, index, plan)
     path = _state_file(state_dir, index)
@@ -118,8 +122,8 @@ def _run_block(model, checkpoint: LazyCheckpoint, block: nn.Module, index: int, 
         return True
     originals = checkpoint.read(list(linears))  # stored dtype: what masks and outputs are cut from
     groups = family_for(model.config).sequential
-    stored, masks = _reconstruct_block(block, index, prefix, linears, groups, stream, originals, keep_for, plan,
-                                       backend)
+    stored, masks = _reconstruct_block(block, index, prefix, linears, groups, stream, originals, choice, plan,
+                                       backend, obs)
     tensors = {**stored, **{f"{n}.keep": m for n, m in masks.items()}}
     with atomic_file(path) as tmp:
         save_file(tensors, tmp, metadata={"seconds": repr(time.perf_counter() - start)})
@@ -135,25 +139,31 @@ def reconstruct(
     checkpoint: LazyCheckpoint,
     state_dir: str,
     plan: dict[str, MaskSpec],
-    keep_for: Callable[[str, torch.Tensor], torch.Tensor] | None,
+    choice: Callable[[str, torch.Tensor], tuple] | None,
     backend: str,
     progress: Callable[[int, int], None] | None = None,
     offload: str = "auto",
+    obs: ObsSettings | None = None,
 ) -> list[dict]:
     """Reconstruct the planned matrices ({name: MaskSpec}) of the meta-device skeleton `model`, block by
     block (read from `checkpoint`, released afterwards), writing each finished block to `state_dir`; the
     others keep their weights. Returns per-block timings. Masks are cut from the stored weights (as
     mask-only export does), and the pruned stream runs the reconstructed weights as they will be stored
-    (in the checkpoint's dtype)."""
+    (in the checkpoint's dtype). obs: the sweep's dampening and block size."""
+    obs = obs or ObsSettings()
     stream = capture_block_inputs(model, steps_of(windows, batch_size), device, offload)
+    stream.on_step = steps_of_progress(progress)
     compute_dtype = next(p for p in model.parameters() if not p.is_meta).dtype
     blocks = decoder_blocks(model)
     per_block = []
+    if progress is not None:
+        progress(0, len(blocks))
     for index in range(len(blocks)):
         start = time.perf_counter()
         block = checkpoint.load_block(model, index, device, compute_dtype)
         try:
-            resumed = _run_block(model, checkpoint, block, index, stream, state_dir, plan, keep_for, backend, start)
+            resumed = _run_block(model, checkpoint, block, index, stream, state_dir, plan, choice, backend, start,
+                                 obs)
             for k in range(len(stream.hidden)):
                 stream.advance(block, index, k)
         finally:

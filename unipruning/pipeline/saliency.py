@@ -14,6 +14,7 @@ from ..config import PruneConfig, RunOptions
 from ..io.checkpoint import LazyCheckpoint, check_finite, load_model
 from ..io.report import Report
 from ..io.saliency import Saliency
+from ..progress import steps_of
 from .calibrate import calibrate
 from .feedback import calibrate_full
 
@@ -41,7 +42,8 @@ def learn_from_checkpoint(checkpoint: LazyCheckpoint, windows: torch.Tensor, con
         model = load_model(checkpoint.model_dir, dtype, run.trust_remote_code)
         for name, param in model.named_parameters():
             check_finite(name, param)
-        saliency, report.feedback = calibrate_full(model, windows, config, device, restore=False)
+        saliency, report.feedback = calibrate_full(model, windows, config, device, restore=False,
+                                                   on_step=steps_of(run.progress))
     else:  # never the whole model: a meta-device skeleton, each block read from the shards in its turn
         saliency, report.blocks = calibrate(checkpoint.skeleton(dtype), windows, config, device, checkpoint,
                                             state_dir, on_block, run.offload, run.progress)

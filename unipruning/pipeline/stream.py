@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -129,7 +130,7 @@ class BlockStream:
     the compute device): each micro-batch is copied in ahead of its forward and its output copied back
     into the rows it came from, both on a side stream (_Transfers). A step's windows run in micro-batches
     of at most `max_tokens` tokens, so a large --batch-size never needs the MLP intermediate of all its
-    tokens at once."""
+    tokens at once. on_step(done, steps), when set, is told of each step a block has advanced (progress)."""
 
     hidden: list[torch.Tensor]
     kwargs: list[dict]
@@ -137,6 +138,7 @@ class BlockStream:
     max_tokens: int = MAX_TOKENS
     offloaded: bool = False
     transfers: _Transfers | None = field(default=None, init=False, repr=False)
+    on_step: Callable[[int, int], None] | None = field(default=None, repr=False)
 
     def __post_init__(self):
         if self.offloaded:
@@ -189,8 +191,10 @@ class BlockStream:
         if self.transfers is not None:  # each micro-batch's output goes back into its own rows
             dst = self.hidden[step]
             self.run(block, index, step, sink=lambda start, stop, out: self.transfers.store(dst[start:stop], out))
-            return
-        self.hidden[step] = self.run(block, index, step)  # not offloaded: already on the compute device
+        else:
+            self.hidden[step] = self.run(block, index, step)  # not offloaded: already on the compute device
+        if self.on_step is not None:
+            self.on_step(step + 1, len(self.hidden))
 
 
 def activation_home(device: torch.device, nbytes: int, offload: str) -> torch.device:

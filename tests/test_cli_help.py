@@ -1,0 +1,78 @@
+"""Help that teaches: every option of every command has a help text and shows its default, every command
+has examples, `unipruning` alone lists the commands; and the vocabulary of Wanda and SparseGPT users."""
+
+import argparse
+
+import pytest
+
+from unipruning import UsageError
+from unipruning.cli import PRUNE_METHODS, _method_settings, build_parser, main
+
+COMMANDS = ("prune", "mask", "eval", "pack", "demo")
+
+
+def _subparsers():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_option_has_help_and_shows_its_default(command, capsys):
+    parser = _subparsers()[command]
+    with pytest.raises(SystemExit) as done:
+        main([command, "--help"])
+    assert done.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines: compare with spaces collapsed
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        assert action.help, f"{command} {action.option_strings}: no help text"
+        if action.default is None or isinstance(action.default, bool):
+            continue  # said in words by the help text itself ("default: ...", "off: ...")
+        assert f"(default: {action.default})" in text, f"{command} {action.option_strings[0]}: default not shown"
+    assert text.count(f"unipruning {command}") >= 3  # the usage line and at least two examples
+
+
+def test_no_arguments_lists_the_commands_one_line_each(capsys):
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("  ")]
+    assert [line.split()[0] for line in lines] == list(COMMANDS)
+    assert "--help" in out
+
+
+def _prune_args(*extra):
+    return build_parser().parse_args(["prune", "--model", "m", "--out", "o", *extra])
+
+
+def test_wanda_and_sparsegpt_flags_are_aliases():
+    args = _prune_args("--sparsity_ratio", "0.6", "--sparsity_type", "4:8", "--cache_dir", "/c", "--save_model",
+                       "./pruned", "--percdamp", "0.1", "--blocksize", "64", "--nsamples", "32", "--seed", "3")
+    assert (args.sparsity, args.pattern, args.cache_dir, args.out) == (0.6, "4:8", "/c", "./pruned")
+    assert (args.percdamp, args.blocksize, args.nsamples, args.seed) == (0.1, 64, 32, 3)
+
+
+@pytest.mark.parametrize("method,pattern,expected", [
+    ("wanda", "unstructured", {"metric": "wanda", "allocation": "row", "batch_size": 32}),
+    ("wanda", "2:4", {"metric": "wanda", "allocation": "layer", "batch_size": 32}),  # N:M has no row budget
+    ("magnitude", "unstructured", {"metric": "magnitude", "allocation": "layer", "batch_size": 32}),
+    ("sparsegpt", "unstructured", {"metric": "sparsegpt", "reconstruct": "obs", "batch_size": 1}),
+])
+def test_prune_method_sets_the_options_it_stands_for(method, pattern, expected):
+    args = _prune_args("--prune_method", method, "--sparsity_type", pattern, "--nsamples", "32")
+    _method_settings(args)
+    assert {k: getattr(args, k) for k in expected} == expected
+    assert set(PRUNE_METHODS) == {"wanda", "magnitude", "sparsegpt"}
+
+
+def test_prune_method_contradicted_by_an_option_is_one_line(capsys, tmp_path):
+    with pytest.raises(UsageError, match="`metric` ria contradicts --prune_method wanda"):
+        _method_settings(_prune_args("--prune_method", "wanda", "--metric", "ria"))
+    assert main(["prune", "--model", str(tmp_path), "--out", str(tmp_path / "o"), "--prune_method", "wanda",
+                 "--allocation", "global"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--allocation global contradicts --prune_method wanda" in err, err
+    args = _prune_args("--prune_method", "sparsegpt", "--batch-size", "4")  # what it does not set stays free
+    _method_settings(args)
+    assert args.batch_size == 4 and args.reconstruct == "obs"

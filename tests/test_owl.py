@@ -1,0 +1,62 @@
+"""Outlier-aware allocation (`--allocation owl`): per-block sparsities from the saliency's outlier ratio,
+within +-lambda of the target, the total exactly the target's, recorded in the report."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from tests._utils import make_checkpoint, read_all, tokenizer
+from unipruning import MaskSpec, PruneConfig, UsageError, prune
+from unipruning.algorithm.masks import block_of, keep_count, owl_block_sparsities, owl_counts
+from unipruning.cli import main
+from unipruning.data import calibration_windows
+
+
+def test_block_sparsities_follow_the_outlier_ratio_and_average_to_the_target():
+    spec = MaskSpec(sparsity=0.6, allocation="owl", owl_m=3.0, owl_lambda=0.1)
+    gen = torch.Generator().manual_seed(0)
+    z = {f"model.layers.{b}.mlp.{p}.weight": torch.rand(8, 16, generator=gen) for b in range(3) for p in ("a", "b")}
+    z["model.layers.2.mlp.a.weight"][0, :8] = 40.0  # block 2 has the most outliers, block 0 none
+    z["model.layers.1.mlp.a.weight"][0, :2] = 40.0
+    s = owl_block_sparsities(z, list(z), spec)
+    assert s[2] < s[1] < s[0]  # more outliers: kept denser
+    assert max(abs(v - 0.6) for v in s.values()) == pytest.approx(0.1)  # the bound, reached
+    assert sum(s.values()) / 3 == pytest.approx(0.6, abs=1e-12)
+    counts, _ = owl_counts(z, {n: t.numel() for n, t in z.items()}, list(z), spec)
+    assert sum(counts.values()) == keep_count(0.6, sum(t.numel() for t in z.values()))
+    for name, count in counts.items():
+        assert abs(count - (1 - s[block_of(name)]) * z[name].numel()) <= 1
+
+
+def test_owl_refuses_what_it_cannot_do():
+    with pytest.raises(UsageError, match="cannot be combined with an N:M pattern"):
+        MaskSpec(pattern="2:4", allocation="owl")
+    with pytest.raises(UsageError, match="`owl_lambda`"):
+        MaskSpec(sparsity=0.95, allocation="owl", owl_lambda=0.08)
+
+
+def test_prune_and_mask_with_owl_write_the_same_bytes(tmp_path, text_file):
+    source = make_checkpoint(tmp_path / "model", layers=3)
+    args = ["--calib", text_file, "--nsamples", "4", "--seqlen", "32", "--sparsity", "0.6"]
+    pruned, masked = tmp_path / "p", tmp_path / "m"
+    assert main(["prune", "--model", source, "--out", str(pruned), *args, "--allocation", "owl"]) == 0
+    assert main(["mask", "--model", source, "--saliency", str(pruned / "saliency"), "--out", str(masked),
+                 "--sparsity", "0.6", "--allocation", "owl"]) == 0
+    a, b = read_all(pruned), read_all(masked)
+    assert a.keys() == b.keys() and [k for k in a if not torch.equal(a[k], b[k])] == []
+    report = json.loads((pruned / "pruning_report.json").read_text())
+    owl = report["mask"]["owl"]
+    assert owl["m"] == 5.0 and owl["lambda"] == 0.08 and len(owl["block_sparsity"]) == 3
+    assert all(abs(s - 0.6) <= 0.08 + 1e-12 for s in owl["block_sparsity"].values())
+    total = report["total"]
+    assert total["prunable_kept"] == keep_count(0.6, total["prunable_params"])
+
+
+def test_owl_in_memory(tiny_llama, text_file):
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    windows = calibration_windows(tokenizer(), text_file, 4, 32, seed=0)
+    result = prune(model, windows, PruneConfig(mask=MaskSpec(sparsity=0.5, allocation="owl")))
+    kept = sum(int(m.sum()) for m in result.masks.values())
+    assert kept == keep_count(0.5, sum(m.numel() for m in result.masks.values()))
