@@ -718,3 +718,28 @@ def test_in_memory_prune_refuses_non_finite_weights(source, text_file):
         model.model.layers[0].mlp.down_proj.weight[0, 0] = float("inf")
     with pytest.raises(UsageError, match="model.layers.0.mlp.down_proj.weight has 1 non-finite"):
         prune(model, torch.zeros(2, 8, dtype=torch.int64))
+
+
+def test_sigterm_landing_in_a_finalizer_still_stops_the_run():
+    """Python ignores an exception raised in `__del__` (printing a traceback): a SIGTERM delivered there is
+    delivered again, silently, so that the run stops with its one line all the same."""
+    from unipruning.cli import _sigterm_as_interrupt
+
+    class Slow:
+        def __del__(self):
+            time.sleep(0.3)  # the signal arrives while the finalizer runs
+
+    unraisable = []
+    previous = signal.signal(signal.SIGALRM, lambda *a: os.kill(os.getpid(), signal.SIGTERM))
+    hook, sys.unraisablehook = sys.unraisablehook, unraisable.append
+    try:
+        with _sigterm_as_interrupt(), pytest.raises(KeyboardInterrupt):
+            signal.setitimer(signal.ITIMER_REAL, 0.1)
+            slow = Slow()
+            del slow
+            time.sleep(5)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        sys.unraisablehook = hook
+    assert not unraisable  # nothing printed for the swallowed one

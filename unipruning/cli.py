@@ -6,6 +6,7 @@ parameter names turned into flags, and argparse's own errors, which are reduced 
 
 from __future__ import annotations
 
+import _thread
 import argparse
 import contextlib
 import errno
@@ -17,6 +18,7 @@ import shlex
 import signal
 import sys
 import textwrap
+import threading
 import traceback
 
 from .config import (
@@ -555,18 +557,29 @@ def run(args) -> int:
 
 @contextlib.contextmanager
 def _sigterm_as_interrupt():
-    """SIGTERM (a scheduler's stop) ends a run as Ctrl-C does: partial state kept and said where."""
+    """SIGTERM (a scheduler's stop) ends a run as Ctrl-C does: partial state kept and said where. An
+    interrupt that lands in a finalizer (`__del__`, where Python ignores exceptions and prints a traceback)
+    is delivered again 10 ms later, silently, so that the run stops all the same."""
 
     def interrupt(signum, frame):
         raise KeyboardInterrupt
+
+    def unraisable(hook_args):
+        if not isinstance(hook_args.exc_value, KeyboardInterrupt):
+            return previous_hook(hook_args)
+        signum = signal.SIGTERM if signal.getsignal(signal.SIGTERM) is interrupt else signal.SIGINT
+        threading.Timer(0.01, _thread.interrupt_main, (signum,)).start()
+        return None
 
     try:
         previous = signal.signal(signal.SIGTERM, interrupt)
     except ValueError:  # not the main thread: leave signals alone
         previous = None
+    previous_hook, sys.unraisablehook = sys.unraisablehook, unraisable
     try:
         yield
     finally:
+        sys.unraisablehook = previous_hook
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 
