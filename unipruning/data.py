@@ -50,14 +50,24 @@ LOCAL_HINT = "pass local text instead (a .txt file, a directory of .txt files or
 SEQLEN_CAP, SEQLEN_FALLBACK = 4096, 2048
 
 
+def model_context(config: dict) -> tuple[str, int] | None:
+    """(config.json key, value) of a model's context length: max_position_embeddings (or n_positions, or
+    its text_config's max_position_embeddings); None without one."""
+    text = config.get("text_config")
+    for key, value in (("max_position_embeddings", config.get("max_position_embeddings")),
+                       ("n_positions", config.get("n_positions")),
+                       ("text_config.max_position_embeddings",
+                        text.get("max_position_embeddings") if isinstance(text, dict) else None)):
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 2:
+            return key, value
+    return None
+
+
 def default_seqlen(config: dict) -> int:
     """The calibration and evaluation length the papers use for a model (see SEQLEN_CAP), from its
-    config.json: max_position_embeddings (or n_positions), at most SEQLEN_CAP; SEQLEN_FALLBACK without one."""
-    context = config.get("max_position_embeddings") or config.get("n_positions")
-    text = config.get("text_config")
-    if not context and isinstance(text, dict):
-        context = text.get("max_position_embeddings")
-    return min(int(context), SEQLEN_CAP) if isinstance(context, int) and context >= 2 else SEQLEN_FALLBACK
+    config.json: its context (`model_context`), at most SEQLEN_CAP; SEQLEN_FALLBACK without one."""
+    context = model_context(config)
+    return SEQLEN_FALLBACK if context is None else min(context[1], SEQLEN_CAP)
 
 
 def _local_files(path: str, option: str) -> list[str]:

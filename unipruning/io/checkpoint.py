@@ -19,6 +19,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from ..data import model_context
 from ..errors import UsageError
 from ..lazy import LazyMapping
 from ..models import (
@@ -168,11 +169,13 @@ def check_finite(name: str, tensor: torch.Tensor, option: str = "model_dir") -> 
 
 
 def check_seqlen(config, seqlen: int | None, option: str = "seqlen") -> None:
-    """Refuse windows longer than the model's context (positions beyond it were never trained)."""
-    limit = getattr(config, "max_position_embeddings", None)
-    if seqlen is not None and isinstance(limit, int) and seqlen > limit:
-        raise UsageError(f"`{option}` {seqlen} is longer than the model's context (max_position_embeddings {limit} "
-                         f"in config.json): pass `{option}` {limit} or less")
+    """Refuse windows longer than the model's context (positions beyond it were never trained; the
+    default `seqlen` is the context itself, at most data.SEQLEN_CAP)."""
+    context = model_context(config.to_dict())
+    if seqlen is not None and context is not None and seqlen > context[1]:
+        key, limit = context
+        raise UsageError(f"`{option}` {seqlen} is longer than the model's context ({key} {limit} in config.json): "
+                         f"pass `{option}` {limit} or less")
 
 
 def check_token_ids(config, windows: torch.Tensor, tokenizer_dir: str) -> None:
