@@ -743,3 +743,115 @@ def test_sigterm_landing_in_a_finalizer_still_stops_the_run():
         signal.signal(signal.SIGALRM, previous)
         sys.unraisablehook = hook
     assert not unraisable  # nothing printed for the swallowed one
+
+
+# ------------------------------------------------------------------------------------------ neighbours of the classes
+def test_an_empty_out_is_refused_not_taken_for_the_working_directory(capsys, tmp_path, source, pruned, text_file,
+                                                                     monkeypatch):
+    """`--out ""` is the working directory to os.path.abspath while os.path.exists("") is False: it passed
+    every check and the run replaced the working directory (found by deleting a checkout)."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    (cwd / "work.py").write_text("mine")
+    (cwd / "pruning_report.json").write_text("{}")  # even one that looks like an earlier output
+    monkeypatch.chdir(cwd)
+    for argv in (prune_args(source, "", text_file), ["pack", "--model", pruned, "--out", ""],
+                 ["pack", "--format", "fp8-2:4", "--model", pruned, "--out", ""],
+                 ["mask", "--model", source, "--saliency", f"{pruned}/saliency", "--out", ""], ["demo", "--out", ""]):
+        expect_fault(capsys, tmp_path, 2, "empty string", *argv, "--overwrite")
+
+
+def test_out_inside_a_local_copy_of_c4_is_refused(capsys, tmp_path, source):
+    copy = tmp_path / "c4"
+    (copy / "en").mkdir(parents=True)
+    (copy / "en" / "notes.txt").write_text("mine")
+    expect_fault(capsys, tmp_path, 2, "--calib", "prune", "--model", source, "--out", copy / "o", "--calib",
+                 f"c4:{copy}", *SMALL)
+
+
+def test_out_holding_the_files_a_model_links_to_is_refused(capsys, tmp_path, pruned, text_file):
+    """A model directory of symbolic links (as a hub snapshot is) into an earlier output: --overwrite of that
+    output would delete the files the model is read from."""
+    earlier = shutil.copytree(pruned, tmp_path / "earlier")
+    links = tmp_path / "links"
+    links.mkdir()
+    for name in os.listdir(earlier):
+        os.symlink(earlier / name, links / name)
+    line = expect_fault(capsys, tmp_path, 2, "its file", *prune_args(links, earlier, text_file), "--overwrite")
+    assert "--model" in line
+    expect_fault(capsys, tmp_path, 2, "its file", "pack", "--model", links, "--out", earlier, "--overwrite")
+
+
+def test_mask_out_equal_to_its_tokenizer_is_refused(capsys, tmp_path, source, pruned, text_file):
+    tok = shutil.copytree(source, tmp_path / "tok", ignore=shutil.ignore_patterns("*.safetensors"))
+    expect_fault(capsys, tmp_path, 2, "--tokenizer", "mask", "--model", source, "--saliency", f"{pruned}/saliency",
+                 "--out", tok, "--reconstruct", "obs", "--calib", text_file, "--tokenizer", tok, *SMALL, "--overwrite")
+
+
+@pytest.fixture(scope="module")
+def pruned24(tmp_path_factory, source, text_file):
+    out = tmp_path_factory.mktemp("pruned24") / "p"
+    assert main([str(a) for a in prune_args(source, out, text_file, "--pattern", "2:4")]) == 0
+    return str(out)
+
+
+def test_fp8_pack_keeps_inputs_and_says_one_line(capsys, tmp_path, source, pruned24):
+    """pack --format fp8-2:4 (a path of its own, packing/fp8.py) under the same guarantees as pack."""
+    fp8 = ["pack", "--format", "fp8-2:4"]
+    expect_fault(capsys, tmp_path, 2, "--model", *fp8, "--model", pruned24, "--out", os.path.dirname(pruned24),
+                 "--overwrite")
+    expect_fault(capsys, tmp_path, 2, "--model", *fp8, "--model", pruned24, "--out", f"{pruned24}/x")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    expect_fault(capsys, tmp_path, 2, "not an earlier unipruning output", *fp8, "--model", pruned24, "--out", mine,
+                 "--overwrite")
+    model = copy_model(pruned24, tmp_path)
+    shard = sorted(n for n in os.listdir(model) if n.endswith(".safetensors"))[0]
+    _truncate(os.path.join(model, shard))
+    expect_fault(capsys, tmp_path, 2, shard, *fp8, "--model", model, "--out", tmp_path / "o")
+    out = tmp_path / "fp8"
+    for extra in ([], ["--overwrite"]):  # an earlier FP8 output is one that --overwrite may replace
+        code, _, err = run(capsys, *fp8, "--model", pruned24, "--out", out, *extra)
+        assert code == 0, err
+    holder = _hold_lock(tmp_path / ".fp8.lock")
+    try:
+        code, _, err = run(capsys, *fp8, "--model", pruned24, "--out", out, "--overwrite")
+        assert code == 2 and f"PID {holder.pid}" in err and len(err.strip().splitlines()) == 1, err
+    finally:
+        holder.kill()
+        holder.wait()
+        os.remove(tmp_path / ".fp8.lock")  # the holder's own, not a run's
+    assert not leftovers(tmp_path), leftovers(tmp_path)
+
+
+@pytest.mark.parametrize("body,needle", [
+    ("sparsity_stage: [a, b]\n", "not a mapping of modifier groups"),
+    ("sparsity_stage: x\n", "not a mapping of modifier groups"),
+    ("sparsity_stage:\n  sparsity_modifiers:\n    SparseGPTModifier: [1]\n", "not a mapping of its arguments"),
+    ("sparsity_stage:\n  sparsity_modifiers: [1]\n", "not a mapping of modifiers"),
+    ("sparsity_stage:\n  sparsity_modifiers:\n    SparseGPTModifier:\n      sparsity: abc\n", "one number"),
+    ("sparsity_stage:\n  sparsity_modifiers:\n    SparseGPTModifier:\n      sparsity: 0.5\n      targets: 5\n",
+     "targets"),
+    ("sparsity_stage:\n  sparsity_modifiers:\n    WandaPruningModifier:\n      sparsity: 0.5\n"
+     "      mask_structure: [2, 4]\n", "N:M"),
+    ("sparsity_stage:\n  sparsity_modifiers:\n    SparseGPTModifier:\n      sparsity: 0.5\n      block_size: -3\n",
+     "--blocksize"),
+    ("sparsity_stage:\n  sparsity_modifiers: {SparseGPTModifier: {sparsity: 0.5}\n", "cannot parse"),
+], ids=["stage-list", "stage-string", "modifier-list", "group-list", "sparsity-text", "targets-number",
+        "structure-list", "blocksize-negative", "truncated-yaml"])
+def test_a_malformed_llm_compressor_recipe_is_one_line(capsys, tmp_path, source, text_file, body, needle):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(body)
+    expect_fault(capsys, tmp_path, 2, needle, *prune_args(source, tmp_path / "o", text_file), "--recipe", recipe)
+
+
+@pytest.mark.parametrize("extra", [["--reconstruct", "obs"], ["--metric", "sparsegpt", "--reconstruct", "obs"],
+                                   ["--metric", "magnitude"], ["--allocation", "owl"], ["--feedback", "full"]],
+                         ids=["obs", "sparsegpt", "magnitude", "owl", "feedback-full"])
+def test_non_finite_weights_are_refused_by_every_method(capsys, tmp_path, source, text_file, extra):
+    model = copy_model(source, tmp_path)
+    where = "model.layers.1.mlp.up_proj.weight"
+    edit_weights(model, lambda t: t[where].view(-1)[7].fill_(float("nan")))
+    line = expect_fault(capsys, tmp_path, 2, where, *prune_args(model, tmp_path / "o", text_file), *extra)
+    assert "non-finite" in line

@@ -25,7 +25,7 @@ from .algorithm.masks import MaskCutter, check_plan, mask_stats, masked
 from .algorithm.obs import ObsSettings
 from .backends import resolve_device, resolve_dtype
 from .config import Calibration, MaskConfig, MaskSpec, PruneConfig, RunOptions, check_guide
-from .data import HUB_SOURCES, calibration_windows, windows_hash
+from .data import calibration_windows, hub_source, windows_hash
 from .errors import UsageError
 from .io.checkpoint import (
     LazyCheckpoint,
@@ -159,7 +159,9 @@ def _open(model_dir: str, spec: MaskSpec, targeting: Targeting, trust_remote_cod
 def _inputs(model_dir: str, calibration: Calibration | None, targeting: Targeting,
             saliency_dir: str | None = None) -> dict[str, str | None]:
     """{parameter: path} of everything a job reads: `out` must be none of them, inside none, contain none."""
-    calib = None if calibration is None or calibration.calib in HUB_SOURCES else calibration.calib
+    calib = None if calibration is None else calibration.calib
+    hub = None if calib is None else hub_source(calib)
+    calib = calib if hub is None else hub[1]  # c4:DIR reads DIR; c4 alone, the hub's cache
     return {"model_dir": model_dir, "saliency_dir": saliency_dir, "calib": calib, "recipe": targeting.recipe,
             "tokenizer_dir": None if calibration is None else calibration.tokenizer_dir}
 

@@ -70,20 +70,35 @@ def _check_place(out: str) -> None:
         raise UsageError(f"`out` {out!r}: {parent!r} is not a directory")
 
 
+def _read_places(path: str) -> list[str]:
+    """Where reading `path` reads: its real path and, for a directory, the real paths its symbolic links
+    point to (a hub snapshot is a directory of links into the cache's blobs)."""
+    real = os.path.realpath(path)
+    if not os.path.isdir(path):
+        return [real]
+    with contextlib.suppress(OSError):
+        links = [os.path.join(path, name) for name in os.listdir(path) if os.path.islink(os.path.join(path, name))]
+        return [real, *(os.path.realpath(link) for link in links)]
+    return [real]
+
+
 def check_out(out: str, overwrite: bool, sources: dict[str, str | None]) -> None:
     """Refuse an `out` that would lose or clobber data: equal to / inside / containing one of the inputs
     ({parameter: path}; None and paths that do not exist are skipped), a file, a dangling link, non-empty
     without overwrite, or, with overwrite, a non-empty directory that is not an earlier output."""
+    if not out:  # "" is the working directory to os.path.abspath, and exists() says False: refused
+        raise UsageError("`out`: expected a directory path, got an empty string")
     out_real = os.path.realpath(out)
     for option, path in sources.items():
         if path is None or not os.path.exists(path):
             continue
-        src = os.path.realpath(path)
-        if _inside(out_real, src):
+        if _inside(out_real, os.path.realpath(path)):
             raise UsageError(f"`out` {out!r} must not be `{option}` {path!r} or inside it")
-        if _inside(src, out_real):
-            raise UsageError(f"`out` {out!r} contains `{option}` {path!r}: writing it would delete that input; "
-                             "choose another `out`")
+        for src in _read_places(path):
+            if _inside(src, out_real):
+                raise UsageError(f"`out` {out!r} contains `{option}` {path!r}"
+                                 f"{'' if src == os.path.realpath(path) else f' (its file {src})'}: writing it "
+                                 "would delete that input; choose another `out`")
     _check_place(out)
     if not os.path.exists(out):
         return
