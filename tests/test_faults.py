@@ -855,3 +855,29 @@ def test_non_finite_weights_are_refused_by_every_method(capsys, tmp_path, source
     edit_weights(model, lambda t: t[where].view(-1)[7].fill_(float("nan")))
     line = expect_fault(capsys, tmp_path, 2, where, *prune_args(model, tmp_path / "o", text_file), *extra)
     assert "non-finite" in line
+
+
+def test_a_zero_byte_reconstruction_state_is_reconstructed_again(capsys, tmp_path, source, text_file, monkeypatch):
+    import unipruning.pipeline.reconstruct as recon
+
+    real = recon._reconstruct_block
+
+    def stop_at_block_1(block, index, *rest):
+        if index == 1:
+            raise KeyboardInterrupt
+        return real(block, index, *rest)
+
+    args = prune_args(source, tmp_path / "o", text_file, "--reconstruct", "obs")
+    monkeypatch.setattr(recon, "_reconstruct_block", stop_at_block_1)
+    assert run(capsys, *args)[0] == 130
+    monkeypatch.undo()
+    (partial,) = [p for p in os.listdir(tmp_path) if ".partial-" in p]
+    state = tmp_path / partial / ".recon" / "block-00000.safetensors"
+    assert state.is_file()
+    state.write_bytes(b"")  # what a crash before the disk was flushed leaves
+    code, _, err = run(capsys, *args)
+    assert code == 0, err
+    reference = tmp_path / "reference"
+    assert run(capsys, *prune_args(source, reference, text_file, "--reconstruct", "obs"))[0] == 0
+    assert output_bytes(tmp_path / "o") == output_bytes(reference)
+    assert not leftovers(tmp_path), leftovers(tmp_path)

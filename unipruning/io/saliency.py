@@ -134,11 +134,15 @@ class Saliency:
         metadata = _load_metadata(directory)
         if expect_fingerprint is not None and metadata.get("fingerprint") != expect_fingerprint:
             raise UsageError("`saliency_dir`: it was computed for a different model (fingerprint mismatch)")
-        if expect_source is not None and metadata.get("source_sha256") != expect_source:
-            found = metadata.get("source_sha256")
+        found = metadata.get("source_sha256")
+        if expect_source is not None and found is None:
+            raise UsageError("`saliency_dir`: it records no sha256 of the weights it was computed on (source sha256 "
+                             "not recorded: an older unipruning wrote it), so it cannot be checked against this "
+                             "model: recompute it with prune")
+        if expect_source is not None and found != expect_source:
             raise UsageError("`saliency_dir`: it was computed on other weights of this architecture (source sha256 "
-                             f"{str(found)[:12] if found else 'not recorded'}, this model's {expect_source[:12]}): "
-                             "pass the model it was computed on, or recompute it with prune")
+                             f"{str(found)[:12]}, this model's {expect_source[:12]}): pass the model it was computed "
+                             "on, or recompute it with prune")
         entries, t, shapes = _load_entries(directory)
         order = metadata.get("names", sorted(entries))
         missing = [n for n in order if n not in entries or n not in t] if isinstance(order, list) else ["names"]
