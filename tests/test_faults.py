@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -571,7 +572,7 @@ def test_eval_of_a_model_with_nan_weights_is_valid_json_and_fails(capsys, tmp_pa
     edit_weights(model, lambda t: t["model.norm.weight"].fill_(float("nan")))
     code, out, err = run(capsys, "eval", "--model", model, "--data", text_file, "--seqlen", "16", "--json")
     result = json.loads(out.strip().splitlines()[-1])  # strict JSON: NaN would not parse as null
-    assert code == 2 and result["perplexity"] is None and "not finite" in result["error"]
+    assert code == 2 and result["perplexity"] is None and "not finite (nan)" in result["error"]
     assert len(err.strip().splitlines()) == 1 and "not finite" in err
 
 
@@ -881,3 +882,22 @@ def test_a_zero_byte_reconstruction_state_is_reconstructed_again(capsys, tmp_pat
     assert run(capsys, *prune_args(source, reference, text_file, "--reconstruct", "obs"))[0] == 0
     assert output_bytes(tmp_path / "o") == output_bytes(reference)
     assert not leftovers(tmp_path), leftovers(tmp_path)
+
+
+def test_perplexity_keeps_nan_and_overflows_to_inf():
+    from unipruning.evaluate import perplexity
+
+    class Logits(torch.nn.Module):
+        def __init__(self, value):
+            super().__init__()
+            self.value = value
+
+        def forward(self, input_ids, use_cache=False):
+            logits = torch.zeros(*input_ids.shape, 4)
+            logits[..., 0] = self.value
+            return type("Out", (), {"logits": logits})()
+
+    windows = torch.ones(2, 5, dtype=torch.int64)
+    assert math.isnan(perplexity(Logits(float("nan")), windows, torch.device("cpu")))
+    assert perplexity(Logits(1e6), windows, torch.device("cpu")) == math.inf
+    assert perplexity(Logits(0.0), windows, torch.device("cpu")) == pytest.approx(4.0)

@@ -45,7 +45,7 @@ def perplexity(model: nn.Module, windows: torch.Tensor, device: torch.device, ba
             total_tokens += ids[:, 1:].numel()
             bar.update(int(batch.shape[0]))
     mean = total_nll / total_tokens
-    return math.exp(mean) if mean < 700 else math.inf  # nan stays nan; beyond e^700 a float overflows
+    return math.inf if mean > 700 else math.exp(mean)  # nan stays nan; beyond e^700 a float overflows
 
 
 def _checked_model(model_dir: str, batch_size: int, trust_remote_code: bool):
