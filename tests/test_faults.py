@@ -901,3 +901,12 @@ def test_perplexity_keeps_nan_and_overflows_to_inf():
     assert math.isnan(perplexity(Logits(float("nan")), windows, torch.device("cpu")))
     assert perplexity(Logits(1e6), windows, torch.device("cpu")) == math.inf
     assert perplexity(Logits(0.0), windows, torch.device("cpu")) == pytest.approx(4.0)
+
+
+def test_a_full_filesystem_under_pack_leaves_nothing(capsys, tmp_path, pruned24):
+    with tmpfs(tmp_path / "full", "48k") as full:
+        free = os.statvfs(full).f_bavail
+        for fmt in (["--dtype", "bfloat16"], ["--format", "fp8-2:4"]):
+            line = expect_fault(capsys, full, 1, "No space left on device", "pack", "--model", pruned24, "--out",
+                                full / "o", *fmt)
+            assert "free space and rerun" in line and os.statvfs(full).f_bavail == free
