@@ -102,7 +102,13 @@ def _mask_arguments(p: argparse.ArgumentParser) -> None:
                    help="--allocation owl: an outlier is an entry above this times its block's mean saliency")
     p.add_argument("--owl-lambda", type=float, default=0.08,
                    help="--allocation owl: block sparsities stay within +-this of --sparsity")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (off: refuse)")
+    _overwrite_argument(p)
+
+
+def _overwrite_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier unipruning output in --out, once the new one is complete (off: refuse a "
+                        "non-empty --out)")
 
 
 def _obs_arguments(p: argparse.ArgumentParser) -> None:
@@ -301,7 +307,7 @@ def _pack_parser(sub) -> None:
     p.add_argument("--dtype", choices=("auto", "float16", "bfloat16"), default="auto",
                    help="cast floating tensors first (2:4 needs float16 or bfloat16; auto: as stored; fp8-2:4: the "
                         "dtype of the unpacked tensors and of the kernel's output, auto = bfloat16)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (off: refuse)")
+    _overwrite_argument(p)
     _hub_arguments(p)
     _quiet_argument(p)
 
@@ -317,7 +323,7 @@ def _demo_parser(sub) -> None:
             "unipruning demo --out ./demo-out          # keep the pruned checkpoints",
             'eval "$(unipruning demo --paths)"         # DEMO_MODEL, DEMO_CALIB, DEMO_HELDOUT for the README'))
     p.add_argument("--out", default=None, help="keep the pruned checkpoints here (default: a temporary directory)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (off: refuse)")
+    _overwrite_argument(p)
     p.add_argument("--device", choices=DEVICES, default="auto", help="where it computes (auto: cuda if present)")
     p.add_argument("--paths", action="store_true",
                    help="only print (training first if needed) shell exports of the demo model's directory and "
