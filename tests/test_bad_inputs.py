@@ -50,7 +50,8 @@ def expect_usage_error(capsys, workdir, argv, needle):
         (["--pattern", "3:5"], "not divisible by M=5"),
         (["--allocation", "global", "--bounds", "0.6", "0.2"], "bounds"),
         (["--metric", "obs"], "--metric"),
-        (["--nsamples", "4000", "--seqlen", "2048"], "fewer than nsamples x seqlen"),
+        (["--nsamples", "4000", "--seqlen", "256"], "fewer than nsamples x seqlen"),
+        (["--seqlen", "257"], "max_position_embeddings 256"),
         (["--batch-size", "3"], "--batch-size"),
         (["--backend", "cuda"], "argument --backend: invalid choice: 'cuda'"),
         (["--calib", "/nonexistent/texts"], "--calib"),
@@ -133,10 +134,11 @@ def test_mask_rejects_bad_pattern_before_writing(capsys, tmp_path, tiny_llama, s
 
 
 def test_eval_rejects_bad_data_and_seqlen(capsys, tmp_path, tiny_llama):
-    expect_usage_error(capsys, tmp_path, ["eval", "--model", tiny_llama, "--data", tmp_path / "x.csv"], "--data")
+    expect_usage_error(capsys, tmp_path, ["eval", "--model", tiny_llama, "--data", tmp_path / "x.csv",
+                                          "--seqlen", "64"], "--data")
     short = tmp_path / "s.txt"
     short.write_text("tiny")
-    expect_usage_error(capsys, tmp_path, ["eval", "--model", tiny_llama, "--data", short, "--seqlen", "512"],
+    expect_usage_error(capsys, tmp_path, ["eval", "--model", tiny_llama, "--data", short, "--seqlen", "200"],
                        "fewer than one window")
 
 

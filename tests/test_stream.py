@@ -98,9 +98,11 @@ def test_sigkill_then_same_command_resumes_to_identical_files(tmp_path, text_fil
         assert (out / name).read_bytes() == (reference / name).read_bytes(), name
 
 
-def test_overwrite_discards_the_partial_state(tmp_path, text_file, monkeypatch):
-    """A partial directory of the same run with a corrupt finished block: the same command would
-    resume from it, --overwrite starts afresh (and so succeeds)."""
+def test_overwrite_keeps_the_partial_state_and_a_corrupt_block_is_redone(tmp_path, text_file, monkeypatch):
+    """A partial directory of the same run with a corrupt finished block: --overwrite does not discard the
+    partial state (it only replaces --out when the run succeeds), the whole block is resumed and the
+    corrupt one calibrated again, to the bytes of an uninterrupted run."""
+    import json
     import os
 
     import unipruning.io.saliency as sal
@@ -123,6 +125,8 @@ def test_overwrite_discards_the_partial_state(tmp_path, text_file, monkeypatch):
     assert os.path.isfile(os.path.join(partials[0], "block-00001.safetensors"))
     assert main(args + ["--out", str(tmp_path / "b"), "--overwrite"]) == 0
     assert not [d for d in os.listdir(tmp_path) if ".partial-" in d]
+    report = json.loads((tmp_path / "b" / "pruning_report.json").read_text())
+    assert [b["resumed"] for b in report["blocks"]] == [True, False]
     assert weight_files(tmp_path / "b") == weight_files(tmp_path / "a")
 
 

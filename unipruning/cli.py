@@ -6,13 +6,20 @@ parameter names turned into flags, and argparse's own errors, which are reduced 
 
 from __future__ import annotations
 
+import _thread
 import argparse
+import contextlib
+import errno
 import json
 import logging
+import math
 import os
 import shlex
+import signal
 import sys
 import textwrap
+import threading
+import traceback
 
 from .config import (
     ALLOCATIONS,
@@ -99,7 +106,13 @@ def _mask_arguments(p: argparse.ArgumentParser) -> None:
                    help="--allocation owl: an outlier is an entry above this times its block's mean saliency")
     p.add_argument("--owl-lambda", type=float, default=0.08,
                    help="--allocation owl: block sparsities stay within +-this of --sparsity")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (off: refuse)")
+    _overwrite_argument(p)
+
+
+def _overwrite_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier unipruning output in --out, once the new one is complete (off: refuse a "
+                        "non-empty --out)")
 
 
 def _obs_arguments(p: argparse.ArgumentParser) -> None:
@@ -301,7 +314,7 @@ def _pack_parser(sub) -> None:
     p.add_argument("--dtype", choices=("auto", "float16", "bfloat16"), default="auto",
                    help="cast floating tensors first (2:4 needs float16 or bfloat16; auto: as stored; fp8-2:4: the "
                         "dtype of the unpacked tensors and of the kernel's output, auto = bfloat16)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (off: refuse)")
+    _overwrite_argument(p)
     _hub_arguments(p)
     _quiet_argument(p)
 
@@ -317,7 +330,7 @@ def _demo_parser(sub) -> None:
             "unipruning demo --out ./demo-out          # keep the pruned checkpoints",
             'eval "$(unipruning demo --paths)"         # DEMO_MODEL, DEMO_CALIB, DEMO_HELDOUT for the README'))
     p.add_argument("--out", default=None, help="keep the pruned checkpoints here (default: a temporary directory)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (off: refuse)")
+    _overwrite_argument(p)
     p.add_argument("--device", choices=DEVICES, default="auto", help="where it computes (auto: cuda if present)")
     p.add_argument("--paths", action="store_true",
                    help="only print (training first if needed) shell exports of the demo model's directory and "
@@ -483,7 +496,7 @@ def _mask(args) -> None:
     print(f"wrote {args.out}")
 
 
-def _eval(args) -> None:
+def _eval(args) -> int:
     _resolve_sources(args, "eval")
     if args.tasks is not None:
         from .evaluate import evaluate_tasks
@@ -493,20 +506,30 @@ def _eval(args) -> None:
                                 args.include_path, args.limit, args.num_fewshot, args.trust_remote_code)
         if args.json:
             print(json.dumps(result))
-            return
+            return 0
         for task, metrics in result["tasks"].items():
-            shown = ", ".join(f"{k.split(',')[0]} {v:.4f}" for k, v in metrics.items() if "stderr" not in k)
+            shown = ", ".join(f"{k.split(',')[0]} {'n/a' if v is None else format(v, '.4f')}"
+                              for k, v in metrics.items() if "stderr" not in k)
             print(f"{task}: {shown}")
-        return
+        return 0
     from .evaluate import evaluate_checkpoint
 
     result = evaluate_checkpoint(args.model, args.data, args.seqlen, args.device, args.dtype, args.tokenizer,
                                  args.batch_size, args.trust_remote_code, _progress(args))
+    if not math.isfinite(result["perplexity"]):  # JSON has no NaN or Infinity: null, and the reason
+        result["error"] = (f"perplexity is not finite ({result['perplexity']}): the model's outputs hold NaN/Inf "
+                           "(weights with NaN/Inf, or an overflow in its dtype: try --dtype float32)")
+        result["perplexity"] = None
+        if args.json:
+            print(json.dumps(result))
+        print(f"unipruning eval: error: {result['error']}", file=sys.stderr)
+        return 2
     if args.json:
         print(json.dumps(result))
     else:
         print(f"perplexity {result['perplexity']:.4f} on {result['data']} "
               f"(seqlen {result['seqlen']}, {result['windows']} windows, {result['tokens']} tokens)")
+    return 0
 
 
 def _pack(args) -> None:
@@ -544,8 +567,72 @@ COMMANDS = {"prune": _prune, "mask": _mask, "eval": _eval, "pack": _pack, "demo"
 
 
 def run(args) -> int:
-    COMMANDS[args.command](args)
-    return 0
+    return COMMANDS[args.command](args) or 0
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (a scheduler's stop) ends a run as Ctrl-C does: partial state kept and said where. An
+    interrupt that lands in a finalizer (`__del__`, where Python ignores exceptions and prints a traceback)
+    is delivered again 10 ms later, silently, so that the run stops all the same."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    def unraisable(hook_args):
+        if not isinstance(hook_args.exc_value, KeyboardInterrupt):
+            return previous_hook(hook_args)
+        signum = signal.SIGTERM if signal.getsignal(signal.SIGTERM) is interrupt else signal.SIGINT
+        threading.Timer(0.01, _thread.interrupt_main, (signum,)).start()
+        return None
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: leave signals alone
+        previous = None
+    previous_hook, sys.unraisablehook = sys.unraisablehook, unraisable
+    try:
+        yield
+    finally:
+        sys.unraisablehook = previous_hook
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _partial_note(exc: BaseException) -> str:
+    """Where a stopped run's partial state is, for its one line (io/staging.py notes it on the exception)."""
+    from .io.staging import directory_bytes, mib
+
+    partial = getattr(exc, "partial_state", None)
+    if partial is None or not os.path.isdir(partial):
+        return ""
+    return f"; the same command resumes from the partial state kept in {partial} ({mib(directory_bytes(partial))})"
+
+
+def _os_error(exc: OSError) -> str:
+    from .io.staging import DISK_FULL
+
+    where = exc.filename or getattr(exc, "staging", None)
+    text = f"{exc.strerror or exc}" + (f": {where}" if where else "")
+    if exc.errno in DISK_FULL:
+        return text + " (the partial output was removed: free space and rerun)"
+    if exc.errno == errno.EROFS:
+        return text + " (a read-only filesystem: choose an --out on a writable one)"
+    return text
+
+
+def _failure(args, exc: BaseException) -> tuple[str, int]:
+    """(one line, exit code) of a run that raised `exc`: 2 for bad input, 130 interrupted, 1 otherwise."""
+    name = f"unipruning {args.command}"
+    if isinstance(exc, UsageError):
+        return f"{name}: error: {cli_wording(str(exc))}", 2
+    if isinstance(exc, KeyboardInterrupt):
+        return f"{name}: interrupted" + (_partial_note(exc) or " (nothing written)"), 130
+    if isinstance(exc, OSError):
+        return f"{name}: error: {_os_error(exc)}{_partial_note(exc)}", 1
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    return (f"{name}: error: {type(exc).__name__}: {first[:300]}{_partial_note(exc)} (rerun with --verbose for the "
+            "traceback)"), 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -561,14 +648,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="unipruning: %(message)s", stream=sys.stderr)
     _quiet_libraries()
-    try:
-        return run(args)
-    except UsageError as exc:
-        print(f"unipruning {args.command}: error: {cli_wording(str(exc))}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("unipruning: interrupted", file=sys.stderr)
-        return 130
+    with _sigterm_as_interrupt():
+        try:
+            return run(args)
+        except (Exception, KeyboardInterrupt) as exc:  # every failure is one line; --verbose adds the traceback
+            if args.verbose and not isinstance(exc, (UsageError, KeyboardInterrupt)):
+                traceback.print_exc()
+            line, code = _failure(args, exc)
+            print(line, file=sys.stderr)
+            return code
 
 
 def _quiet_libraries() -> None:

@@ -50,14 +50,24 @@ LOCAL_HINT = "pass local text instead (a .txt file, a directory of .txt files or
 SEQLEN_CAP, SEQLEN_FALLBACK = 4096, 2048
 
 
+def model_context(config: dict) -> tuple[str, int] | None:
+    """(config.json key, value) of a model's context length: max_position_embeddings (or n_positions, or
+    its text_config's max_position_embeddings); None without one."""
+    text = config.get("text_config")
+    for key, value in (("max_position_embeddings", config.get("max_position_embeddings")),
+                       ("n_positions", config.get("n_positions")),
+                       ("text_config.max_position_embeddings",
+                        text.get("max_position_embeddings") if isinstance(text, dict) else None)):
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 2:
+            return key, value
+    return None
+
+
 def default_seqlen(config: dict) -> int:
     """The calibration and evaluation length the papers use for a model (see SEQLEN_CAP), from its
-    config.json: max_position_embeddings (or n_positions), at most SEQLEN_CAP; SEQLEN_FALLBACK without one."""
-    context = config.get("max_position_embeddings") or config.get("n_positions")
-    text = config.get("text_config")
-    if not context and isinstance(text, dict):
-        context = text.get("max_position_embeddings")
-    return min(int(context), SEQLEN_CAP) if isinstance(context, int) and context >= 2 else SEQLEN_FALLBACK
+    config.json: its context (`model_context`), at most SEQLEN_CAP; SEQLEN_FALLBACK without one."""
+    context = model_context(config)
+    return SEQLEN_FALLBACK if context is None else min(context[1], SEQLEN_CAP)
 
 
 def _local_files(path: str, option: str) -> list[str]:
@@ -82,41 +92,71 @@ def _local_files(path: str, option: str) -> list[str]:
 
 
 def _read_local(files: list[str], option: str) -> list[str]:
+    docs = _read_plain(files, option)  # every file checked first: bad bytes or lines are one line naming them
     try:
         import datasets  # noqa: F401  (lazy: heavy, and absent on some GPU images)
     except ImportError:
         log.debug("datasets not installed: reading %d local file(s) directly", len(files))
-        return _read_plain(files, option)
+        return docs
     from datasets import load_dataset
     from datasets.utils.logging import disable_progress_bar
 
     disable_progress_bar()
-    if files[0].endswith(".jsonl"):
-        ds = load_dataset("json", data_files=files, split="train")
-        if "text" not in ds.column_names:
-            raise UsageError(f"`{option}`: {files[0]} has no 'text' field")
+    try:
+        if files[0].endswith(".jsonl"):
+            ds = load_dataset("json", data_files=files, split="train")
+        else:
+            ds = load_dataset("text", data_files=files, sample_by="document", split="train")
         return [t for t in ds["text"] if t]
-    ds = load_dataset("text", data_files=files, sample_by="document", split="train")
-    return [t for t in ds["text"] if t]
+    except Exception as exc:  # noqa: BLE001 - e.g. a field of mixed types: the documents read directly are the same
+        log.debug("datasets could not load %s (%s): using the documents read directly", files[0], exc)
+        return docs
+
+
+def _decoded(path: str, option: str) -> str:
+    """The text of a file as Python's text mode reads it (UTF-8, universal newlines), or a one-line error."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as exc:
+        raise UsageError(f"`{option}`: cannot read {path}: {exc.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"`{option}`: {path} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}): "
+                         "convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+    if "\0" in text:
+        raise UsageError(f"`{option}`: {path} contains NUL bytes: it is binary data, not text")
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _jsonl_texts(path: str, text: str, option: str) -> list[str]:
+    docs = []
+    for n, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as exc:
+            raise UsageError(f"`{option}`: {path} line {n} is not valid JSON ({exc}): fix or remove it") from None
+        if not isinstance(record, dict) or "text" not in record:
+            raise UsageError(f"`{option}`: {path} line {n} has no 'text' field")
+        if not isinstance(record["text"], str):
+            raise UsageError(f"`{option}`: {path} line {n}: 'text' is {type(record['text']).__name__}, expected a "
+                             "string")
+        if record["text"]:
+            docs.append(record["text"])
+    return docs
 
 
 def _read_plain(files: list[str], option: str) -> list[str]:
     docs = []
     for path in files:
-        with open(path, encoding="utf-8") as handle:
-            if path.endswith(".jsonl"):
-                for n, line in enumerate(handle, 1):
-                    if not line.strip():
-                        continue
-                    record = json.loads(line)
-                    if "text" not in record:
-                        raise UsageError(f"`{option}`: {path} line {n} has no 'text' field")
-                    if record["text"]:
-                        docs.append(record["text"])
-            else:
-                text = handle.read()
-                if text:
-                    docs.append(text)
+        text = _decoded(path, option)
+        if path.endswith(".jsonl"):
+            docs.extend(_jsonl_texts(path, text, option))
+        elif text:
+            docs.append(text)
     return docs
 
 

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from .io.staging import staged_directory
+from .io.identity import cache_root
+from .io.staging import out_lock, staged_directory, writing
 from .progress import Progress, bar_of
 
 log = logging.getLogger("unipruning")
@@ -125,14 +126,6 @@ def _train_steps(model, ids: torch.Tensor, recipe: TinyLlama, log_every: int, ba
     return losses
 
 
-def cache_root() -> str:
-    root = os.environ.get("UNIPRUNING_CACHE")
-    if root:
-        return root
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "unipruning")
-
-
 def build_trained_model(directory: str, recipe: TinyLlama, train_texts: list[str], heldout_texts: list[str],
                         progress: Progress | None = None) -> dict:
     """Train tokenizer and model on `train_texts`, save them (fp32 safetensors) plus
@@ -165,12 +158,16 @@ def cached_trained_model(
     for text in (*train_texts, "\0", *heldout_texts):
         digest.update(hashlib.sha256(text.encode()).digest())
     directory = os.path.join(cache_root(), f"{prefix}-{digest.hexdigest()[:12]}")
-    if os.path.isfile(os.path.join(directory, "demo_training.json")):
+    done = os.path.join(directory, "demo_training.json")
+    if os.path.isfile(done):
         log.info("using the cached model in %s", directory)
         return directory
-    print(f"Training {what}; cached in {directory}", flush=True)
-    with staged_directory(directory) as staging:
-        build_trained_model(staging, recipe, train_texts, heldout_texts, progress)
+    with out_lock(directory, wait=True):  # another process training the same model: wait, then reuse it
+        if os.path.isfile(done):
+            return directory
+        print(f"Training {what}; cached in {directory}", flush=True)
+        with staged_directory(directory) as staging:
+            build_trained_model(staging, recipe, train_texts, heldout_texts, progress)
     return directory
 
 
@@ -195,18 +192,19 @@ def run_demo(out: str | None = None, overwrite: bool = False, device: str = "aut
     from .config import Calibration, MaskSpec, PruneConfig, RunOptions
     from .evaluate import evaluate_checkpoint
     from .io.report import print_block_table, print_summary
-    from .io.staging import check_out
+    from .io.staging import preflight
     from .jobs import mask_checkpoint, prune_checkpoint
 
     recipe = TinyLlama()
+    sources = {"UNIPRUNING_CACHE": cache_root()}  # the trained model is read from there
     if out is not None:
-        check_out(out, overwrite, {})
+        preflight(out, overwrite, sources)
     model_dir = cached_demo_model(recipe, progress)
     texts = os.path.join(model_dir, "texts")
     heldout = os.path.join(texts, "heldout.txt")
     with tempfile.TemporaryDirectory(prefix="unipruning-demo-") as scratch:
         root = out if out is not None else scratch
-        with staged_directory(root) if out is not None else contextlib.nullcontext(root) as target:
+        with writing(root, overwrite, sources) if out is not None else contextlib.nullcontext(root) as target:
             pruned50, pruned24 = os.path.join(target, "pruned-50"), os.path.join(target, "pruned-2of4")
             config = PruneConfig(mask=MaskSpec(sparsity=0.5), device=device)
             print("\n== unipruning prune --sparsity 0.5 (defaults: stochria, allocation layer) ==", flush=True)

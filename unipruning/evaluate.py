@@ -31,6 +31,8 @@ def perplexity(model: nn.Module, windows: torch.Tensor, device: torch.device, ba
     """exp(mean NLL) of `model` over (n, seqlen) token windows (each predicts seqlen - 1 tokens). `device`:
     where the input ids go (a model spread by a device map takes them on its embedding's device)."""
     model.eval()
+    if batch_size < 1:
+        raise UsageError(f"`batch_size`: expected a positive integer, got {batch_size}")
     total_nll, total_tokens = 0.0, 0
     with bar_of(progress, int(windows.shape[0]), "eval", "window") as bar:
         for batch in windows.split(batch_size):
@@ -42,7 +44,20 @@ def perplexity(model: nn.Module, windows: torch.Tensor, device: torch.device, ba
             total_nll += float(nll)
             total_tokens += ids[:, 1:].numel()
             bar.update(int(batch.shape[0]))
-    return math.exp(total_nll / total_tokens)
+    mean = total_nll / total_tokens
+    return math.inf if mean > 700 else math.exp(mean)  # nan stays nan; beyond e^700 a float overflows
+
+
+def _checked_model(model_dir: str, batch_size: int, trust_remote_code: bool):
+    """The config of a model directory whose weight files are whole and as config.json describes them
+    (io/checkpoint.py), or a one-line error; and a positive batch size."""
+    from .io.checkpoint import LazyCheckpoint, load_config
+
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise UsageError(f"`batch_size`: expected a positive integer, got {batch_size}")
+    config = load_config(model_dir, trust_remote_code)
+    LazyCheckpoint(model_dir, config)
+    return config
 
 
 def placement(need_bytes: int, device: torch.device, free_bytes: int | None = None) -> str | dict:
@@ -85,12 +100,14 @@ def evaluate_checkpoint(
     device map for from_pretrained ("auto", {"": "cpu"}, ...); None chooses (`placement`)."""
     from .backends import resolve_device, resolve_dtype
     from .data import eval_windows
-    from .io.checkpoint import load_config, load_tokenizer
+    from .io.checkpoint import check_seqlen, check_token_ids, load_tokenizer
 
-    config = load_config(model_dir, trust_remote_code)
+    config = _checked_model(model_dir, batch_size, trust_remote_code)
+    check_seqlen(config, seqlen)
     device = resolve_device(device_name)
     tokenizer = load_tokenizer(tokenizer_dir or model_dir)
     windows = eval_windows(tokenizer, data, seqlen)
+    check_token_ids(config, windows, tokenizer_dir or model_dir)
     dtype = resolve_dtype(dtype_name, config, device)
     if where is None:
         where = placement(_need_bytes(model_dir, dtype, config, batch_size, seqlen), device)
@@ -119,13 +136,13 @@ def evaluate_tasks(
     except ImportError:
         raise UsageError("`tasks` needs lm-evaluation-harness: pip install 'unipruning[eval]'") from None
     from .backends import resolve_device, resolve_dtype
-    from .io.checkpoint import load_config, load_model, load_tokenizer
+    from .io.checkpoint import load_model, load_tokenizer
 
     if not tasks:
         raise UsageError(f"`tasks`: name at least one task, e.g. {','.join(PAPER_TASKS)}")
     if include_path is not None and not os.path.isdir(include_path):
         raise UsageError(f"`include_path`: {include_path!r} is not a directory of task definitions")
-    config = load_config(model_dir, trust_remote_code)
+    config = _checked_model(model_dir, batch_size, trust_remote_code)
     device = resolve_device(device_name)
     tokenizer = load_tokenizer(tokenizer_dir or model_dir)
     manager = TaskManager(include_path=include_path)
@@ -136,7 +153,8 @@ def evaluate_tasks(
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device))
     out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
                                   task_manager=manager, log_samples=False)
-    results = {task: {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "alias"}
+    results = {task: {k: v if math.isfinite(v) else None for k, v in metrics.items()  # JSON has no NaN
+                      if isinstance(v, (int, float)) and k != "alias"}
                for task, metrics in out["results"].items()}
     return {"model": model_dir, "tasks": results, "lm_eval": lm_eval.__version__, "limit": limit,
             "num_fewshot": num_fewshot}

@@ -25,12 +25,19 @@ from .algorithm.masks import MaskCutter, check_plan, mask_stats, masked
 from .algorithm.obs import ObsSettings
 from .backends import resolve_device, resolve_dtype
 from .config import Calibration, MaskConfig, MaskSpec, PruneConfig, RunOptions, check_guide
-from .data import calibration_windows, windows_hash
+from .data import calibration_windows, hub_source, windows_hash
 from .errors import UsageError
-from .io.checkpoint import LazyCheckpoint, load_config, load_tokenizer
+from .io.checkpoint import (
+    LazyCheckpoint,
+    check_finite,
+    check_seqlen,
+    check_token_ids,
+    load_config,
+    load_tokenizer,
+)
 from .io.report import Report, Totals
 from .io.saliency import Saliency
-from .io.staging import check_out, partial_directory, resumable_directory, staged_directory
+from .io.staging import partial_directory, preflight, writing
 from .models import FAMILIES, family_for, fingerprint, model_matrices, num_blocks, weight_of
 from .pipeline import distributed
 from .pipeline.calibrate import calibrate
@@ -85,6 +92,8 @@ def prune(model: nn.Module, calibration_batches: torch.Tensor | Iterable[torch.T
     windows = _as_windows(calibration_batches)
     Calibration(nsamples=int(windows.shape[0])).steps(config.batch_size)
     matrices = model_matrices(model)
+    for m in matrices:
+        check_finite(m.name, weight_of(model, m), "model")
     plan, skipped = targeting.plan(matrices, num_blocks(model.config), config.mask)
     check_plan({m.name: m.shape for m in matrices}, plan)
     start = time.perf_counter()
@@ -147,10 +156,23 @@ def _open(model_dir: str, spec: MaskSpec, targeting: Targeting, trust_remote_cod
     return _Source(model_dir, config, checkpoint, plan, skipped)
 
 
+def _inputs(model_dir: str, calibration: Calibration | None, targeting: Targeting,
+            saliency_dir: str | None = None) -> dict[str, str | None]:
+    """{parameter: path} of everything a job reads: `out` must be none of them, inside none, contain none."""
+    calib = None if calibration is None else calibration.calib
+    hub = None if calib is None else hub_source(calib)
+    calib = calib if hub is None else hub[1]  # c4:DIR reads DIR; c4 alone, the hub's cache
+    return {"model_dir": model_dir, "saliency_dir": saliency_dir, "calib": calib, "recipe": targeting.recipe,
+            "tokenizer_dir": None if calibration is None else calibration.tokenizer_dir}
+
+
 def _windows(source: _Source, calibration: Calibration, seed: int) -> tuple[torch.Tensor, dict]:
     """The calibration windows and their report entry."""
-    tokenizer = load_tokenizer(calibration.tokenizer_dir or source.model_dir)
-    windows = calibration_windows(tokenizer, calibration.calib, calibration.nsamples, calibration.seqlen, seed)
+    check_seqlen(source.config, calibration.seqlen)
+    tokenizer_dir = calibration.tokenizer_dir or source.model_dir
+    windows = calibration_windows(load_tokenizer(tokenizer_dir), calibration.calib, calibration.nsamples,
+                                  calibration.seqlen, seed)
+    check_token_ids(source.config, windows, tokenizer_dir)
     return windows, {"source": calibration.calib, "nsamples": calibration.nsamples, "seqlen": calibration.seqlen,
                      "windows_sha256": windows_hash(windows)}
 
@@ -158,8 +180,8 @@ def _windows(source: _Source, calibration: Calibration, seed: int) -> tuple[torc
 def _run_key(source: _Source, config: PruneConfig, windows_sha: str, device, backend, targeting) -> str:
     """A hash of everything that decides a prune's output: it names the run's partial directory."""
     return hashlib.sha256(json.dumps({
-        "model": os.path.realpath(source.model_dir), "fingerprint": fingerprint(source.config,
-                                                                                source.checkpoint.shapes()),
+        "source": source.checkpoint.content_sha256(), "fingerprint": fingerprint(source.config,
+                                                                                 source.checkpoint.shapes()),
         "version": __version__, "windows": windows_sha, "config": config.to_dict(), "device": device.type,
         "backend": backend, "targeting": targeting.to_dict(),
     }, sort_keys=True).encode()).hexdigest()
@@ -180,32 +202,33 @@ def prune_checkpoint(model_dir: str, out: str, config: PruneConfig, calibration:
     calibration, run = calibration or Calibration(), run or RunOptions()
     source = _open(model_dir, config.mask, targeting, run.trust_remote_code, config.reconstruct)
     calibration.steps(config.batch_size)
+    sources = _inputs(model_dir, calibration, targeting)
     device = distributed.init_from_env(resolve_device(config.device))
+    preflight(out, run.overwrite, sources, lock=distributed.is_main())  # rank 0 takes the lock, soon
     backend, dtype = backends.resolve(config.backend, device), resolve_dtype(config.dtype, source.config, device)
-    if run.dry_run:
-        from .pipeline.planning import dry_run_plan
-
-        return dry_run_plan(source.checkpoint, source.plan, source.skipped, config, calibration, device, dtype)
-    check_out(out, run.overwrite, {"model_dir": model_dir})
     _check_processes(config)
     if config.feedback == "full":
         from .pipeline.feedback import check_fits
 
         check_fits(source.checkpoint, dtype, device)
     windows, calib_entry = _windows(source, calibration, config.seed)
+    if run.dry_run:  # every check of the real run has passed: the plan, nothing written
+        from .pipeline.planning import dry_run_plan
+
+        return dry_run_plan(source.checkpoint, source.plan, source.skipped, config, calibration, device, dtype)
     run_key = _run_key(source, config, calib_entry["windows_sha256"], device, backend, targeting)
     if distributed.world()[0] != 0:  # a data-parallel worker: its share of every step, nothing written
         return _prune_worker(source, windows, config, device, dtype, out, run_key, run)
     report = Report(command="prune", model=os.path.abspath(model_dir), targeting=targeting.to_dict(),
                     settings={**config.to_dict(), "backend_used": backend, "device_used": str(device)},
                     calibration=calib_entry, processes=distributed.world()[1])
-    with resumable_directory(out, run_key, run.overwrite) as staging:
+    with writing(out, run.overwrite, sources, run_key) as staging:
         return _prune_into(staging, source, windows, config, device, dtype, backend, report, run, start)
 
 
 def _prune_worker(source: _Source, windows, config, device, dtype, out: str, run_key: str, run: RunOptions) -> Report:
     state_dir = os.path.join(partial_directory(out, run_key), BLOCK_STATE)
-    distributed.barrier()  # rank 0 has kept (or, with overwrite, discarded) the partial state
+    distributed.barrier()  # rank 0 holds the lock and has made the partial directory
     calibrate(source.checkpoint.skeleton(dtype), windows, config, device, source.checkpoint,
               state_dir if os.path.isdir(state_dir) else None, offload=run.offload)
     rank, processes = distributed.world()
@@ -254,11 +277,14 @@ def mask_checkpoint(model_dir: str, saliency_dir: str, out: str, spec: MaskSpec,
     source = _open(model_dir, spec, targeting, run.trust_remote_code, config.reconstruct)
     if config.reconstruct == "obs" and calibration is None:
         raise UsageError("`reconstruct` obs: pass `calib` (the windows are run through the pruned model)")
-    check_out(out, run.overwrite, {"model_dir": model_dir, "saliency_dir": saliency_dir})
+    sources = _inputs(model_dir, calibration, targeting, saliency_dir)
+    preflight(out, run.overwrite, sources)
     device = resolve_device(config.device)
     backend = backends.resolve(config.backend, device)
-    saliency = Saliency.load(saliency_dir, expect_fingerprint=fingerprint(source.config, source.checkpoint.shapes()))
-    if set(saliency.z) != set(source.checkpoint.shapes()):
+    shapes = source.checkpoint.shapes()
+    saliency = Saliency.load(saliency_dir, expect_fingerprint=fingerprint(source.config, shapes),
+                             expect_source=source.checkpoint.content_sha256())
+    if saliency.shapes != shapes:
         raise UsageError("`saliency_dir`: its matrices do not match the model's prunable matrices")
     report = Report(command="mask", model=os.path.abspath(model_dir), saliency=os.path.abspath(saliency_dir),
                     settings={**saliency.metadata, "reconstruct": config.reconstruct, "guide_alpha": config.guide_alpha,
@@ -272,7 +298,7 @@ def mask_checkpoint(model_dir: str, saliency_dir: str, out: str, spec: MaskSpec,
         calibration.steps(config.batch_size)
         windows, report.calibration = _windows(source, calibration, calibration.seed)
         report.calibration["seed"] = calibration.seed
-    with staged_directory(out) as staging:
+    with writing(out, run.overwrite, sources) as staging:
         cut = saliency_cutter(source.checkpoint, saliency, source.plan, spec, backend, device)
         note_allocation(report, cut, spec)
         pruned, recon_dir = masked_by(cut), None

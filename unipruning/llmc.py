@@ -75,10 +75,15 @@ def _modifiers(data: dict, path: str) -> list[tuple[str, dict]]:
             if stage != "args":
                 raise UsageError(f"`recipe` {path}: top-level key {stage!r} is not a stage (*_stage)")
             continue
+        if not isinstance(groups or {}, dict):
+            raise UsageError(f"`recipe` {path}: {stage} is not a mapping of modifier groups (*_modifiers)")
         for group, modifiers in (groups or {}).items():
             if not (isinstance(group, str) and group.endswith("_modifiers") and isinstance(modifiers, dict)):
                 raise UsageError(f"`recipe` {path}: {stage}.{group} is not a mapping of modifiers (*_modifiers)")
-            found += [(name, args or {}) for name, args in modifiers.items()]
+            for name, args in modifiers.items():
+                if not isinstance(args or {}, dict):
+                    raise UsageError(f"`recipe` {path}: {stage}.{group}.{name} is not a mapping of its arguments")
+                found.append((name, args or {}))
     return found
 
 

@@ -204,10 +204,24 @@ def meta_model(config) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+        try:
+            return AutoModelForCausalLM.from_config(config)
+        except Exception as exc:  # noqa: BLE001 - a config transformers cannot build is the user's file
+            raise UsageError(f"`model_dir`: config.json does not describe a model transformers can build: "
+                             f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
 
 
-_MATRICES_OF_CONFIG: dict[str, list[Matrix]] = {}  # building a 70B meta model takes seconds: once per config
+# building a 70B meta model takes seconds: once per config ({config: (matrices, {parameter: shape})})
+_META_FACTS: dict[str, tuple[list[Matrix], dict[str, tuple[int, ...]]]] = {}
+
+
+def _meta_facts(config) -> tuple[list[Matrix], dict[str, tuple[int, ...]]]:
+    key = config.to_json_string()
+    if key not in _META_FACTS:
+        _META_FACTS.clear()
+        model = meta_model(config)
+        _META_FACTS[key] = (model_matrices(model), {n: tuple(p.shape) for n, p in model.named_parameters()})
+    return _META_FACTS[key]
 
 
 def model_matrices(model_or_config) -> list[Matrix]:
@@ -215,11 +229,12 @@ def model_matrices(model_or_config) -> list[Matrix]:
     if isinstance(model_or_config, nn.Module):
         model = model_or_config
         return [m for i in range(len(decoder_blocks(model))) for m in block_matrices(model, i)]
-    key = model_or_config.to_json_string()
-    if key not in _MATRICES_OF_CONFIG:
-        _MATRICES_OF_CONFIG.clear()
-        _MATRICES_OF_CONFIG[key] = model_matrices(meta_model(model_or_config))
-    return list(_MATRICES_OF_CONFIG[key])
+    return list(_meta_facts(model_or_config)[0])
+
+
+def parameter_shapes(config) -> dict[str, tuple[int, ...]]:
+    """{parameter name: shape} of the model of `config` (tied parameters once, under their first name)."""
+    return dict(_meta_facts(config)[1])
 
 
 def prunable_names(config) -> list[str]:

@@ -161,9 +161,9 @@ def read_recipe(path: str) -> dict:
     llm-compressor recipe as it is (llmc.py reads it)."""
     if not os.path.isfile(path):
         raise UsageError(f"`recipe`: {path!r} is not a file")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
     try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
         if path.endswith(".json"):
             data = json.loads(text)
         else:

@@ -16,12 +16,23 @@ import os
 from collections.abc import Mapping
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from ..data import model_context
 from ..errors import UsageError
 from ..lazy import LazyMapping
-from ..models import copy_stored, decoder_blocks, family_for, model_matrices, piece, resolve_stored, stored_name
+from ..models import (
+    copy_stored,
+    decoder_blocks,
+    family_for,
+    model_matrices,
+    parameter_shapes,
+    piece,
+    resolve_stored,
+    stored_name,
+)
+from .identity import content_digest
 
 SAFE_SINGLE = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -38,11 +49,13 @@ def load_config(model_dir: str, trust_remote_code: bool = False):
         raise UsageError(f"`model_dir`: {model_dir!r} is not a directory")
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
         raise UsageError(f"`model_dir`: {model_dir!r} has no config.json (not a Hugging Face model directory)")
-    with open(os.path.join(model_dir, "config.json")) as f:
+    with open(os.path.join(model_dir, "config.json"), "rb") as f:
         try:
             raw = json.load(f)
         except ValueError as exc:
             raise UsageError(f"`model_dir`: {model_dir}/config.json is not valid JSON ({exc})") from None
+    if not isinstance(raw, dict):
+        raise UsageError(f"`model_dir`: {model_dir}/config.json is not a JSON object")
     if raw.get("auto_map") and not trust_remote_code:
         raise UsageError(f"`model_dir`: {model_dir} ships its own modelling code (auto_map); it is not run unless "
                          "you pass `trust_remote_code`")
@@ -80,28 +93,98 @@ def load_tokenizer(directory: str):
                          f"{str(exc).splitlines()[0][:200]}") from exc
 
 
+def _index_shards(model_dir: str) -> list[str]:
+    """The shard files named by a checkpoint's index, each present, or a one-line error."""
+    index = os.path.join(model_dir, SAFE_INDEX)
+    try:
+        with open(index, "rb") as f:
+            weight_map = json.load(f)["weight_map"]
+        shards = sorted(set(weight_map.values()))
+        if not all(isinstance(s, str) and s and os.sep not in s for s in shards):
+            raise TypeError("shard names must be file names")
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise UsageError(f"`model_dir`: {index} is not a valid safetensors index ({type(exc).__name__}: {exc}); "
+                         "re-save the model with save_pretrained") from None
+    for shard in shards:
+        if not os.path.isfile(os.path.join(model_dir, shard)):
+            raise UsageError(f"`model_dir`: {os.path.join(model_dir, shard)} is listed in {SAFE_INDEX} but missing: "
+                             "copy or download it again")
+    return shards
+
+
 def weight_shards(model_dir: str) -> list[str]:
     """The safetensors files of a checkpoint (sharded or single), or a one-line error."""
-    index = os.path.join(model_dir, SAFE_INDEX)
-    if os.path.isfile(index):
-        with open(index) as f:
-            return sorted(set(json.load(f)["weight_map"].values()))
+    if os.path.isfile(os.path.join(model_dir, SAFE_INDEX)):
+        return _index_shards(model_dir)
     if os.path.isfile(os.path.join(model_dir, SAFE_SINGLE)):
         return [SAFE_SINGLE]
     raise UsageError(f"`model_dir`: {model_dir!r} has no safetensors weights (re-save it with save_pretrained to "
                      "convert)")
 
 
+def unreadable(path: str, exc: Exception) -> UsageError:
+    """The one-line error of a weight file that cannot be read as safetensors (truncated, garbled...)."""
+    if isinstance(exc, OSError):
+        return UsageError(f"`model_dir`: cannot read {path}: {exc.strerror or exc}")
+    detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return UsageError(f"`model_dir`: {path} is not a readable safetensors file ({detail}); it is truncated or "
+                      "corrupt: copy or download it again")
+
+
 def shard_headers(model_dir: str) -> dict[str, tuple[str, str, list[int]]]:
     """{tensor name: (shard file, safetensors dtype, shape)} of every tensor of a checkpoint, from the
-    shard headers (no tensor data is read)."""
+    shard headers (no tensor data is read; safetensors checks that the header covers the file)."""
     headers = {}
     for shard in weight_shards(model_dir):
-        with safe_open(os.path.join(model_dir, shard), framework="pt") as handle:
-            for key in handle.keys():  # noqa: SIM118 - safe_open has no __iter__
-                info = handle.get_slice(key)
-                headers[key] = (shard, info.get_dtype(), list(info.get_shape()))
+        path = os.path.join(model_dir, shard)
+        try:
+            with safe_open(path, framework="pt") as handle:
+                for key in handle.keys():  # noqa: SIM118 - safe_open has no __iter__
+                    info = handle.get_slice(key)
+                    headers[key] = (shard, info.get_dtype(), list(info.get_shape()))
+        except (SafetensorError, OSError) as exc:
+            raise unreadable(path, exc) from None
+    _check_index(model_dir, headers)
     return headers
+
+
+def _check_index(model_dir: str, headers: dict[str, tuple[str, str, list[int]]]) -> None:
+    """An index must say where each tensor really is (transformers' loader trusts it)."""
+    if not os.path.isfile(os.path.join(model_dir, SAFE_INDEX)):
+        return
+    with open(os.path.join(model_dir, SAFE_INDEX), "rb") as f:
+        weight_map = json.load(f)["weight_map"]
+    for name, shard in weight_map.items():
+        if headers.get(name, (None,))[0] != shard:
+            raise UsageError(f"`model_dir`: {SAFE_INDEX} places {name!r} in {shard}, which does not hold it: "
+                             "re-save the model with save_pretrained")
+
+
+def check_finite(name: str, tensor: torch.Tensor, option: str = "model_dir") -> None:
+    """Refuse a weight with NaN or Inf entries (pruning would keep them, and its saliency would be 0)."""
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise UsageError(f"`{option}`: {name} has {bad} non-finite values (NaN or Inf): the weights are corrupt; "
+                         "repair or re-download them (unipruning does not prune them)")
+
+
+def check_seqlen(config, seqlen: int | None, option: str = "seqlen") -> None:
+    """Refuse windows longer than the model's context (positions beyond it were never trained; the
+    default `seqlen` is the context itself, at most data.SEQLEN_CAP)."""
+    context = model_context(config.to_dict())
+    if seqlen is not None and context is not None and seqlen > context[1]:
+        key, limit = context
+        raise UsageError(f"`{option}` {seqlen} is longer than the model's context ({key} {limit} in config.json): "
+                         f"pass `{option}` {limit} or less")
+
+
+def check_token_ids(config, windows: torch.Tensor, tokenizer_dir: str) -> None:
+    """Refuse token ids the model's embedding does not have (a tokenizer of another model)."""
+    vocab = int(getattr(config, "vocab_size", 0) or 0)
+    top = int(windows.max()) if windows.numel() else -1
+    if vocab and top >= vocab:
+        raise UsageError(f"`tokenizer_dir`: the tokenizer in {tokenizer_dir} produces token id {top}, but the model's "
+                         f"embedding has {vocab} rows (vocab_size): use the model's own tokenizer")
 
 
 def empty_model(config, dtype: torch.dtype) -> nn.Module:
@@ -132,14 +215,45 @@ class LazyCheckpoint:
     def __init__(self, model_dir: str, config):
         self.model_dir, self.config = model_dir, config
         headers = shard_headers(model_dir)
+        self.shards = sorted({shard for shard, _, _ in headers.values()})
         self.shard_of = {name: shard for name, (shard, _, _) in headers.items()}
         self.header = {name: (dtype, shape) for name, (_, dtype, shape) in headers.items()}
         self.matrices = resolve_stored(model_matrices(config), config, self.shard_of)
         self.matrix = {m.name: m for m in self.matrices}
+        if not self.matrices:
+            raise UsageError(f"`model_dir`: {model_dir}/config.json describes a model without prunable matrices")
         first = self.matrices[0].stored
         if (dtype := self.header[first][0]) not in DENSE_DTYPES:
             raise UsageError(f"`model_dir`: {first} is stored as {dtype}; unipruning needs dense fp16/bf16/fp32 "
                              "weights (FP8 and integer-quantized checkpoints are refused)")
+        self._check_shapes()
+        self._digest: str | None = None
+
+    def _check_shapes(self) -> None:
+        """Every parameter of the config's model is stored with its shape (a config.json that disagrees
+        with the weights, e.g. another hidden_size or vocab_size, is refused before anything is read)."""
+        assembled = {m.param for m in self.matrices if m.stored != m.param}
+        for name, shape in parameter_shapes(self.config).items():
+            stored = stored_name(self.config, name, self.shard_of)
+            if stored is None and name not in assembled:
+                raise UsageError(f"`model_dir`: the checkpoint lacks {name!r} (config.json and the weights disagree)")
+            if stored is not None and tuple(self.header[stored][1]) != shape:
+                self._disagree(stored, shape)
+        for m in self.matrices:
+            stored = torch.empty(self.header[m.stored][1], device="meta")
+            if tuple(piece(stored, m.stored_expert, m.stored_rows).shape) != m.shape:
+                self._disagree(m.stored, m.shape)
+
+    def _disagree(self, stored: str, shape) -> None:
+        raise UsageError(f"`model_dir`: {stored} is {tuple(self.header[stored][1])} in "
+                         f"{os.path.join(self.model_dir, self.shard_of[stored])}, but config.json implies "
+                         f"{tuple(shape)}: the config does not describe these weights")
+
+    def content_sha256(self) -> str:
+        """The identity of the weights (io/identity.py): computed once per file, then cached."""
+        if self._digest is None:
+            self._digest = content_digest([os.path.join(self.model_dir, shard) for shard in self.shards])
+        return self._digest
 
     @property
     def num_parameters(self) -> int:
@@ -154,9 +268,13 @@ class LazyCheckpoint:
             by_shard.setdefault(self.shard_of[name], []).append(name)
         out = {}
         for shard, keys in by_shard.items():
-            with safe_open(os.path.join(self.model_dir, shard), framework="pt") as handle:
-                for key in keys:
-                    out[key] = handle.get_tensor(key)
+            path = os.path.join(self.model_dir, shard)
+            try:
+                with safe_open(path, framework="pt") as handle:
+                    for key in keys:
+                        out[key] = handle.get_tensor(key)
+            except (SafetensorError, OSError) as exc:  # changed since its header was read
+                raise unreadable(path, exc) from None
         return out
 
     def read_matrix(self, name: str) -> torch.Tensor:
@@ -174,6 +292,7 @@ class LazyCheckpoint:
         blocks_prefix = family_for(self.config).blocks + "."
         outside = {n: p for n, p in model.named_parameters() if not n.startswith(blocks_prefix)}
         for name, tensor in self.read([n for n in outside if n in self.shard_of]).items():
+            check_finite(name, tensor)
             assign(model, name, tensor.to(dtype))
         if any(p.is_meta for n, p in model.named_parameters() if not n.startswith(blocks_prefix)):
             model.tie_weights()  # e.g. lm_head stored once, as the embedding
@@ -213,6 +332,13 @@ class LazyCheckpoint:
                     continue
                 for m in pieces[name]:  # MoE experts stored per expert: gate and up rows, down
                     copy_stored(param, m, tensors[m.stored])
+            for name, param in block.named_parameters():  # on the device, as the block arrives: no extra read
+                if not bool(torch.isfinite(param).all()):
+                    sources = [whole[name]] if name in whole else [m.stored for m in pieces[name]]
+                    for stored in sources:
+                        check_finite(stored, tensors[stored])
+                    raise UsageError(f"`dtype`: {sources[0]} overflows in {dtype} (values beyond its range): pass "
+                                     "`dtype` float32")
         return block
 
     @staticmethod

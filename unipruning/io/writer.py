@@ -16,10 +16,11 @@ import struct
 from collections.abc import Callable
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from ..algorithm.masks import mask_stats
 from ..models import family_for, num_blocks, piece
-from .checkpoint import SAFE_INDEX
+from .checkpoint import SAFE_INDEX, check_finite
 from .staging import atomic_file, write_json
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
@@ -94,7 +95,17 @@ class PrunedWriter:
         return os.path.join(self.out_dir, MASK_STATS, f"{part:05d}.json")
 
     def block_written(self, index: int) -> bool:
-        return os.path.isfile(self.shard(index + 1))
+        """Whether a resumed run finds block `index`'s shard whole, with its statistics (an unreadable
+        one, as a crash without a flushed disk leaves, is written again)."""
+        part = index + 1
+        try:
+            with safe_open(self.shard(part), framework="pt") as handle:
+                keys = set(handle.keys())
+            with open(self._stats_file(part)) as f:
+                json.load(f)
+        except (OSError, ValueError, SafetensorError):
+            return False
+        return keys == set(self.names[part])
 
     def _write(self, part: int, pruned) -> None:
         stats: dict[str, dict] = {}
@@ -106,6 +117,7 @@ class PrunedWriter:
             out = tensor.clone()
             for m in self.inside[name]:
                 view = piece(out, m.stored_expert, m.stored_rows)
+                check_finite(m.name, view)  # mask reads the source here only: its scan rides on this read
                 weight, keep = pruned(m.name, view)
                 view.copy_(weight)
                 stats[m.name] = mask_stats(keep, self.nm_of[m.name])

@@ -26,7 +26,7 @@ from torch import nn
 
 from ..errors import UsageError
 from ..io.checkpoint import load_config, weight_shards
-from ..io.staging import check_out, staged_directory, write_json
+from ..io.staging import preflight, write_json, writing
 from ..io.writer import copy_side_files
 from ..progress import Progress, bar_of
 from .assemble import add_config_entry, existing_sparsity_config, fill_model, packable, write_index
@@ -92,10 +92,11 @@ def pack_checkpoint(model_dir: str, out: str, dtype: str = "auto", overwrite: bo
     if dtype not in _DTYPES:
         raise UsageError(f"`dtype`: expected one of {', '.join(_DTYPES)}, got {dtype!r}")
     _, prunable = packable(model_dir)
-    check_out(out, overwrite, {"model_dir": model_dir})
+    preflight(out, overwrite, {"model_dir": model_dir})
     target, found, index = _DTYPES[dtype], _Packed(), {}
     shards = weight_shards(model_dir)
-    with staged_directory(out) as staging, bar_of(progress, len(shards), "pack", "shard") as bar:
+    with writing(out, overwrite, {"model_dir": model_dir}) as staging, \
+            bar_of(progress, len(shards), "pack", "shard") as bar:
         for shard in shards:
             with safe_open(os.path.join(model_dir, shard), framework="pt") as handle:
                 metadata = handle.metadata() or {"format": "pt"}

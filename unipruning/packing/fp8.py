@@ -42,7 +42,7 @@ from torch import nn
 
 from ..errors import UsageError
 from ..io.checkpoint import load_config, weight_shards
-from ..io.staging import check_out, staged_directory, write_json
+from ..io.staging import preflight, write_json, writing
 from ..io.writer import copy_side_files
 from ..progress import Progress, bar_of
 from .assemble import add_config_entry, existing_sparsity_config, fill_model, packable, write_index
@@ -168,11 +168,12 @@ def export_fp8_24(model_dir: str, out: str, dtype: str = "auto", overwrite: bool
     if dtype not in COMPUTE_DTYPES:
         raise UsageError(f"`dtype`: the FP8 kernel outputs bfloat16 or float16, got {dtype!r}")
     _, prunable = packable(model_dir)
-    check_out(out, overwrite, {"model_dir": model_dir})
+    preflight(out, overwrite, {"model_dir": model_dir})
     report = {"command": "pack", "format": "fp8-2:4", "model": os.path.abspath(model_dir), "packed": [], "dense": {},
               "bytes_bf16": 0, "bytes_stored": 0}
     shards, index = weight_shards(model_dir), {}
-    with staged_directory(out) as staging, bar_of(progress, len(shards), "pack fp8", "shard") as bar:
+    with writing(out, overwrite, {"model_dir": model_dir}) as staging, \
+            bar_of(progress, len(shards), "pack fp8", "shard") as bar:
         for shard in shards:
             with safe_open(os.path.join(model_dir, shard), framework="pt") as handle:
                 tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118

@@ -163,7 +163,7 @@ def _run_block(model, stream: BlockStream, index: int, config: PruneConfig, back
                steps: int, start: float) -> _Block:
     """Calibrate block `index` (already on the device), or replay it when `state_dir` has it."""
     matrices = block_matrices(model, index)
-    saved = store.load_block(state_dir, index) if state_dir else None
+    saved = store.load_block(state_dir, index, [m.name for m in matrices]) if state_dir else None
     if saved is None:
         z, t, unseen = learn_block(model, matrices, stream, index, config, backend)
         seconds = time.perf_counter() - start

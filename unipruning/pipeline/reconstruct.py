@@ -18,12 +18,13 @@ dtype, and the masks), so a killed run resumes after the last finished block wit
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -63,6 +64,23 @@ def _state_file(state_dir: str, index: int) -> str:
     return os.path.join(state_dir, f"block-{index:05d}.safetensors")
 
 
+def _saved_block(path: str, names: list[str]) -> dict[str, torch.Tensor] | None:
+    """The reconstructed weights of a finished block, or None: absent, or unreadable (what a crash before
+    the disk was flushed can leave; removed, and the block reconstructed again)."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        with safe_open(path, framework="pt") as handle:
+            keys = set(handle.keys())
+            if not all(n in keys and f"{n}.keep" in keys for n in names):
+                raise KeyError("a matrix is missing")
+            return {name: handle.get_tensor(name) for name in names}
+    except (SafetensorError, OSError, KeyError, RuntimeError):
+        with contextlib.suppress(OSError):
+            os.remove(path)
+        return None
+
+
 def _reconstruct_block(block: nn.Module, index: int, prefix: str, linears: dict[str, nn.Linear], groups,
                        stream: BlockStream, originals: dict[str, torch.Tensor], choice, plan, backend,
                        obs: ObsSettings):
@@ -97,10 +115,10 @@ def _run_block(model, checkpoint: LazyCheckpoint, block: nn.Module, index: int, 
     """Reconstruct block `index` into its state file, or replay it from there; True when replayed."""
     prefix, linears = _block_linears(model, block, index, plan)
     path = _state_file(state_dir, index)
-    if os.path.isfile(path):  # replay: the stored weights give the same pruned stream
-        with safe_open(path, framework="pt") as handle:
-            for name, lin in linears.items():
-                lin.weight.data.copy_(handle.get_tensor(name).to(lin.weight.device))
+    saved = _saved_block(path, list(linears))
+    if saved is not None:  # replay: the stored weights give the same pruned stream
+        for name, lin in linears.items():
+            lin.weight.data.copy_(saved[name].to(lin.weight.device))
         return True
     originals = checkpoint.read(list(linears))  # stored dtype: what masks and outputs are cut from
     groups = family_for(model.config).sequential

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..config import PruneConfig, RunOptions
-from ..io.checkpoint import LazyCheckpoint, load_model
+from ..io.checkpoint import LazyCheckpoint, check_finite, load_model
 from ..io.report import Report
 from ..io.saliency import Saliency
 from ..progress import steps_of
@@ -40,12 +40,15 @@ def learn_from_checkpoint(checkpoint: LazyCheckpoint, windows: torch.Tensor, con
         return None
     if config.feedback == "full":  # the whole model, fine-tuned along the way; the output keeps the source
         model = load_model(checkpoint.model_dir, dtype, run.trust_remote_code)
+        for name, param in model.named_parameters():
+            check_finite(name, param)
         saliency, report.feedback = calibrate_full(model, windows, config, device, restore=False,
                                                    on_step=steps_of(run.progress))
     else:  # never the whole model: a meta-device skeleton, each block read from the shards in its turn
         saliency, report.blocks = calibrate(checkpoint.skeleton(dtype), windows, config, device, checkpoint,
                                             state_dir, on_block, run.offload, run.progress)
     report.calibration_seconds = time.perf_counter() - start
+    saliency.metadata["source_sha256"] = checkpoint.content_sha256()  # `mask` refuses other weights
     if saliency.metadata.get("unseen"):
         report.unseen_matrices = {"matrices": saliency.metadata["unseen"], "policy": UNSEEN_POLICY}
     return saliency
