@@ -8,7 +8,9 @@ versions and temporary paths left out) of the tiny seeded checkpoints below.
 
 The hashes depend on floating-point rounding of the CPU kernels (torch version and vector ISA), so they
 are recorded per (torch version, CPU capability): on another combination the cases skip with the
-reason. `UNIPRUNING_GOLDEN=write python -m pytest tests/test_golden.py` records the hashes of the code
+reason. The thread count changes the order of parallel reductions (the OBS Hessians, expert routing):
+the module runs every case with 2 threads, in process and in the processes it starts.
+`UNIPRUNING_GOLDEN=write python -m pytest tests/test_golden.py` records the hashes of the code
 as it is (only when an output is meant to change: say so in the commit).
 """
 
@@ -34,6 +36,19 @@ VOLATILE = {"seconds", "write_seconds", "wall_seconds", "calibration_seconds", "
             "git_hash"}
 CALIB = ["--nsamples", "8", "--seqlen", "32"]
 BASETEMP: list = []  # pytest's temporary root: paths below it are left out of the report's hash
+
+
+@pytest.fixture(autouse=True, scope="module")
+def two_threads():
+    before, env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    torch.set_num_threads(2)
+    os.environ["OMP_NUM_THREADS"] = "2"
+    yield
+    torch.set_num_threads(before)
+    if env is None:
+        os.environ.pop("OMP_NUM_THREADS")
+    else:
+        os.environ["OMP_NUM_THREADS"] = env
 
 
 def _platform() -> str:
