@@ -30,8 +30,12 @@ SETTINGS.append((None, "2:4", "layer"))
 
 
 def weights(model_dir: str, names: list[str]) -> dict[str, torch.Tensor]:
-    with open(os.path.join(model_dir, "model.safetensors.index.json")) as f:
-        where = json.load(f)["weight_map"]
+    index = os.path.join(model_dir, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            where = json.load(f)["weight_map"]
+    else:
+        where = dict.fromkeys(names, "model.safetensors")
     out = {}
     for name in names:
         with safe_open(os.path.join(model_dir, where[name]), "pt") as f:
