@@ -78,19 +78,23 @@ def test_prune_method_contradicted_by_an_option_is_one_line(capsys, tmp_path):
     assert args.batch_size == 4 and args.reconstruct == "obs"
 
 
-@pytest.mark.parametrize("preset,reconstruct", [("quality", "obs"), ("fast", "none")])
-def test_preset_sets_the_reconstruction_and_nothing_else(preset, reconstruct):
+@pytest.mark.parametrize("preset,expected", [("quality", {"reconstruct": "obs", "guide_alpha": 1.0}),
+                                             ("fast", {"reconstruct": "none", "guide_alpha": None})])
+def test_preset_sets_the_reconstruction_and_nothing_else(preset, expected):
     args = _prune_args("--preset", preset, "--sparsity", "0.6", "--pattern", "unstructured")
-    before = {k: v for k, v in vars(args).items() if k not in ("preset", "reconstruct")}
+    before = {k: v for k, v in vars(args).items() if k not in ("preset", *expected)}
     _method_settings(args)
-    assert args.reconstruct == reconstruct
-    assert {k: v for k, v in vars(args).items() if k not in ("preset", "reconstruct")} == before
+    assert {k: getattr(args, k) for k in expected} == expected
+    assert {k: v for k, v in vars(args).items() if k not in ("preset", *expected)} == before
 
 
-def test_preset_quality_combines_with_a_metric_but_not_against_itself():
+def test_preset_quality_combines_with_a_metric_and_refuses_what_it_cannot_guide(capsys, tmp_path):
     args = _prune_args("--preset", "quality", "--metric", "ria")
     _method_settings(args)
-    assert (args.metric, args.reconstruct) == ("ria", "obs")
-    args = _prune_args("--preset", "quality", "--prune_method", "sparsegpt")
-    _method_settings(args)
-    assert (args.metric, args.reconstruct) == ("sparsegpt", "obs")
+    assert (args.metric, args.reconstruct, args.guide_alpha) == ("ria", "obs", 1.0)
+    with pytest.raises(UsageError, match="`guide_alpha` 2.0 contradicts --preset quality"):
+        _method_settings(_prune_args("--preset", "quality", "--guide-alpha", "2"))
+    assert main(["prune", "--model", str(tmp_path), "--out", str(tmp_path / "o"), "--preset", "quality",
+                 "--allocation", "row"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "per row" in err, err
