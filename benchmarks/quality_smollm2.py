@@ -84,20 +84,25 @@ def saliency_dir(args, metric: str) -> str:
 def jobs(args, ctx, alpha: float | None) -> list[dict]:
     """Every run of the table, in order: (name, setting, command builder). `alpha` None: the sweep first."""
     n, model, out = str(args.nsamples), ctx["model"], "{out}"
-    prune = ["-m", "unipruning", "prune", "--model", model, "--out", out, *window_options(args, ctx)]
-    mask = ["-m", "unipruning", "mask", "--model", model, "--out", out]
+
+    def prune_into(where: str) -> list[str]:
+        return ["-m", "unipruning", "prune", "--model", model, "--out", where, *window_options(args, ctx)]
+
+    def saliency_of(metric: str) -> list[str]:
+        return ["--saliency", os.path.join(saliency_dir(args, metric), "saliency")]
+
+    prune, mask = prune_into(out), ["-m", "unipruning", "mask", "--model", model, "--out", out]
     used = {m for m, a in CUTS if f"ours-{m}-{a}" not in args.skip} | {"stochria"}
     todo = [{"name": f"calibrate-{m}", "setting": "0.5", "keep": True, "eval": False,
-             "cmd": prune[:6] + [saliency_dir(args, m)] + prune[7:] + ["--sparsity", "0.5"]
-             + [o.format(n=n) for o in opts]} for m, opts in METRICS.items() if m in used]
+             "cmd": prune_into(saliency_dir(args, m)) + ["--sparsity", "0.5"] + [o.format(n=n) for o in opts]}
+            for m, opts in METRICS.items() if m in used]
     first = args.settings[0]
     # all windows in one forward: the reconstruction's Hessians are sums over windows (batching changes
     # only the order of the sums), and one forward of 16 windows is cheaper than 16 on a CPU
     obs = ["--reconstruct", "obs", *window_options(args, ctx), "--batch-size", n]
     for a in args.alphas if alpha is None and len(args.alphas) > 1 else []:
-        sal = ["--saliency", saliency_dir(args, "stochria") + "/saliency"]
         todo.append({"name": f"sweep-guided-a{a}", "setting": first, "check": True,
-                     "cmd": mask + sal + setting_options(first) + obs + ["--guide-alpha", str(a)]})
+                     "cmd": mask + saliency_of("stochria") + setting_options(first) + obs + ["--guide-alpha", str(a)]})
     if alpha is None:
         return todo
     for s in args.settings:
@@ -106,9 +111,9 @@ def jobs(args, ctx, alpha: float | None) -> list[dict]:
             if nm and alloc != "layer" and (metric, "layer") in CUTS:
                 continue
             todo.append({"name": f"ours-{metric}-{'layer' if nm else alloc}", "setting": s,
-                         "cmd": mask + ["--saliency", saliency_dir(args, metric) + "/saliency"] + setting_options(s)
+                         "cmd": mask + saliency_of(metric) + setting_options(s)
                          + ([] if nm else ["--allocation", alloc])})
-        sal = ["--saliency", saliency_dir(args, "stochria") + "/saliency"] + setting_options(s)
+        sal = saliency_of("stochria") + setting_options(s)
         todo += [{"name": "ours-stochria-obs", "setting": s, "cmd": mask + sal + obs},
                  {"name": f"ours-stochria-guided-a{alpha}", "setting": s, "cmd": mask + sal + obs
                   + ["--guide-alpha", str(alpha)]},
