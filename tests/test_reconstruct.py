@@ -1,6 +1,7 @@
 """Weight reconstruction (`--reconstruct obs`) and SparseGPT's masks (`--metric sparsegpt`): the OBS twin
 against an independent oracle, exact counts, the Hessian's failure modes, and the CLI end to end."""
 
+import json
 import logging
 import os
 
@@ -245,3 +246,40 @@ def test_guided_reconstruction_end_to_end(tiny_llama, text_file, tmp_path):
         PruneConfig(guide_alpha=1.0)
     with pytest.raises(UsageError, match="`metric` sparsegpt has none"):
         PruneConfig(metric="sparsegpt", reconstruct="obs", guide_alpha=1.0)
+
+
+def test_without_true_sequential_every_group_sees_the_block_as_it_came_in(runs, tiny_llama, text_file, tmp_path):
+    """--no-true-sequential (llm-compressor's order): o_proj's Hessian is that of the DENSE attention's
+    output, computed here independently from the dense model; q/k/v (first group) are as before."""
+    from transformers import AutoTokenizer
+
+    from unipruning.algorithm.obs import reconstruct_weight
+    from unipruning.config import MaskSpec
+    from unipruning.data import calibration_windows
+
+    out = tmp_path / "llmc-order"
+    assert run_cli("mask", "--model", tiny_llama, "--saliency", os.path.join(runs["obs"], "saliency"), "--out", out,
+                   "--sparsity", "0.7", "--reconstruct", "obs", "--calib", text_file, "--no-true-sequential") == 0
+    ours, sequential, masked_only = read_all(out), read_all(runs["obs"]), read_all(runs["mask"])
+    block = "model.layers.0."
+    for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+        assert torch.equal(ours[f"{block}{name}.weight"], sequential[f"{block}{name}.weight"]), name
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    windows = calibration_windows(AutoTokenizer.from_pretrained(tiny_llama), text_file, 8, 32, 0)
+    seen = []
+    model.model.layers[0].self_attn.o_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    with torch.no_grad():
+        model(windows)
+    x = torch.cat(seen).reshape(-1, seen[0].shape[-1])
+    h = torch.zeros(x.shape[1], x.shape[1])
+    hessian_accumulate_(h, x)
+    name = f"{block}self_attn.o_proj.weight"
+    expected, _ = reconstruct_weight(model.model.layers[0].self_attn.o_proj.weight.data, h.mul_(2 / x.shape[0]),
+                                     masked_only[name] != 0, MaskSpec(0.7), name, "torch")
+    assert torch.allclose(ours[name], expected, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(sequential[name], expected, rtol=1e-4, atol=1e-5)
+    report = json.loads((out / "pruning_report.json").read_text())
+    assert report["reconstruction"]["true_sequential"] is False
+    with pytest.raises(UsageError, match="true_sequential"):
+        PruneConfig(reconstruct="obs", true_sequential="no")

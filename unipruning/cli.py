@@ -121,6 +121,11 @@ def _obs_arguments(p: argparse.ArgumentParser) -> None:
                    help="--reconstruct obs: dampening, a fraction of the mean Hessian diagonal (SparseGPT's)")
     p.add_argument("--blocksize", type=int, default=BLOCKSIZE,
                    help="--reconstruct obs: columns per lazy batch of the OBS sweep (SparseGPT's)")
+    p.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=True,
+                   help="--reconstruct obs: each group of a block (q/k/v, o, gate/up, down) takes its Hessian from "
+                        "the block as reconstructed so far (GPTQ's --true-sequential); --no-true-sequential takes "
+                        "every group's from the block before any of it is pruned, as llm-compressor does "
+                        "(default: on)")
     p.add_argument("--guide-alpha", type=float, default=None, metavar="ALPHA",
                    help="--reconstruct obs: let the sweep choose the pruned entries by SparseGPT's score "
                         "w^2/U_ii^2 times (saliency rank)^ALPHA instead of keeping the saliency's mask "
@@ -459,7 +464,7 @@ def _prune(args) -> None:
                          batch_size=args.batch_size, seed=args.seed, device=args.device, dtype=args.dtype,
                          backend=args.backend, reconstruct=args.reconstruct, feedback=args.feedback,
                          saliency_update=args.saliency_update, guide_alpha=args.guide_alpha,
-                         percdamp=args.percdamp, blocksize=args.blocksize)
+                         percdamp=args.percdamp, blocksize=args.blocksize, true_sequential=args.true_sequential)
     calibration = Calibration(args.calib, args.nsamples, args.seqlen, args.tokenizer)
     report = prune_checkpoint(args.model, args.out, config, calibration, _run_options(args, dry_run=args.dry_run),
                               _targeting(args))
@@ -488,7 +493,7 @@ def _mask(args) -> None:
     _resolve_sources(args, "mask")
     config = MaskConfig(reconstruct=args.reconstruct, batch_size=args.batch_size, device=args.device,
                         dtype=args.dtype, backend=args.backend, guide_alpha=args.guide_alpha,
-                        percdamp=args.percdamp, blocksize=args.blocksize)
+                        percdamp=args.percdamp, blocksize=args.blocksize, true_sequential=args.true_sequential)
     calibration = None
     if args.calib is not None:
         calibration = Calibration(args.calib, args.nsamples, args.seqlen, args.tokenizer, args.seed)

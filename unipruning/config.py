@@ -132,18 +132,20 @@ def check_guide(guide_alpha: float | None, spec: MaskSpec) -> None:
                          "global or owl, or an N:M pattern)")
 
 
-def _check_obs(percdamp, blocksize) -> None:
+def _check_obs(percdamp, blocksize, true_sequential) -> None:
     if not (isinstance(percdamp, (int, float)) and not isinstance(percdamp, bool) and 0 < percdamp
             and math.isfinite(percdamp)):
         raise UsageError(f"`percdamp`: expected a positive fraction of the mean Hessian diagonal, got {percdamp!r}")
     _positive_int("blocksize", blocksize)
+    if not isinstance(true_sequential, bool):
+        raise UsageError(f"`true_sequential`: expected true or false, got {true_sequential!r}")
 
 
-def obs_settings(percdamp: float, blocksize: int) -> dict:
-    """The OBS settings as a report records them: only those that differ from SparseGPT's defaults, so that
+def obs_settings(percdamp: float, blocksize: int, true_sequential: bool) -> dict:
+    """The OBS settings as a report records them: only those that differ from the defaults, so that
     reports (and run keys) of runs with the defaults are what they were before the settings existed."""
-    return {k: v for k, v in (("percdamp", percdamp), ("blocksize", blocksize))
-            if v != {"percdamp": PERCDAMP, "blocksize": BLOCKSIZE}[k]}
+    return {k: v for k, v in (("percdamp", percdamp), ("blocksize", blocksize), ("true_sequential", true_sequential))
+            if v != {"percdamp": PERCDAMP, "blocksize": BLOCKSIZE, "true_sequential": True}[k]}
 
 
 @dataclass(frozen=True)
@@ -159,7 +161,9 @@ class PruneConfig:
     every entry; 'closed-form' (feedback none only) gets the same saliency from per-step vectors in one
     product per matrix (docs/method.md, "The closed form"); 'auto' is closed-form for feedback none.
     percdamp, blocksize: the OBS pass's dampening (fraction of the mean Hessian diagonal) and columns per
-    lazy batch (SparseGPT's --percdamp and --blocksize).
+    lazy batch (SparseGPT's --percdamp and --blocksize); true_sequential: each group of a block (q/k/v, o,
+    gate/up, down) takes its Hessian from the block as reconstructed so far (GPTQ's --true-sequential), or,
+    False, every group from the block as it came in, before any of it was pruned (llm-compressor's way).
     """
 
     mask: MaskSpec = field(default_factory=MaskSpec)
@@ -177,10 +181,11 @@ class PruneConfig:
     guide_alpha: float | None = None
     percdamp: float = PERCDAMP
     blocksize: int = BLOCKSIZE
+    true_sequential: bool = True
 
     def __post_init__(self) -> None:
         _choice("metric", self.metric, METRICS)
-        _check_obs(self.percdamp, self.blocksize)
+        _check_obs(self.percdamp, self.blocksize, self.true_sequential)
         _choice("saliency_update", self.saliency_update, SALIENCY_UPDATES)
         if not (isinstance(self.kappa, (int, float)) and self.kappa > 0 and math.isfinite(self.kappa)):
             raise UsageError(f"`kappa`: expected a positive number, got {self.kappa!r}")
@@ -216,15 +221,15 @@ class PruneConfig:
 
     def to_dict(self) -> dict:
         settings = asdict(self)
-        del settings["percdamp"], settings["blocksize"]
-        return {**settings, **obs_settings(self.percdamp, self.blocksize)}
+        del settings["percdamp"], settings["blocksize"], settings["true_sequential"]
+        return {**settings, **obs_settings(self.percdamp, self.blocksize, self.true_sequential)}
 
 
 @dataclass(frozen=True)
 class MaskConfig:
     """How `mask_checkpoint` computes: reconstruct 'obs' runs the OBS pass (it needs a Calibration),
-    batch_size windows per forward of that pass, guide_alpha, percdamp and blocksize as PruneConfig's, and
-    where (device, dtype, backend)."""
+    batch_size windows per forward of that pass, guide_alpha, percdamp, blocksize and true_sequential as
+    PruneConfig's, and where (device, dtype, backend)."""
 
     reconstruct: str = "none"
     batch_size: int = 1
@@ -234,10 +239,11 @@ class MaskConfig:
     guide_alpha: float | None = None
     percdamp: float = PERCDAMP
     blocksize: int = BLOCKSIZE
+    true_sequential: bool = True
 
     def __post_init__(self) -> None:
         _check_compute(self.device, self.dtype, self.backend, self.reconstruct, self.batch_size, self.guide_alpha)
-        _check_obs(self.percdamp, self.blocksize)
+        _check_obs(self.percdamp, self.blocksize, self.true_sequential)
 
 
 @dataclass(frozen=True)

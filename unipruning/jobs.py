@@ -142,6 +142,10 @@ class _Source:
     skipped: dict[str, str]
 
 
+def _obs_settings(config: PruneConfig | MaskConfig) -> ObsSettings:
+    return ObsSettings(config.percdamp, config.blocksize, config.true_sequential)
+
+
 def _open(model_dir: str, spec: MaskSpec, targeting: Targeting, trust_remote_code: bool, reconstruct: str) -> _Source:
     config = load_config(model_dir, trust_remote_code)
     checkpoint = LazyCheckpoint(model_dir, config)
@@ -258,7 +262,7 @@ def _prune_into(staging: str, source: _Source, windows, config: PruneConfig, dev
                                                             device, dtype, source.plan,
                                                             obs_choice(cut, config.guide_alpha, backend), backend,
                                                             run.progress, run.offload,
-                                                            ObsSettings(config.percdamp, config.blocksize))
+                                                            _obs_settings(config))
         report.reconstruction["rule"] = obs_rule(cut, config.guide_alpha)
         pruned = reconstructed_weights(recon_dir)
     report = export_checkpoint(source.checkpoint, staging, writer, pruned, source.plan, source.skipped, saliency,
@@ -307,7 +311,7 @@ def mask_checkpoint(model_dir: str, saliency_dir: str, out: str, spec: MaskSpec,
                 staging, source.checkpoint, windows, config.batch_size, device,
                 resolve_dtype(config.dtype, source.config, device), source.plan,
                 obs_choice(cut, config.guide_alpha, backend), backend, run.progress, run.offload,
-                ObsSettings(config.percdamp, config.blocksize))
+                _obs_settings(config))
             report.reconstruction["rule"] = obs_rule(cut, config.guide_alpha)
             pruned = reconstructed_weights(recon_dir)
         writer = pruned_writer(source.checkpoint, staging, source.plan)

@@ -30,10 +30,11 @@ BLOCKSIZE = _BLOCKSIZE  # columns per lazy batch
 
 @dataclass(frozen=True)
 class ObsSettings:
-    """The two knobs of the sweep (validated by PruneConfig / MaskConfig)."""
+    """The knobs of the sweep and of the pass around it (validated by PruneConfig / MaskConfig)."""
 
     damp: float = DAMP
     blocksize: int = BLOCKSIZE
+    true_sequential: bool = True  # each group's Hessian from the block as reconstructed so far
 
 
 def inverse_factor(h: torch.Tensor, name: str, damp: float = DAMP) -> tuple[torch.Tensor | None, torch.Tensor]:

@@ -119,8 +119,10 @@ def reconstruct_pass(staging: str, checkpoint: LazyCheckpoint, windows: torch.Te
     blocks = reconstruct(checkpoint.skeleton(dtype), windows, batch_size, device, checkpoint, recon_dir, plan,
                          choice, backend, progress, offload, obs)
     groups = len(family_for(checkpoint.config).sequential)
+    # the order is recorded only when it is not the default, so that default reports stay as they were
+    order = {} if obs.true_sequential else {"true_sequential": False}
     return recon_dir, {
-        "method": "obs", "damp": obs.damp, "blocksize": obs.blocksize, "seconds": time.perf_counter() - start,
+        "method": "obs", "damp": obs.damp, "blocksize": obs.blocksize, **order, "seconds": time.perf_counter() - start,
         "blocks": blocks,
         "cost": f"a second forward per layer on the pruned stream ({groups} partial forwards to collect each "
                 "group's Hessian, then one for the block's output), beside the calibration's own",

@@ -4,8 +4,9 @@
 A second pass over the decoder blocks, on the PRUNED activation stream: block by block, and within a
 block group by group in compute order (q/k/v, then o, then gate/up, then down: the family's
 `sequential` table), collect H = 2/n X^T X of the group's input from the block as reconstructed so
-far, then reconstruct each linear of the group with its mask (algorithm/obs.py). The reconstructed
-block then produces the next block's input. Each block costs one forward per group plus one for its
+far, then reconstruct each linear of the group with its mask (algorithm/obs.py). (`true_sequential`
+off: every group's H from the block before any of it is reconstructed, as llm-compressor does.) The
+reconstructed block then produces the next block's input. Each block costs one forward per group plus one for its
 output, beside the calibration's own forward; the saliency stays on the dense stream, so `mask` still
 re-masks in seconds (but each new mask needs this pass again).
 
@@ -84,14 +85,21 @@ def _saved_block(path: str, names: list[str]) -> dict[str, torch.Tensor] | None:
 def _reconstruct_block(block: nn.Module, index: int, prefix: str, linears: dict[str, nn.Linear], groups,
                        stream: BlockStream, originals: dict[str, torch.Tensor], choice, plan, backend,
                        obs: ObsSettings):
-    """Reconstruct the planned linears of one block group by group; ({name: weight as stored}, {name: mask})."""
+    """Reconstruct the planned linears of one block group by group; ({name: weight as stored}, {name: mask}).
+    Each group's Hessian comes from the block as reconstructed so far (obs.true_sequential), or all of them
+    from the block as it came in, collected before any group is reconstructed."""
     stored, masks = {}, {}
-    for group in groups:
-        members = {prefix + g + ".weight": block.get_submodule(g) for g in group}
-        members = {name: lin for name, lin in members.items() if name in linears}
-        if not members:
-            continue
-        h = _group_hessian(block, next(iter(members.values())), stream, index, backend)
+    members_of = [{prefix + g + ".weight": block.get_submodule(g) for g in group} for group in groups]
+    members_of = [{n: lin for n, lin in members.items() if n in linears} for members in members_of]
+    members_of = [members for members in members_of if members]
+
+    def hessian(members):
+        return _group_hessian(block, next(iter(members.values())), stream, index, backend)
+
+    # held all at once (one matrix per group): the price of the llm-compressor order
+    early = [] if obs.true_sequential else [hessian(members) for members in members_of]
+    for g, members in enumerate(members_of):
+        h = early[g] if early else hessian(members)
         for name, lin in members.items():
             keep, prior, kept = choice(name, originals[name]) if choice is not None else (None, None, None)
             weight, mask = reconstruct_weight(lin.weight.data, h, keep, plan[name], name, backend, prior, kept,
@@ -101,6 +109,8 @@ def _reconstruct_block(block: nn.Module, index: int, prefix: str, linears: dict[
             stored[name] = lin.weight.data.to(originals[name].dtype).cpu()
             lin.weight.data.copy_(stored[name])  # later groups and the next block see that
         del h
+        if early:
+            early[g] = None
     return stored, masks
 
 
