@@ -184,7 +184,6 @@ def truncated_model(model_dir: str, layers: int, work: str) -> str:
 
 def prepare(args) -> dict:
     """Model, text splits, calibration and evaluation windows (saved under --work), with their hashes."""
-    import torch
     from transformers import AutoTokenizer
 
     from unipruning.data import calibration_windows, eval_windows, windows_hash
@@ -198,12 +197,12 @@ def prepare(args) -> dict:
     windows = calibration_windows(tokenizer, splits[args.calib].calib, args.nsamples, args.seqlen, args.seed)
     sha = windows_hash(windows)
     windows_path = os.path.join(args.work, f"windows-{sha[:16]}.pt")
-    torch.save(windows, windows_path)
+    save_windows(windows, windows_path)
     evals = {}
     for domain, split in splits.items():
         ids = eval_windows(tokenizer, split.heldout, args.eval_seqlen)[: args.eval_windows]
         path = os.path.join(args.work, f"eval-{domain}-{windows_hash(ids)[:16]}.pt")
-        torch.save(ids, path)
+        save_windows(ids, path)
         evals[domain] = {"path": path, "sha256": windows_hash(ids), "windows": ids.shape[0], "seqlen": ids.shape[1],
                          "text": split.heldout}
     return {"model": model, "model_sha256": model_fingerprint(model), "calib": splits[args.calib].calib,
@@ -246,6 +245,15 @@ def result_path(work: str, method: str, args, key: str) -> str:
         setting = args.pattern.replace(":", "of") if args.pattern != "unstructured" else f"s{args.sparsity}"
         tag = f"{method}-{setting}-{args.nsamples}x{args.seqlen}"
     return os.path.join(work, "runs", f"{tag}-{key[:12]}.json")
+
+
+def save_windows(ids, path: str) -> None:
+    """Atomic, like write_json: another benchmark's processes may be reading the same (content-named) file."""
+    import torch
+
+    tmp = f"{path}.tmp-{os.getpid()}"
+    torch.save(ids, tmp)
+    os.replace(tmp, path)
 
 
 def write_json(path: str, data) -> None:

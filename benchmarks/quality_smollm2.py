@@ -141,7 +141,6 @@ def git_hash() -> str | None:
 
 def check_windows(ctx: dict, args) -> dict:
     """Calibration-domain windows at another seed: what the guide's alpha is chosen on (never held-out)."""
-    import torch
     from transformers import AutoTokenizer
 
     from unipruning.data import calibration_windows, windows_hash
@@ -149,7 +148,7 @@ def check_windows(ctx: dict, args) -> dict:
     ids = calibration_windows(AutoTokenizer.from_pretrained(ctx["model"]), ctx["calib"], 16, args.eval_seqlen,
                               args.seed + 1)
     path = os.path.join(args.work, f"check-{windows_hash(ids)[:16]}.pt")
-    torch.save(ids, path)
+    bp.save_windows(ids, path)
     return {"calib-check": {"path": path, "sha256": windows_hash(ids), "windows": 16, "seqlen": args.eval_seqlen}}
 
 
