@@ -60,3 +60,37 @@ def test_owl_in_memory(tiny_llama, text_file):
     result = prune(model, windows, PruneConfig(mask=MaskSpec(sparsity=0.5, allocation="owl")))
     kept = sum(int(m.sum()) for m in result.masks.values())
     assert kept == keep_count(0.5, sum(m.numel() for m in result.masks.values()))
+
+
+def test_owl_row_cuts_every_row_to_its_blocks_sparsity(tmp_path, text_file):
+    """owl-row: owl's block sparsities, each output row of the block's matrices keeping round((1 - s_b) * in);
+    the report records the same block sparsities as owl's."""
+    from unipruning.algorithm.masks import MaskCutter
+
+    source = make_checkpoint(tmp_path / "model", layers=3)
+    args = ["--calib", text_file, "--nsamples", "4", "--seqlen", "32", "--sparsity", "0.6"]
+    owl, rows = tmp_path / "owl", tmp_path / "rows"
+    assert main(["prune", "--model", source, "--out", str(owl), *args, "--allocation", "owl"]) == 0
+    assert main(["mask", "--model", source, "--saliency", str(owl / "saliency"), "--out", str(rows),
+                 "--sparsity", "0.6", "--allocation", "owl-row"]) == 0
+    block_sparsity = json.loads((owl / "pruning_report.json").read_text())["mask"]["owl"]["block_sparsity"]
+    report = json.loads((rows / "pruning_report.json").read_text())
+    assert report["mask"]["owl"]["block_sparsity"] == block_sparsity
+    assert len(set(block_sparsity.values())) == 3  # the blocks differ: rows are not cut to one sparsity
+    weights = read_all(rows)
+    assert len(report["matrices"]) == 3 * 7
+    for name in report["matrices"]:
+        kept = (weights[name] != 0).sum(dim=1)
+        expected = keep_count(block_sparsity[str(block_of(name))], weights[name].shape[1])
+        assert kept.tolist() == [expected] * weights[name].shape[0], name
+    z = {n: torch.rand(4, 10, generator=torch.Generator().manual_seed(i)) for i, n in
+         enumerate(f"model.layers.{b}.mlp.up_proj.weight" for b in range(2))}
+    spec = MaskSpec(sparsity=0.5, allocation="owl-row")
+    cut = MaskCutter(z, dict.fromkeys(z, spec), spec, "torch", weights=z)
+    for name in z:  # the same rows as allocation row at the block's sparsity
+        s_b = cut.block_sparsities[block_of(name)]
+        row = MaskCutter(z, dict.fromkeys(z, MaskSpec(sparsity=s_b, allocation="row")),
+                         MaskSpec(sparsity=s_b, allocation="row"), "torch", weights=z)
+        assert torch.equal(cut(name, z[name]), row(name, z[name]))
+    with pytest.raises(UsageError, match="not per row as `allocation` owl-row"):
+        PruneConfig(mask=spec, reconstruct="obs", guide_alpha=1.0)

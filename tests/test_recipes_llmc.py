@@ -56,13 +56,13 @@ def test_wanda_recipe_is_one_step_per_row(tmp_path):
     assert (args.metric, args.allocation, args.batch_size, args.sparsity) == ("wanda", "row", 16, 0.6)
 
 
-def test_owl_profile_is_the_owl_allocation(tmp_path):
+def test_owl_profile_is_the_owl_allocation_cut_per_row_as_wandas(tmp_path):
     text = WANDA.replace("sparsity: 0.6", "sparsity: 0.6\n      sparsity_profile: owl\n      owl_m: 7\n"
                          "      owl_lmbda: 0.05")
     args = build_parser().parse_args(["prune", "--model", "m", "--out", "o", "--recipe", recipe(tmp_path, text),
                                       "--nsamples", "16"])
     _method_settings(args)
-    assert (args.allocation, args.owl_m, args.owl_lambda, args.metric) == ("owl", 7.0, 0.05, "wanda")
+    assert (args.allocation, args.owl_m, args.owl_lambda, args.metric) == ("owl-row", 7.0, 0.05, "wanda")
 
 
 def test_targets_and_ignore_match_module_names_as_compressed_tensors_does(tmp_path, tiny_llama):

@@ -100,7 +100,8 @@ def _mask_arguments(p: argparse.ArgumentParser) -> None:
                    help="unstructured, or N:M: keep N of every M consecutive inputs (2:4, 4:8)")
     p.add_argument("--allocation", choices=ALLOCATIONS, default="layer",
                    help="budget per matrix (layer), per output row (row), one global threshold (global), or per "
-                        "block from its outlier ratio (owl)")
+                        "block from its outlier ratio (OWL), cut per matrix (owl) or per output row (owl-row, "
+                        "OWL's own way with Wanda)")
     p.add_argument("--bounds", nargs=2, type=_fraction, metavar=("S_MIN", "S_MAX"), default=(0.0, 0.99),
                    help="per-matrix sparsity bounds of --allocation global")
     p.add_argument("--owl-m", type=float, default=5.0,

@@ -16,7 +16,8 @@ from .errors import UsageError
 SALIENCY_METRICS = ("magnitude", "wanda", "ria", "stochria")
 METRICS = (*SALIENCY_METRICS, "sparsegpt")
 RECONSTRUCTIONS = ("none", "obs")
-ALLOCATIONS = ("layer", "row", "global", "owl")
+ALLOCATIONS = ("layer", "row", "global", "owl", "owl-row")
+OWL_ALLOCATIONS = ("owl", "owl-row")
 FEEDBACKS = ("none", "full")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -63,7 +64,9 @@ class MaskSpec:
     may be left None. allocation: 'layer' (per matrix), 'row' (per output row), 'global' (one
     threshold over all matrices, each matrix's sparsity within `bounds`) or 'owl' (per decoder block,
     from its outlier ratio: blocks with more entries above owl_m times the block's mean saliency keep
-    more, within +-owl_lambda of `sparsity`, averaging exactly to it; OWL, Yin et al. 2024).
+    more, within +-owl_lambda of `sparsity`, averaging exactly to it; OWL, Yin et al. 2024) or 'owl-row'
+    (OWL's block sparsities, each output row of the block's matrices cut to its block's, as OWL cuts
+    Wanda's scores; the total then differs from `sparsity`'s by the rounding of each row).
     """
 
     sparsity: float | None = None
@@ -98,14 +101,20 @@ class MaskSpec:
             raise UsageError(f"`owl_m`: expected a positive number, got {self.owl_m!r}")
         if not (isinstance(self.owl_lambda, (int, float)) and 0 <= self.owl_lambda):
             raise UsageError(f"`owl_lambda`: expected a non-negative number, got {self.owl_lambda!r}")
-        if self.allocation == "owl" and not 0 <= self.sparsity - self.owl_lambda < self.sparsity + self.owl_lambda < 1:
+        spread = (self.sparsity - self.owl_lambda, self.sparsity + self.owl_lambda)
+        if self.allocation in OWL_ALLOCATIONS and not 0 <= spread[0] < spread[1] < 1:
             raise UsageError(f"`owl_lambda` {self.owl_lambda} takes blocks outside (0, 1) around `sparsity` "
                              f"{self.sparsity}")
 
     @property
     def cross_block(self) -> bool:
-        """Whether a matrix's mask depends on the saliency of other blocks (global, owl)."""
-        return self.allocation in ("global", "owl")
+        """Whether a matrix's mask depends on the saliency of other blocks (global, owl, owl-row)."""
+        return self.allocation == "global" or self.allocation in OWL_ALLOCATIONS
+
+    @property
+    def per_row(self) -> bool:
+        """Whether every output row keeps its own count (row, owl-row)."""
+        return self.allocation in ("row", "owl-row")
 
     @property
     def nm(self) -> tuple[int, int] | None:
@@ -127,9 +136,9 @@ def _check_compute(device: str, dtype: str, backend: str, reconstruct: str, batc
 
 
 def check_guide(guide_alpha: float | None, spec: MaskSpec) -> None:
-    if guide_alpha is not None and spec.allocation == "row":
-        raise UsageError("`guide_alpha`: the guided sweep chooses per matrix, not per row (use `allocation` layer, "
-                         "global or owl, or an N:M pattern)")
+    if guide_alpha is not None and spec.per_row:
+        raise UsageError(f"`guide_alpha`: the guided sweep chooses per matrix, not per row as `allocation` "
+                         f"{spec.allocation} does (use layer, global or owl, or an N:M pattern)")
 
 
 def _check_obs(percdamp, blocksize, true_sequential) -> None:

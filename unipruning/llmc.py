@@ -25,8 +25,9 @@ What maps (anything else is refused in one line, naming the key):
 - `targets` and `ignore` as compressed-tensors matches them: "re:REGEX" is re.match on the module name,
   anything else the exact module name or a class name; `targets` name modules that contain the pruned
   linears (default Linear: all). Class names map only where they are unambiguous: Linear and *DecoderLayer.
-- `sparsity_profile: owl` with `owl_m` and `owl_lmbda`: the OWL allocation (`allocation` owl, `owl_m`,
-  `owl_lambda`), both numbers required as llm-compressor requires them.
+- `sparsity_profile: owl` with `owl_m` and `owl_lmbda`: the OWL allocation (`owl_m`, `owl_lambda`), both
+  numbers required as llm-compressor requires them; `allocation` owl-row for Wanda (its cut stays per output
+  row inside each layer's OWL sparsity), owl otherwise.
 Ignored, as they do not change what is computed here: `sequential_update` (deprecated there),
 `sequential_targets` (the decoder blocks are always the sequential unit), `offload_hessians`, `group`.
 """
@@ -142,7 +143,8 @@ def _owl(name: str, args: dict, path: str) -> dict:
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (m, lmbda)):
         raise UsageError(f"`recipe` {path}: {name}.sparsity_profile owl needs numbers owl_m and owl_lmbda (as "
                          f"llm-compressor does), got {m!r} and {lmbda!r}")
-    return {"allocation": "owl", "owl_m": float(m), "owl_lambda": float(lmbda)}
+    per_row = METHODS[name].get("allocation") == "row"
+    return {"allocation": "owl-row" if per_row else "owl", "owl_m": float(m), "owl_lambda": float(lmbda)}
 
 
 def _obs_settings(args: dict, path: str) -> dict:

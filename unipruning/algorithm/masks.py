@@ -3,7 +3,8 @@
 Ranking, per matrix: z, then |W|, then the flat index (`ops.rank_keys`: a total order, so counts are
 exact under ties). Budgets: `layer` keeps round((1-s) * numel) per matrix, `row` round((1-s) * in) per
 output row, `global` one threshold over all matrices (ties across matrices by name order) with
-per-matrix sparsity bounds met by water-filling; N:M keeps the N best of every M consecutive inputs of
+per-matrix sparsity bounds met by water-filling, `owl` OWL's per-block sparsity s_b per matrix (the total
+exact), `owl-row` round((1-s_b) * in) per output row; N:M keeps the N best of every M consecutive inputs of
 a row. Counts use the decimal the user wrote (0.7 is 7/10, not its binary rounding).
 """
 
@@ -129,7 +130,8 @@ def owl_counts(z: Mapping[str, torch.Tensor], numels: Mapping[str, int], names: 
 
 def matrix_mask(z: torch.Tensor, weight: torch.Tensor, spec: MaskSpec, count: int | None = None,
                 backend: str | None = None) -> torch.Tensor:
-    """The keep mask of one matrix (bool, same shape as W). `count`: kept total under `global` / `owl`."""
+    """The keep mask of one matrix (bool, same shape as W). `count`: kept total under `global` / `owl`,
+    kept per row under `owl-row`."""
     keys = ops.rank_keys(z.to(weight.device), weight, backend=backend)
     nm = spec.nm
     if nm is not None:
@@ -139,6 +141,8 @@ def matrix_mask(z: torch.Tensor, weight: torch.Tensor, spec: MaskSpec, count: in
     if spec.cross_block:
         if count is None:
             raise ValueError(f"allocation {spec.allocation!r} needs the per-matrix count (MaskCutter)")
+        if spec.per_row:
+            return ops.row_topk_mask(keys, count, backend=backend)
         return ops.topk_mask(keys, count, backend=backend)
     return ops.topk_mask(keys, keep_count(spec.sparsity, weight.numel()), backend=backend)
 
@@ -147,7 +151,7 @@ class MaskCutter:
     """cut(name, weight) -> the keep mask (on `device`, or the weight's) of a planned matrix from its z,
     under its planned MaskSpec. With allocation global or owl the per-matrix counts are settled once, over
     every planned matrix (`weights` then supplies them, lazily if it likes, with `numels` their sizes);
-    `block_sparsities` holds owl's per-block sparsities."""
+    `block_sparsities` holds owl's (and owl-row's) per-block sparsities."""
 
     def __init__(self, z: Mapping[str, torch.Tensor], plan: Mapping[str, MaskSpec], spec: MaskSpec,
                  backend: str | None, device: torch.device | None = None,
@@ -159,10 +163,14 @@ class MaskCutter:
         elif spec.allocation == "owl":
             numels = numels if numels is not None else {n: weights[n].numel() for n in plan}
             self.counts, self.block_sparsities = owl_counts(z, numels, list(plan), spec)
+        elif spec.allocation == "owl-row":
+            self.block_sparsities = owl_block_sparsities(z, list(plan), spec)
 
     def __call__(self, name: str, weight: torch.Tensor) -> torch.Tensor:
-        on = self.device if self.device is not None else weight.device
-        return matrix_mask(self.z[name].to(on), weight.to(on), self.plan[name], self.counts.get(name), self.backend)
+        on, spec, count = self.device if self.device is not None else weight.device, self.plan[name], None
+        if spec.allocation == "owl-row":
+            count = keep_count(self.block_sparsities[block_of(name)], weight.shape[1])
+        return matrix_mask(self.z[name].to(on), weight.to(on), spec, self.counts.get(name, count), self.backend)
 
 
 def iter_masks(z: Mapping[str, torch.Tensor], weights: Mapping[str, torch.Tensor], spec: MaskSpec,
