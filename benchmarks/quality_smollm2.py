@@ -12,7 +12,7 @@ function, each command in its own process (wall time and the process's own peak 
 Methods, per setting (`--settings`, default 0.5 0.6 0.7 2:4):
 - llm-compressor 0.14's `oneshot` with WandaPruningModifier and SparseGPTModifier (peers/llmc_oneshot.py);
 - unipruning mask only: ONE `prune` per metric (stochria = the defaults, ria, wanda and magnitude as one
-  step over all windows), then every setting and allocation (layer, row, global, owl) cut by `mask`
+  step over all windows), then every setting and allocation (layer, row, global, owl, owl-row) cut by `mask`
   from that saliency; the time column of a cut is the `mask` command's, the calibration's is its own row;
 - unipruning with reconstruction: `mask --reconstruct obs` from the stochria saliency (Γ masks), the same
   with `--guide-alpha` (Γ-guided), and `prune --metric sparsegpt --reconstruct obs` (our SparseGPT).
@@ -42,7 +42,7 @@ METRICS = {"stochria": [], "ria": ["--metric", "ria"], "wanda": ["--metric", "wa
            "magnitude": ["--metric", "magnitude", "--batch-size", "{n}"]}
 # mask-only cuts: (metric of the saliency, allocation); N:M settings take the first of each metric only
 CUTS = [("stochria", "layer"), ("stochria", "row"), ("stochria", "global"), ("stochria", "owl"),
-        ("ria", "layer"), ("wanda", "row"), ("magnitude", "layer")]
+        ("stochria", "owl-row"), ("ria", "layer"), ("wanda", "row"), ("wanda", "owl-row"), ("magnitude", "layer")]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
