@@ -14,8 +14,9 @@ Methods, per setting (`--settings`, default 0.5 0.6 0.7 2:4):
 - unipruning mask only: ONE `prune` per metric (stochria = the defaults, ria, wanda and magnitude as one
   step over all windows), then every setting and allocation (layer, row, global, owl, owl-row) cut by `mask`
   from that saliency; the time column of a cut is the `mask` command's, the calibration's is its own row;
-- unipruning with reconstruction: `mask --reconstruct obs` from the stochria saliency (Γ masks), the same
-  with `--guide-alpha` (Γ-guided), and `prune --metric sparsegpt --reconstruct obs` (our SparseGPT).
+- unipruning with reconstruction: `mask --reconstruct obs` from the stochria saliency (Γ masks, per matrix
+  and, unstructured, owl-row), the same with `--guide-alpha` (Γ-guided, per matrix and with owl's counts),
+  and `prune --metric sparsegpt --reconstruct obs` (our SparseGPT).
 The guide's alpha is chosen at the first setting among `--alphas` by perplexity on calibration-domain
 windows (the calibration text at another seed), never on the held-out texts.
 
@@ -107,19 +108,23 @@ def jobs(args, ctx, alpha: float | None) -> list[dict]:
         return todo
     for s in args.settings:
         nm = ":" in s
-        for metric, alloc in CUTS:
-            if nm and alloc != "layer" and (metric, "layer") in CUTS:
-                continue
-            todo.append({"name": f"ours-{metric}-{'layer' if nm else alloc}", "setting": s,
-                         "cmd": mask + saliency_of(metric) + setting_options(s)
-                         + ([] if nm else ["--allocation", alloc])})
+        for metric in dict.fromkeys(m for m, _ in CUTS) if nm else []:  # N:M: one cut per metric
+            todo.append({"name": f"ours-{metric}-layer", "setting": s,
+                         "cmd": mask + saliency_of(metric) + setting_options(s)})
+        for metric, alloc in [] if nm else CUTS:
+            todo.append({"name": f"ours-{metric}-{alloc}", "setting": s,
+                         "cmd": mask + saliency_of(metric) + setting_options(s) + ["--allocation", alloc]})
         sal = saliency_of("stochria") + setting_options(s)
+        guide = ["--guide-alpha", str(alpha)]
         todo += [{"name": "ours-stochria-obs", "setting": s, "cmd": mask + sal + obs},
-                 {"name": f"ours-stochria-guided-a{alpha}", "setting": s, "cmd": mask + sal + obs
-                  + ["--guide-alpha", str(alpha)]},
-                 {"name": "ours-sparsegpt", "setting": s,
-                  "cmd": prune + setting_options(s)
-                  + ["--metric", "sparsegpt", "--reconstruct", "obs", "--batch-size", n]}]
+                 {"name": f"ours-stochria-guided-a{alpha}", "setting": s, "cmd": mask + sal + obs + guide}]
+        if not nm:  # the best mask-only allocation under the OBS pass: fixed masks, and (per matrix) guided
+            todo += [{"name": "ours-stochria-owl-row-obs", "setting": s,
+                      "cmd": mask + sal + ["--allocation", "owl-row"] + obs},
+                     {"name": f"ours-stochria-owl-guided-a{alpha}", "setting": s,
+                      "cmd": mask + sal + ["--allocation", "owl"] + obs + guide}]
+        todo.append({"name": "ours-sparsegpt", "setting": s, "cmd": prune + setting_options(s)
+                     + ["--metric", "sparsegpt", "--reconstruct", "obs", "--batch-size", n]})
         for peer in ("wanda", "sparsegpt"):
             pattern, sparsity = (s, "0.5") if nm else ("unstructured", s)
             todo.append({"name": f"llmc-{peer}", "setting": s,
