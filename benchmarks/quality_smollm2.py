@@ -56,6 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--alphas", nargs="+", type=float, default=[0.5, 1.0, 2.0], help="Γ-guided alphas tried")
     p.add_argument("--eval-seqlen", type=bp._positive, default=512)
     p.add_argument("--eval-windows", type=bp._positive, default=32)
+    p.add_argument("--preset-checks", action="store_true",
+                   help="also run the presets' candidates at 0.5 and 0.7 on the calibration-domain check windows")
     p.add_argument("--skip", nargs="*", default=[], help="method names to leave out (e.g. llmc-sparsegpt)")
     p.add_argument("--layers", type=bp._positive, help="keep the first N decoder blocks (to test the harness)")
     p.add_argument("--work", help="default: $UNIPRUNING_CACHE/bench-quality-smollm2")
@@ -131,6 +133,19 @@ def jobs(args, ctx, alpha: float | None) -> list[dict]:
                          "cmd": [bp.LLMC_RUNNER, "--model", model, "--windows", ctx["windows"]["path"],
                                  "--out", out, "--method", peer, "--sparsity", sparsity, "--pattern", pattern]})
     return [j for j in todo if j["name"] not in args.skip]
+
+
+# what the presets were chosen between, measured on the calibration-domain check windows (never held out)
+PRESET_CHOICES = {"fast": ("ours-stochria-layer", "ours-stochria-row", "ours-stochria-owl-row"),
+                  "quality": ("ours-stochria-guided-a{alpha}", "ours-stochria-owl-guided-a{alpha}")}
+PRESET_SETTINGS = ("0.5", "0.7")
+
+
+def preset_checks(args, ctx, alpha: float) -> list[dict]:
+    names = {n.format(alpha=alpha) for choice in PRESET_CHOICES.values() for n in choice}
+    every = jobs(argparse.Namespace(**{**vars(args), "skip": []}), ctx, alpha)  # --skip is for the table
+    return [{**j, "name": f"check-{j['name']}", "check": True} for j in every
+            if j["name"] in names and j["setting"] in PRESET_SETTINGS and f"check-{j['name']}" not in args.skip]
 
 
 def key(job: dict, ctx: dict) -> str:
@@ -259,6 +274,10 @@ def write_outputs(args, ctx, records: list[dict], alpha, out: str) -> None:
     md += ["", cost_table(records, args.settings[0]), "", f"Γ-guided alpha chosen: {alpha}", "",
            table([r for r in records if r["method"].startswith(("dense", "sweep"))], [args.settings[0]],
                  "calib-check")]
+    checks = [r for r in records if r["method"].startswith(("dense", "check-"))]
+    if len(checks) > 1:
+        md += ["", "The presets' candidates on the calibration-domain check windows:", "",
+               table(checks, list(PRESET_SETTINGS), "calib-check")]
     with open(out[:-5] + ".md", "w") as f:
         f.write("\n".join(md) + "\n")
     plot(records, args.settings, out[:-5] + ".png")
@@ -276,7 +295,8 @@ def main(argv=None) -> None:
     alpha = choose_alpha(records, args.alphas)
     print(f"guide alpha: {alpha}" + (" (calibration-domain check windows)" if len(args.alphas) > 1 else ""),
           flush=True)
-    for job in [j for j in jobs(args, ctx, alpha) if not j["name"].startswith("calibrate")]:
+    todo = [j for j in jobs(args, ctx, alpha) if not j["name"].startswith("calibrate")]
+    for job in (preset_checks(args, ctx, alpha) if args.preset_checks else []) + todo:
         records.append(run(job, args, ctx))
         write_outputs(args, ctx, records, alpha, out)
     write_outputs(args, ctx, records, alpha, out)
