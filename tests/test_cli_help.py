@@ -78,12 +78,16 @@ def test_prune_method_contradicted_by_an_option_is_one_line(capsys, tmp_path):
     assert args.batch_size == 4 and args.reconstruct == "obs"
 
 
-@pytest.mark.parametrize("preset,expected", [("quality", {"reconstruct": "obs", "guide_alpha": 1.0}),
-                                             ("fast", {"reconstruct": "none", "guide_alpha": None})])
-def test_preset_sets_the_reconstruction_and_nothing_else(preset, expected):
-    args = _prune_args("--preset", preset, "--sparsity", "0.6", "--pattern", "unstructured")
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+@pytest.mark.parametrize("preset,expected", [
+    ("quality", {"reconstruct": "obs", "guide_alpha": 1.0, "allocation": "owl"}),
+    ("fast", {"reconstruct": "none", "guide_alpha": None, "allocation": "owl-row"})])
+def test_preset_sets_the_reconstruction_and_allocation_and_nothing_else(preset, expected, pattern):
+    args = _prune_args("--preset", preset, "--sparsity", "0.6", "--pattern", pattern)
     before = {k: v for k, v in vars(args).items() if k not in ("preset", *expected)}
     _method_settings(args)
+    if pattern != "unstructured":  # N:M masks are cut per group of M
+        expected = {**expected, "allocation": "layer"}
     assert {k: getattr(args, k) for k in expected} == expected
     assert {k: v for k, v in vars(args).items() if k not in ("preset", *expected)} == before
 
@@ -96,5 +100,9 @@ def test_preset_quality_combines_with_a_metric_and_refuses_what_it_cannot_guide(
         _method_settings(_prune_args("--preset", "quality", "--guide-alpha", "2"))
     assert main(["prune", "--model", str(tmp_path), "--out", str(tmp_path / "o"), "--preset", "quality",
                  "--allocation", "row"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--allocation row contradicts --preset quality" in err, err
+    assert main(["prune", "--model", str(tmp_path), "--out", str(tmp_path / "o"), "--preset", "fast",
+                 "--reconstruct", "obs", "--guide-alpha", "1"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "per row" in err, err

@@ -53,11 +53,12 @@ PRUNE_METHODS = {
     "magnitude": {"metric": "magnitude", "allocation": "layer", "batch_size": "nsamples"},  # per matrix
     "sparsegpt": {"metric": "sparsegpt", "reconstruct": "obs"},
 }
-# named choices of what to run, from the SmolLM2-135M table (README, "Which settings"): quality = the
-# Γ-guided OBS reconstruction, within 1% of the best in domain at 50%, 70% and 2:4 and ahead of
-# llm-compressor's SparseGPT on both held-out texts at all three; fast = mask only (the defaults), whose
-# saliency `mask` re-cuts in seconds
-PRESETS = {"fast": {}, "quality": {"reconstruct": "obs", "guide_alpha": 1.0}}
+# named choices of what to run, from the SmolLM2-135M table (README, "Which settings"), chosen between
+# their candidates on calibration-domain windows: quality = the Γ-guided OBS reconstruction with OWL's
+# block sparsities; fast = mask only, OWL's block sparsities cut per output row, which `mask` re-cuts from
+# the saliency in seconds. With an N:M pattern both keep the per-group cut (_settle).
+PRESETS = {"fast": {"allocation": "owl-row"},
+           "quality": {"reconstruct": "obs", "guide_alpha": 1.0, "allocation": "owl"}}
 PACK_FORMATS = ("2:4", "fp8-2:4")
 MORE_HELP = "`unipruning COMMAND --help` lists a command's options, their defaults and examples."
 
@@ -215,9 +216,9 @@ def _prune_parser(sub) -> None:
     p.add_argument("--reconstruct", choices=RECONSTRUCTIONS, default="none",
                    help="obs: update the kept weights after masking (OBS sweep, a second forward per layer)")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="quality = --reconstruct obs --guide-alpha 1 (the best perplexity we measured; a second "
-                        "pass over the blocks); fast = the defaults, mask only (default: none, the options as "
-                        "given)")
+                   help="quality = --reconstruct obs --guide-alpha 1 --allocation owl (the best perplexity we "
+                        "measured; a second pass over the blocks); fast = --allocation owl-row, mask only (N:M: "
+                        "both cut per group) (default: none, the options as given)")
     _obs_arguments(p)
     p.add_argument("--feedback", choices=FEEDBACKS, default="none",
                    help="none: layer-streamed, any size; full: S measured along AdamW fine-tuning of the whole "
@@ -397,8 +398,8 @@ def _settle(args, settings: dict, source: str) -> None:
     its default takes the value, one given otherwise is a contradiction. "nsamples" means --nsamples."""
     for dest, value in settings.items():
         value = args.nsamples if value == "nsamples" else value
-        if dest == "allocation" and value == "row" and args.pattern != "unstructured":
-            value = "layer"  # N:M masks are per group of M: there is no row budget to choose
+        if dest == "allocation" and args.pattern != "unstructured":
+            value = "layer"  # N:M masks are per group of M: there is no row or block budget to choose
         if not hasattr(args, dest):
             raise UsageError(f"{source} sets {dest}, which `unipruning {args.command}` has no option for")
         current = getattr(args, dest)
