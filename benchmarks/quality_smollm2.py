@@ -258,6 +258,7 @@ def plot(records: list[dict], settings: list[str], path: str) -> None:
         ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)  # the outputs are rewritten after every run
 
 
 def write_outputs(args, ctx, records: list[dict], alpha, out: str) -> None:
