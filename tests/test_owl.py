@@ -37,11 +37,18 @@ def test_owl_refuses_what_it_cannot_do():
         MaskSpec(sparsity=0.95, allocation="owl", owl_lambda=0.08)
 
 
-def test_prune_and_mask_with_owl_write_the_same_bytes(tmp_path, text_file):
-    source = make_checkpoint(tmp_path / "model", layers=3)
-    args = ["--calib", text_file, "--nsamples", "4", "--seqlen", "32", "--sparsity", "0.6"]
-    pruned, masked = tmp_path / "p", tmp_path / "m"
-    assert main(["prune", "--model", source, "--out", str(pruned), *args, "--allocation", "owl"]) == 0
+@pytest.fixture(scope="module")
+def owl_pruned(tmp_path_factory, text_file):
+    """(a 3-block checkpoint, its prune at 0.6 with allocation owl)."""
+    base = tmp_path_factory.mktemp("owl")
+    source, pruned = make_checkpoint(base / "model", layers=3), base / "p"
+    assert main(["prune", "--model", source, "--out", str(pruned), "--calib", text_file, "--nsamples", "4",
+                 "--seqlen", "32", "--sparsity", "0.6", "--allocation", "owl"]) == 0
+    return source, pruned
+
+
+def test_prune_and_mask_with_owl_write_the_same_bytes(owl_pruned, tmp_path):
+    (source, pruned), masked = owl_pruned, tmp_path / "m"
     assert main(["mask", "--model", source, "--saliency", str(pruned / "saliency"), "--out", str(masked),
                  "--sparsity", "0.6", "--allocation", "owl"]) == 0
     a, b = read_all(pruned), read_all(masked)
@@ -62,15 +69,12 @@ def test_owl_in_memory(tiny_llama, text_file):
     assert kept == keep_count(0.5, sum(m.numel() for m in result.masks.values()))
 
 
-def test_owl_row_cuts_every_row_to_its_blocks_sparsity(tmp_path, text_file):
+def test_owl_row_cuts_every_row_to_its_blocks_sparsity(owl_pruned, tmp_path):
     """owl-row: owl's block sparsities, each output row of the block's matrices keeping round((1 - s_b) * in);
     the report records the same block sparsities as owl's."""
     from unipruning.algorithm.masks import MaskCutter
 
-    source = make_checkpoint(tmp_path / "model", layers=3)
-    args = ["--calib", text_file, "--nsamples", "4", "--seqlen", "32", "--sparsity", "0.6"]
-    owl, rows = tmp_path / "owl", tmp_path / "rows"
-    assert main(["prune", "--model", source, "--out", str(owl), *args, "--allocation", "owl"]) == 0
+    (source, owl), rows = owl_pruned, tmp_path / "rows"
     assert main(["mask", "--model", source, "--saliency", str(owl / "saliency"), "--out", str(rows),
                  "--sparsity", "0.6", "--allocation", "owl-row"]) == 0
     block_sparsity = json.loads((owl / "pruning_report.json").read_text())["mask"]["owl"]["block_sparsity"]
