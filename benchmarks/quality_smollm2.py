@@ -43,7 +43,8 @@ METRICS = {"stochria": [], "ria": ["--metric", "ria"], "wanda": ["--metric", "wa
            "magnitude": ["--metric", "magnitude", "--batch-size", "{n}"]}
 # mask-only cuts: (metric of the saliency, allocation); N:M settings take the first of each metric only
 CUTS = [("stochria", "layer"), ("stochria", "row"), ("stochria", "global"), ("stochria", "owl"),
-        ("stochria", "owl-row"), ("ria", "layer"), ("wanda", "row"), ("wanda", "owl-row"), ("magnitude", "layer")]
+        ("stochria", "owl-row"), ("ria", "layer"), ("ria", "row"), ("ria", "global"), ("wanda", "layer"),
+        ("wanda", "row"), ("wanda", "global"), ("wanda", "owl-row"), ("magnitude", "layer")]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
