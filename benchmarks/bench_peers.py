@@ -247,22 +247,29 @@ def result_path(work: str, method: str, args, key: str) -> str:
     return os.path.join(work, "runs", f"{tag}-{key[:12]}.json")
 
 
+def _atomically(path: str, write) -> None:
+    """write(temporary name), then rename it to `path`: a reader (or a resumed run) never sees half a file.
+    The temporary is this process's own (not io.staging's fixed name): two benchmarks sharing a --work may
+    write the same content-named file at once."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    write(tmp)
+    os.replace(tmp, path)
+
+
 def save_windows(ids, path: str) -> None:
-    """Atomic, like write_json: another benchmark's processes may be reading the same (content-named) file."""
     import torch
 
-    tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save(ids, tmp)
-    os.replace(tmp, path)
+    _atomically(path, lambda tmp: torch.save(ids, tmp))
 
 
 def write_json(path: str, data) -> None:
-    """Atomic: a reader (or a resumed run) never sees half a file."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
+
+    def dump(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=1)
+
+    _atomically(path, dump)
 
 
 def measured(target: list[str], log_dir: str, name: str) -> dict:
