@@ -167,10 +167,12 @@ class MaskCutter:
             self.block_sparsities = owl_block_sparsities(z, list(plan), spec)
 
     def __call__(self, name: str, weight: torch.Tensor) -> torch.Tensor:
-        on, spec, count = self.device if self.device is not None else weight.device, self.plan[name], None
-        if spec.allocation == "owl-row":
+        on, spec = self.device if self.device is not None else weight.device, self.plan[name]
+        if spec.allocation == "owl-row":  # per row, from the block's sparsity
             count = keep_count(self.block_sparsities[block_of(name)], weight.shape[1])
-        return matrix_mask(self.z[name].to(on), weight.to(on), spec, self.counts.get(name, count), self.backend)
+        else:
+            count = self.counts.get(name)
+        return matrix_mask(self.z[name].to(on), weight.to(on), spec, count, self.backend)
 
 
 def iter_masks(z: Mapping[str, torch.Tensor], weights: Mapping[str, torch.Tensor], spec: MaskSpec,
