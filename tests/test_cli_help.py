@@ -66,13 +66,19 @@ def test_prune_method_sets_the_options_it_stands_for(method, pattern, expected):
     assert set(PRUNE_METHODS) == {"wanda", "magnitude", "sparsegpt"}
 
 
+def _usage_error(capsys, tmp_path, *options) -> str:
+    """The one line `unipruning prune OPTIONS` prints when it exits 2 before reading the model."""
+    assert main(["prune", "--model", str(tmp_path), "--out", str(tmp_path / "o"), *options]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
 def test_prune_method_contradicted_by_an_option_is_one_line(capsys, tmp_path):
     with pytest.raises(UsageError, match="`metric` ria contradicts --prune_method wanda"):
         _method_settings(_prune_args("--prune_method", "wanda", "--metric", "ria"))
-    assert main(["prune", "--model", str(tmp_path), "--out", str(tmp_path / "o"), "--prune_method", "wanda",
-                 "--allocation", "global"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "--allocation global contradicts --prune_method wanda" in err, err
+    err = _usage_error(capsys, tmp_path, "--prune_method", "wanda", "--allocation", "global")
+    assert "--allocation global contradicts --prune_method wanda" in err, err
     args = _prune_args("--prune_method", "sparsegpt", "--batch-size", "4")  # what it does not set stays free
     _method_settings(args)
     assert args.batch_size == 4 and args.reconstruct == "obs"
@@ -98,11 +104,7 @@ def test_preset_quality_combines_with_a_metric_and_refuses_what_it_cannot_guide(
     assert (args.metric, args.reconstruct, args.guide_alpha) == ("ria", "obs", 1.0)
     with pytest.raises(UsageError, match="`guide_alpha` 2.0 contradicts --preset quality"):
         _method_settings(_prune_args("--preset", "quality", "--guide-alpha", "2"))
-    assert main(["prune", "--model", str(tmp_path), "--out", str(tmp_path / "o"), "--preset", "quality",
-                 "--allocation", "row"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "--allocation row contradicts --preset quality" in err, err
-    assert main(["prune", "--model", str(tmp_path), "--out", str(tmp_path / "o"), "--preset", "fast",
-                 "--reconstruct", "obs", "--guide-alpha", "1"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "per row" in err, err
+    err = _usage_error(capsys, tmp_path, "--preset", "quality", "--allocation", "row")
+    assert "--allocation row contradicts --preset quality" in err, err
+    err = _usage_error(capsys, tmp_path, "--preset", "fast", "--reconstruct", "obs", "--guide-alpha", "1")
+    assert "per row" in err, err
