@@ -1,8 +1,8 @@
 """2:4 sparse weights for sparse tensor cores: the packed formats and `sparsify_` (formats.py), packed
-checkpoints, `unipruning pack` and `load_packed` (checkpoint.py), and FP8 + 2:4 checkpoints for torchao's
+checkpoints, `unipruning pack` and `load_packed` (packed.py), and FP8 + 2:4 checkpoints for torchao's
 sparse FP8 kernel (fp8.py, `unipruning pack --format fp8-2:4`)."""
 
-from .checkpoint import load_packed, pack_checkpoint
+from .packed import load_packed, pack_checkpoint
 from .formats import (
     LAYOUTS,
     PACKABLE_DTYPES,

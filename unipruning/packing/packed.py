@@ -2,7 +2,7 @@
 
 A packed checkpoint is the Hugging Face directory of a 2:4-pruned model in which every 2:4-valid
 prunable matrix `X.weight` (m, k) is stored as `X.weight_packed` (m, k/2, the kept values) and
-`X.weight_meta` (m, k/16 int16, CUTLASS metadata; see packing.py): 9/16 of the dense bytes. Every
+`X.weight_meta` (m, k/16 int16, CUTLASS metadata; see formats.py): 9/16 of the dense bytes. Every
 other tensor is copied unchanged (cast only with --dtype). config.json gains an entry
 `unipruning_packed` {format_version, layout, dtype, packed: [names], dense: {name: reason}}. Plain
 `from_pretrained` cannot read it (the packed weights are not dense tensors): `load_packed` can.
