@@ -111,9 +111,10 @@ def _cli(args: list[str]) -> dict:
 
 
 def _perplexity(model_dir: str, data: str, seqlen: int, device: str) -> float:
+    from unipruning.config import EvalOptions
     from unipruning.evaluate import evaluate_checkpoint
 
-    return evaluate_checkpoint(model_dir, data, seqlen, device, "auto", None, 8)["perplexity"]
+    return evaluate_checkpoint(model_dir, data, seqlen, EvalOptions(device=device))["perplexity"]
 
 
 def run(args) -> dict:

@@ -122,3 +122,12 @@ def weight_files(directory) -> dict[str, bytes]:
     """{file name: bytes} of a checkpoint's weight shards and index: what must match byte for byte."""
     return {name: (directory / name).read_bytes() for name in sorted(os.listdir(directory))
             if name.endswith(".safetensors") or name.endswith(".safetensors.index.json")}
+
+
+def in_memory_job(windows, config, device, offload="auto"):
+    """The job of a pass over a model held in memory (the blocks moved to `device` in their turn): nothing
+    planned, the torch kernels, `config.batch_size` windows per step."""
+    from unipruning.pipeline.job import Job
+
+    return Job(checkpoint=None, plan={}, device=device, dtype=torch.float32, backend="torch", windows=windows,
+               batch_size=config.batch_size, offload=offload)

@@ -1,6 +1,7 @@
 """The shape of the code (docs/architecture.md): imports point one way, jobs -> pipeline -> io -> algorithm ->
 ops -> kernels, with no import circle (function-level imports included), and no function of the
-orchestrator is 50 lines or longer."""
+orchestrator is 50 lines or longer or takes more than 7 parameters (settings travel in a resolved Job or an
+option object, not in long argument lists)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ RANKS = [
     ("unipruning.cli", 8), ("unipruning.demo", 8), ("unipruning.__main__", 8), ("unipruning", 9),
 ]
 MAX_FUNCTION_LINES = 50
+MAX_PARAMETERS = 7  # self and cls not counted; *args and **kwargs count one each
 
 
 def _modules() -> dict[str, str]:
@@ -93,12 +95,29 @@ def test_imports_point_one_way_without_circles():
 
 def test_no_function_of_the_orchestrator_is_too_long():
     long = []
+    for module, node in _orchestrator_functions():
+        lines = node.end_lineno - node.lineno + 1
+        if lines >= MAX_FUNCTION_LINES:
+            long.append(f"{module}.{node.name}: {lines} lines")
+    assert not long, long
+
+
+def _orchestrator_functions():
+    """(module, function node) of every function outside kernels/ (one Triton program per function there)."""
     for module, path in _modules().items():
         if module.startswith("unipruning.kernels"):
-            continue  # kernels: one Triton program per function, by design
+            continue
         for node in ast.walk(ast.parse(open(path).read())):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                lines = node.end_lineno - node.lineno + 1
-                if lines >= MAX_FUNCTION_LINES:
-                    long.append(f"{module}.{node.name}: {lines} lines")
+                yield module, node
+
+
+def test_no_function_of_the_orchestrator_takes_more_than_seven_parameters():
+    long = []
+    for module, node in _orchestrator_functions():
+        args = node.args
+        names = [a.arg for a in (*args.posonlyargs, *args.args, *args.kwonlyargs) if a.arg not in ("self", "cls")]
+        count = len(names) + (args.vararg is not None) + (args.kwarg is not None)
+        if count > MAX_PARAMETERS:
+            long.append(f"{module}.{node.name}: {count} parameters")
     assert not long, long

@@ -34,6 +34,7 @@ from .config import (
     RECONSTRUCTIONS,
     SALIENCY_UPDATES,
     Calibration,
+    EvalOptions,
     MaskConfig,
     MaskSpec,
     PruneConfig,
@@ -493,16 +494,21 @@ def _mask(args) -> None:
             raise UsageError(f"`recipe` {args.recipe} is an llm-compressor recipe, which sets the pruning method: "
                              "use it with `unipruning prune`")
     _resolve_sources(args, "mask")
-    config = MaskConfig(reconstruct=args.reconstruct, batch_size=args.batch_size, device=args.device,
-                        dtype=args.dtype, backend=args.backend, guide_alpha=args.guide_alpha,
+    config = MaskConfig(mask=_mask_spec(args), reconstruct=args.reconstruct, batch_size=args.batch_size,
+                        device=args.device, dtype=args.dtype, backend=args.backend, guide_alpha=args.guide_alpha,
                         percdamp=args.percdamp, blocksize=args.blocksize, true_sequential=args.true_sequential)
     calibration = None
     if args.calib is not None:
         calibration = Calibration(args.calib, args.nsamples, args.seqlen, args.tokenizer, args.seed)
-    report = mask_checkpoint(args.model, args.saliency, args.out, _mask_spec(args), config, calibration,
+    report = mask_checkpoint(args.model, args.saliency, args.out, config, calibration,
                              _run_options(args, progress=args.reconstruct == "obs"), _targeting(args))
     print_summary(report)
     print(f"wrote {args.out}")
+
+
+def _eval_options(args) -> EvalOptions:
+    return EvalOptions(device=args.device, dtype=args.dtype, batch_size=args.batch_size, tokenizer_dir=args.tokenizer,
+                       trust_remote_code=args.trust_remote_code)
 
 
 def _eval(args) -> int:
@@ -511,8 +517,8 @@ def _eval(args) -> int:
         from .evaluate import evaluate_tasks
 
         tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-        result = evaluate_tasks(args.model, tasks, args.device, args.dtype, args.tokenizer, args.batch_size,
-                                args.include_path, args.limit, args.num_fewshot, args.trust_remote_code)
+        result = evaluate_tasks(args.model, tasks, _eval_options(args), args.include_path, args.limit,
+                                args.num_fewshot)
         if args.json:
             print(json.dumps(result))
             return 0
@@ -523,8 +529,7 @@ def _eval(args) -> int:
         return 0
     from .evaluate import evaluate_checkpoint
 
-    result = evaluate_checkpoint(args.model, args.data, args.seqlen, args.device, args.dtype, args.tokenizer,
-                                 args.batch_size, args.trust_remote_code, _progress(args))
+    result = evaluate_checkpoint(args.model, args.data, args.seqlen, _eval_options(args), _progress(args))
     if not math.isfinite(result["perplexity"]):  # JSON has no NaN or Infinity: null, and the reason
         result["error"] = (f"perplexity is not finite ({result['perplexity']}): the model's outputs hold NaN/Inf "
                            "(weights with NaN/Inf, or an overflow in its dtype: try --dtype float32)")

@@ -236,10 +236,11 @@ class PruneConfig:
 
 @dataclass(frozen=True)
 class MaskConfig:
-    """How `mask_checkpoint` computes: reconstruct 'obs' runs the OBS pass (it needs a Calibration),
-    batch_size windows per forward of that pass, guide_alpha, percdamp, blocksize and true_sequential as
-    PruneConfig's, and where (device, dtype, backend)."""
+    """What `mask_checkpoint` cuts from a saved saliency (`mask`) and how it computes: reconstruct 'obs' runs
+    the OBS pass (it needs a Calibration), batch_size windows per forward of that pass, guide_alpha, percdamp,
+    blocksize and true_sequential as PruneConfig's, and where (device, dtype, backend)."""
 
+    mask: MaskSpec = field(default_factory=MaskSpec)
     reconstruct: str = "none"
     batch_size: int = 1
     device: str = "auto"
@@ -253,6 +254,7 @@ class MaskConfig:
     def __post_init__(self) -> None:
         _check_compute(self.device, self.dtype, self.backend, self.reconstruct, self.batch_size, self.guide_alpha)
         _check_obs(self.percdamp, self.blocksize, self.true_sequential)
+        check_guide(self.guide_alpha, self.mask)
 
 
 @dataclass(frozen=True)
@@ -296,3 +298,19 @@ class RunOptions:
 
     def __post_init__(self) -> None:
         _choice("offload", self.offload, OFFLOAD_MODES)
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """How `eval` loads and runs a model: where (device, dtype), windows per forward (batch_size), the tokenizer
+    (tokenizer_dir, default: the model's) and whether a checkpoint's own modelling code may run."""
+
+    device: str = "auto"
+    dtype: str = "auto"
+    batch_size: int = 8
+    tokenizer_dir: str | None = None
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        _choice("device", self.device, DEVICES)
+        _choice("dtype", self.dtype, DTYPES)

@@ -189,7 +189,7 @@ def demo_paths(progress: Progress | None = None) -> dict[str, str]:
 def run_demo(out: str | None = None, overwrite: bool = False, device: str = "auto",
              progress: Progress | None = None) -> dict:
     """Train (or reuse) the demo model, prune it at 50% and 2:4, print reports and perplexities."""
-    from .config import Calibration, MaskSpec, PruneConfig, RunOptions
+    from .config import Calibration, EvalOptions, MaskConfig, MaskSpec, PruneConfig, RunOptions
     from .evaluate import evaluate_checkpoint
     from .io.report import print_block_table, print_summary
     from .io.staging import preflight
@@ -214,11 +214,12 @@ def run_demo(out: str | None = None, overwrite: bool = False, device: str = "aut
             print_summary(report50)
             print("\n== unipruning mask --pattern 2:4 (same saliency, no calibration) ==", flush=True)
             report24 = mask_checkpoint(model_dir, os.path.join(pruned50, "saliency"), pruned24,
-                                       MaskSpec(pattern="2:4"))
+                                       MaskConfig(mask=MaskSpec(pattern="2:4")))
             print_summary(report24)
             rows = []
             for label, directory in (("dense", model_dir), ("50% unstructured", pruned50), ("2:4", pruned24)):
-                result = evaluate_checkpoint(directory, heldout, recipe.seqlen, device_name=device, progress=progress)
+                result = evaluate_checkpoint(directory, heldout, recipe.seqlen, EvalOptions(device=device),
+                                             progress=progress)
                 rows.append((label, result["perplexity"]))
         print(f"\n== held-out perplexity ({', '.join(HELDOUT_PLAYS)}, seqlen {recipe.seqlen}) ==")
         for label, ppl in rows:

@@ -15,7 +15,7 @@ import json
 import os
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -24,7 +24,7 @@ from . import backends
 from .algorithm.masks import MaskCutter, check_plan, mask_stats, masked
 from .algorithm.obs import ObsSettings
 from .backends import resolve_device, resolve_dtype
-from .config import Calibration, MaskConfig, MaskSpec, PruneConfig, RunOptions, check_guide
+from .config import Calibration, MaskConfig, MaskSpec, PruneConfig, RunOptions
 from .data import calibration_windows, hub_source, windows_hash
 from .errors import UsageError
 from .io.checkpoint import (
@@ -42,6 +42,7 @@ from .models import FAMILIES, family_for, fingerprint, model_matrices, num_block
 from .pipeline import distributed
 from .pipeline.calibrate import calibrate
 from .pipeline.export import (
+    Pruned,
     export_checkpoint,
     finish,
     masked_by,
@@ -54,7 +55,8 @@ from .pipeline.export import (
     saliency_cutter,
     streamed_writes,
 )
-from .pipeline.saliency import BLOCK_STATE, learn_from_checkpoint, learn_in_memory
+from .pipeline.job import Job
+from .pipeline.learn import BLOCK_STATE, learn_from_checkpoint, learn_in_memory
 from .targeting import Targeting
 from .version import __version__
 
@@ -98,10 +100,11 @@ def prune(model: nn.Module, calibration_batches: torch.Tensor | Iterable[torch.T
     check_plan({m.name: m.shape for m in matrices}, plan)
     start = time.perf_counter()
     device = resolve_device(config.device)
-    saliency, calibration = learn_in_memory(model, windows, config, device)
-    backend = backends.resolve(config.backend, device)
+    job = Job(checkpoint=None, plan=plan, skipped=skipped, device=device, dtype=next(model.parameters()).dtype,
+              backend=backends.resolve(config.backend, device), windows=windows, batch_size=config.batch_size)
+    saliency, calibration = learn_in_memory(job, model, config)
     weights = {m.name: weight_of(model, m).detach().to(device) for m in matrices if m.name in plan}
-    cut = MaskCutter(saliency.z, plan, config.mask, backend, weights=weights)
+    cut = MaskCutter(saliency.z, plan, config.mask, job.backend, weights=weights)
     masks = {name: cut(name, weights[name]).cpu() for name in plan}
     stats = {name: mask_stats(keep, plan[name].nm) for name, keep in masks.items()}
     report = Report(settings=config.to_dict(), matrices=stats,
@@ -160,6 +163,15 @@ def _open(model_dir: str, spec: MaskSpec, targeting: Targeting, trust_remote_cod
     return _Source(model_dir, config, checkpoint, plan, skipped)
 
 
+def _job(source: _Source, compute: PruneConfig | MaskConfig, device: torch.device, run: RunOptions) -> Job:
+    """The job resolved once from the options: the backend and the compute dtype on `device`, where
+    activations live and who hears of the progress (its windows come later, once drawn)."""
+    return Job(checkpoint=source.checkpoint, plan=source.plan, skipped=source.skipped, device=device,
+               dtype=resolve_dtype(compute.dtype, source.config, device),
+               backend=backends.resolve(compute.backend, device), batch_size=compute.batch_size,
+               offload=run.offload, progress=run.progress, trust_remote_code=run.trust_remote_code)
+
+
 def _inputs(model_dir: str, calibration: Calibration | None, targeting: Targeting,
             saliency_dir: str | None = None) -> dict[str, str | None]:
     """{parameter: path} of everything a job reads: `out` must be none of them, inside none, contain none."""
@@ -181,13 +193,13 @@ def _windows(source: _Source, calibration: Calibration, seed: int) -> tuple[torc
                      "windows_sha256": windows_hash(windows)}
 
 
-def _run_key(source: _Source, config: PruneConfig, windows_sha: str, device, backend, targeting) -> str:
+def _run_key(source: _Source, job: Job, config: PruneConfig, windows_sha: str, targeting: Targeting) -> str:
     """A hash of everything that decides a prune's output: it names the run's partial directory."""
     return hashlib.sha256(json.dumps({
         "source": source.checkpoint.content_sha256(), "fingerprint": fingerprint(source.config,
                                                                                  source.checkpoint.shapes()),
-        "version": __version__, "windows": windows_sha, "config": config.to_dict(), "device": device.type,
-        "backend": backend, "targeting": targeting.to_dict(),
+        "version": __version__, "windows": windows_sha, "config": config.to_dict(), "device": job.device.type,
+        "backend": job.backend, "targeting": targeting.to_dict(),
     }, sort_keys=True).encode()).hexdigest()
 
 
@@ -209,115 +221,122 @@ def prune_checkpoint(model_dir: str, out: str, config: PruneConfig, calibration:
     sources = _inputs(model_dir, calibration, targeting)
     device = distributed.init_from_env(resolve_device(config.device))
     preflight(out, run.overwrite, sources, lock=distributed.is_main())  # rank 0 takes the lock, soon
-    backend, dtype = backends.resolve(config.backend, device), resolve_dtype(config.dtype, source.config, device)
+    job = _job(source, config, device, run)
     _check_processes(config)
     if config.feedback == "full":
         from .pipeline.feedback import check_fits
 
-        check_fits(source.checkpoint, dtype, device)
+        check_fits(source.checkpoint, job.dtype, device)
     windows, calib_entry = _windows(source, calibration, config.seed)
+    job = replace(job, windows=windows)
     if run.dry_run:  # every check of the real run has passed: the plan, nothing written
         from .pipeline.planning import dry_run_plan
 
-        return dry_run_plan(source.checkpoint, source.plan, source.skipped, config, calibration, device, dtype)
-    run_key = _run_key(source, config, calib_entry["windows_sha256"], device, backend, targeting)
+        return dry_run_plan(job, config, calibration)
+    run_key = _run_key(source, job, config, calib_entry["windows_sha256"], targeting)
     if distributed.world()[0] != 0:  # a data-parallel worker: its share of every step, nothing written
-        return _prune_worker(source, windows, config, device, dtype, out, run_key, run)
+        return _prune_worker(replace(job, progress=None), config, partial_directory(out, run_key))
     report = Report(command="prune", model=os.path.abspath(model_dir), targeting=targeting.to_dict(),
-                    settings={**config.to_dict(), "backend_used": backend, "device_used": str(device)},
+                    settings={**config.to_dict(), "backend_used": job.backend, "device_used": str(device)},
                     calibration=calib_entry, processes=distributed.world()[1])
     with writing(out, run.overwrite, sources, run_key) as staging:
-        return _prune_into(staging, source, windows, config, device, dtype, backend, report, run, start)
+        return _prune_into(staging, job, config, report, start)
 
 
-def _prune_worker(source: _Source, windows, config, device, dtype, out: str, run_key: str, run: RunOptions) -> Report:
-    state_dir = os.path.join(partial_directory(out, run_key), BLOCK_STATE)
+def _prune_worker(job: Job, config: PruneConfig, partial: str) -> Report:
+    state_dir = os.path.join(partial, BLOCK_STATE)
     distributed.barrier()  # rank 0 holds the lock and has made the partial directory
-    calibrate(source.checkpoint.skeleton(dtype), windows, config, device, source.checkpoint,
-              state_dir if os.path.isdir(state_dir) else None, offload=run.offload)
+    calibrate(job, job.skeleton(), config, state_dir if os.path.isdir(state_dir) else None)
     rank, processes = distributed.world()
     return Report(command="prune", rank=rank, processes=processes)
 
 
-def _prune_into(staging: str, source: _Source, windows, config: PruneConfig, device, dtype, backend: str,
-                report: Report, run: RunOptions, start: float) -> Report:
+def _prune_into(staging: str, job: Job, config: PruneConfig, report: Report, start: float) -> Report:
     """The prune job inside its (resumable) staging directory: calibrate, reconstruct, export."""
     state_dir = os.path.join(staging, BLOCK_STATE)
     os.makedirs(state_dir, exist_ok=True)
     distributed.barrier()  # the workers may now look for finished blocks in it
-    writer = pruned_writer(source.checkpoint, staging, source.plan)
+    writer = pruned_writer(job, staging)
     # masks that need no other block's saliency: each block's weights are written as it finishes
     streamed = (config.feedback == "none" and config.reconstruct == "none" and config.has_saliency
                 and not config.mask.cross_block)
     report.weights_written = "per block during calibration" if streamed else "after calibration"
-    on_block = streamed_writes(writer, source.plan, config.mask, backend, device) if streamed else None
-    saliency = learn_from_checkpoint(source.checkpoint, windows, config, device, dtype, state_dir, on_block, run,
-                                     report, start)
-    cut = None if saliency is None else saliency_cutter(source.checkpoint, saliency, source.plan, config.mask,
-                                                        backend, device)
+    on_block = streamed_writes(job, writer, config.mask) if streamed else None
+    saliency = learn_from_checkpoint(job, config, state_dir, on_block, report)
+    if saliency is not None:
+        report.calibration_seconds = time.perf_counter() - start
+    cut = None if saliency is None else saliency_cutter(job, saliency, config.mask)
     note_allocation(report, cut, config.mask)
     pruned, recon_dir = (None if cut is None else masked_by(cut)), None
     if config.reconstruct == "obs":
-        recon_dir, report.reconstruction = reconstruct_pass(staging, source.checkpoint, windows, config.batch_size,
-                                                            device, dtype, source.plan,
-                                                            obs_choice(cut, config.guide_alpha, backend), backend,
-                                                            run.progress, run.offload,
-                                                            _obs_settings(config))
-        report.reconstruction["rule"] = obs_rule(cut, config.guide_alpha)
-        pruned = reconstructed_weights(recon_dir)
-    report = export_checkpoint(source.checkpoint, staging, writer, pruned, source.plan, source.skipped, saliency,
-                               config.mask, report)
+        recon_dir, pruned = _reconstruction(job, staging, cut, config, report)
+    report = export_checkpoint(job, staging, writer, pruned, saliency, config.mask, report)
     return finish(staging, report, start, state_dir, recon_dir)
 
 
-def mask_checkpoint(model_dir: str, saliency_dir: str, out: str, spec: MaskSpec, config: MaskConfig | None = None,
+def _reconstruction(job: Job, staging: str, cut: MaskCutter | None, compute: PruneConfig | MaskConfig,
+                    report: Report) -> tuple[str, Pruned]:
+    """The OBS pass of a job into `staging`, recorded in `report`: (its state directory, the pruned weights)."""
+    recon_dir, report.reconstruction = reconstruct_pass(job, staging, obs_choice(cut, compute.guide_alpha, job.backend),
+                                                        _obs_settings(compute))
+    report.reconstruction["rule"] = obs_rule(cut, compute.guide_alpha)
+    return recon_dir, reconstructed_weights(recon_dir)
+
+
+def mask_checkpoint(model_dir: str, saliency_dir: str, out: str, config: MaskConfig | None = None,
                     calibration: Calibration | None = None, run: RunOptions | None = None,
                     targeting: Targeting | None = None) -> Report:
-    """`unipruning mask`: new masks from a saved saliency, no calibration; with config.reconstruct "obs"
-    the kept weights are reconstructed on `calibration` (nsamples, seqlen, seed default to the saliency's)."""
+    """`unipruning mask`: new masks (config.mask) from a saved saliency, no calibration; with config.reconstruct
+    "obs" the kept weights are reconstructed on `calibration` (nsamples, seqlen, seed default to the
+    saliency's)."""
     start, targeting = time.perf_counter(), targeting or Targeting()
     config, run = config or MaskConfig(), run or RunOptions()
-    check_guide(config.guide_alpha, spec)
+    spec = config.mask
     source = _open(model_dir, spec, targeting, run.trust_remote_code, config.reconstruct)
     if config.reconstruct == "obs" and calibration is None:
         raise UsageError("`reconstruct` obs: pass `calib` (the windows are run through the pruned model)")
     sources = _inputs(model_dir, calibration, targeting, saliency_dir)
     preflight(out, run.overwrite, sources)
-    device = resolve_device(config.device)
-    backend = backends.resolve(config.backend, device)
+    job = _job(source, config, resolve_device(config.device), run)
+    saliency = _saliency(source, saliency_dir)
+    report = Report(command="mask", model=os.path.abspath(model_dir), saliency=os.path.abspath(saliency_dir),
+                    settings={**saliency.metadata, "reconstruct": config.reconstruct, "guide_alpha": config.guide_alpha,
+                              "backend_used": job.backend, "device_used": str(job.device)},
+                    targeting=targeting.to_dict())
+    if config.reconstruct == "obs":
+        job = replace(job, windows=_saliency_windows(source, saliency, calibration, config.batch_size, report))
+    with writing(out, run.overwrite, sources) as staging:
+        cut = saliency_cutter(job, saliency, spec)
+        note_allocation(report, cut, spec)
+        pruned, recon_dir = masked_by(cut), None
+        if job.windows is not None:
+            recon_dir, pruned = _reconstruction(job, staging, cut, config, report)
+        writer = pruned_writer(job, staging)
+        report = export_checkpoint(job, staging, writer, pruned, saliency, spec, report)
+        return finish(staging, report, start, recon_dir)
+
+
+def _saliency(source: _Source, saliency_dir: str) -> Saliency:
+    """The saved saliency of the source's weights (its fingerprint and content checked)."""
     shapes = source.checkpoint.shapes()
     saliency = Saliency.load(saliency_dir, expect_fingerprint=fingerprint(source.config, shapes),
                              expect_source=source.checkpoint.content_sha256())
     if saliency.shapes != shapes:
         raise UsageError("`saliency_dir`: its matrices do not match the model's prunable matrices")
-    report = Report(command="mask", model=os.path.abspath(model_dir), saliency=os.path.abspath(saliency_dir),
-                    settings={**saliency.metadata, "reconstruct": config.reconstruct, "guide_alpha": config.guide_alpha,
-                              "backend_used": backend, "device_used": str(device)}, targeting=targeting.to_dict())
-    windows = None
-    if config.reconstruct == "obs":
-        meta = saliency.metadata
-        calibration = Calibration(calibration.calib, calibration.nsamples or meta["nsamples"],
-                                  calibration.seqlen or meta["seqlen"], calibration.tokenizer_dir,
-                                  meta["seed"] if calibration.seed is None else calibration.seed)
-        calibration.steps(config.batch_size)
-        windows, report.calibration = _windows(source, calibration, calibration.seed)
-        report.calibration["seed"] = calibration.seed
-    with writing(out, run.overwrite, sources) as staging:
-        cut = saliency_cutter(source.checkpoint, saliency, source.plan, spec, backend, device)
-        note_allocation(report, cut, spec)
-        pruned, recon_dir = masked_by(cut), None
-        if windows is not None:
-            recon_dir, report.reconstruction = reconstruct_pass(
-                staging, source.checkpoint, windows, config.batch_size, device,
-                resolve_dtype(config.dtype, source.config, device), source.plan,
-                obs_choice(cut, config.guide_alpha, backend), backend, run.progress, run.offload,
-                _obs_settings(config))
-            report.reconstruction["rule"] = obs_rule(cut, config.guide_alpha)
-            pruned = reconstructed_weights(recon_dir)
-        writer = pruned_writer(source.checkpoint, staging, source.plan)
-        report = export_checkpoint(source.checkpoint, staging, writer, pruned, source.plan, source.skipped, saliency,
-                                   spec, report)
-        return finish(staging, report, start, recon_dir)
+    return saliency
+
+
+def _saliency_windows(source: _Source, saliency: Saliency, calibration: Calibration, batch_size: int,
+                      report: Report) -> torch.Tensor:
+    """The windows of a mask job's OBS pass: nsamples, seqlen and seed left None take the saliency's."""
+    meta = saliency.metadata
+    calibration = Calibration(calibration.calib, calibration.nsamples or meta["nsamples"],
+                              calibration.seqlen or meta["seqlen"], calibration.tokenizer_dir,
+                              meta["seed"] if calibration.seed is None else calibration.seed)
+    calibration.steps(batch_size)
+    windows, report.calibration = _windows(source, calibration, calibration.seed)
+    report.calibration["seed"] = calibration.seed
+    return windows
 
 
 __all__ = ["PruneResult", "apply_masks", "mask_checkpoint", "prune", "prune_checkpoint"]

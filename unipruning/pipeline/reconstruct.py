@@ -31,13 +31,11 @@ from torch import nn
 
 from .. import ops
 from ..algorithm.obs import ObsSettings, reconstruct_weight
-from ..config import MaskSpec
-from ..io.checkpoint import LazyCheckpoint
 from ..io.staging import atomic_file
-from ..models import block_matrices, decoder_blocks, family_for
-from ..progress import steps_of as steps_of_progress
-from .calibrate import steps_of
-from .stream import BlockStream, StopForward, capture_block_inputs, release_freed_memory
+from ..models import block_matrices, family_for
+from .blocks import for_each_block, open_stream
+from .job import Job
+from .stream import BlockStream, StopForward
 
 
 def _group_hessian(block: nn.Module, first: nn.Linear, stream: BlockStream, index: int, backend) -> torch.Tensor:
@@ -82,107 +80,90 @@ def _saved_block(path: str, names: list[str]) -> dict[str, torch.Tensor] | None:
         return None
 
 
-def _reconstruct_block(block: nn.Module, index: int, prefix: str, linears: dict[str, nn.Linear], groups,
-                       stream: BlockStream, originals: dict[str, torch.Tensor], choice, plan, backend,
-                       obs: ObsSettings):
-    """Reconstruct the planned linears of one block group by group; ({name: weight as stored}, {name: mask}).
-    Each group's Hessian comes from the block as reconstructed so far (obs.true_sequential), or all of them
-    from the block as it came in, collected before any group is reconstructed."""
-    stored, masks = {}, {}
-    members_of = [{prefix + g + ".weight": block.get_submodule(g) for g in group} for group in groups]
-    members_of = [{n: lin for n, lin in members.items() if n in linears} for members in members_of]
-    members_of = [members for members in members_of if members]
-
-    def hessian(members):
-        return _group_hessian(block, next(iter(members.values())), stream, index, backend)
-
-    # held all at once (one matrix per group): the price of the llm-compressor order
-    early = [] if obs.true_sequential else [hessian(members) for members in members_of]
-    for g, members in enumerate(members_of):
-        h = early[g] if early else hessian(members)
-        for name, lin in members.items():
-            keep, prior, kept = choice(name, originals[name]) if choice is not None else (None, None, None)
-            weight, mask = reconstruct_weight(lin.weight.data, h, keep, plan[name], name, backend, prior, kept,
-                                              obs.damp, obs.blocksize)
-            masks[name] = mask.cpu()
-            lin.weight.data.copy_(weight)  # in the compute dtype, then as it will be stored:
-            stored[name] = lin.weight.data.to(originals[name].dtype).cpu()
-            lin.weight.data.copy_(stored[name])  # later groups and the next block see that
-        del h
-        if early:
-            early[g] = None
-    return stored, masks
-
-
 def _block_linears(model: nn.Module, block: nn.Module, index: int, plan) -> tuple[str, dict[str, nn.Linear]]:
     prefix = f"{family_for(model.config).blocks}.{index}."
     return prefix, {m.name: block.get_submodule(m.module.removeprefix(prefix))
                     for m in block_matrices(model, index) if m.name in plan}
 
 
-def _run_block(model, checkpoint: LazyCheckpoint, block: nn.Module, index: int, stream: BlockStream, state_dir: str,
-               plan, choice, backend, start: float, obs: ObsSettings) -> bool:
-    """Reconstruct block `index` into its state file, or replay it from there; True when replayed."""
-    prefix, linears = _block_linears(model, block, index, plan)
-    path = _state_file(state_dir, index)
-    saved = _saved_block(path, list(linears))
-    if saved is not None:  # replay: the stored weights give the same pruned stream
-        for name, lin in linears.items():
-            lin.weight.data.copy_(saved[name].to(lin.weight.device))
-        return True
-    originals = checkpoint.read(list(linears))  # stored dtype: what masks and outputs are cut from
-    groups = family_for(model.config).sequential
-    stored, masks = _reconstruct_block(block, index, prefix, linears, groups, stream, originals, choice, plan,
-                                       backend, obs)
-    tensors = {**stored, **{f"{n}.keep": m for n, m in masks.items()}}
-    with atomic_file(path) as tmp:
-        save_file(tensors, tmp, metadata={"seconds": repr(time.perf_counter() - start)})
-    return False
+class _Reconstruction:
+    """The reconstruction pass over the blocks (blocks.BlockPass): each block reconstructed into its state
+    file (or replayed from there), then run on the pruned stream to make the next block's input."""
+
+    def __init__(self, job: Job, model: nn.Module, choice, obs: ObsSettings, state_dir: str):
+        self.job, self.model, self.choice, self.obs, self.state_dir = job, model, choice, obs, state_dir
+        self.stream = open_stream(job, model)
+
+    def visit(self, index: int, block: nn.Module, started: float) -> dict:
+        self.started = started
+        resumed = self._reconstruct(index, block, started)
+        for k in range(len(self.stream.hidden)):
+            self.stream.advance(block, index, k)
+        return {"block": index, "seconds": None, "resumed": resumed}
+
+    def after(self, index: int, entry: dict) -> None:
+        entry["seconds"] = time.perf_counter() - self.started
+
+    def _reconstruct(self, index: int, block: nn.Module, started: float) -> bool:
+        """Reconstruct block `index` into its state file, or replay it from there; True when replayed."""
+        prefix, linears = _block_linears(self.model, block, index, self.job.plan)
+        path = _state_file(self.state_dir, index)
+        saved = _saved_block(path, list(linears))
+        if saved is not None:  # replay: the stored weights give the same pruned stream
+            for name, lin in linears.items():
+                lin.weight.data.copy_(saved[name].to(lin.weight.device))
+            return True
+        originals = self.job.checkpoint.read(list(linears))  # stored dtype: what masks and outputs are cut from
+        groups = [{prefix + g + ".weight": block.get_submodule(g) for g in group}
+                  for group in family_for(self.model.config).sequential]
+        groups = [{n: lin for n, lin in members.items() if n in linears} for members in groups]
+        stored, masks = self._groups(index, block, [members for members in groups if members], originals)
+        tensors = {**stored, **{f"{n}.keep": m for n, m in masks.items()}}
+        with atomic_file(path) as tmp:
+            save_file(tensors, tmp, metadata={"seconds": repr(time.perf_counter() - started)})
+        return False
+
+    def _groups(self, index: int, block: nn.Module, groups: list[dict[str, nn.Linear]],
+                originals: dict[str, torch.Tensor]):
+        """Reconstruct the planned linears of one block group by group; ({name: weight as stored}, {name: mask}).
+        Each group's Hessian comes from the block as reconstructed so far (obs.true_sequential), or all of them
+        from the block as it came in, collected before any group is reconstructed."""
+        stored, masks = {}, {}
+
+        def hessian(members):
+            return _group_hessian(block, next(iter(members.values())), self.stream, index, self.job.backend)
+
+        # held all at once (one matrix per group): the price of the llm-compressor order
+        early = [] if self.obs.true_sequential else [hessian(members) for members in groups]
+        for g, members in enumerate(groups):
+            h = early[g] if early else hessian(members)
+            for name, lin in members.items():
+                weight, mask = self._sweep(name, lin, h, originals[name])
+                masks[name] = mask.cpu()
+                lin.weight.data.copy_(weight)  # in the compute dtype, then as it will be stored:
+                stored[name] = lin.weight.data.to(originals[name].dtype).cpu()
+                lin.weight.data.copy_(stored[name])  # later groups and the next block see that
+            del h
+            if early:
+                early[g] = None
+        return stored, masks
+
+    def _sweep(self, name: str, lin: nn.Linear, h: torch.Tensor, original: torch.Tensor):
+        """(reconstructed weight, keep mask) of one linear from its group's Hessian."""
+        keep, prior, kept = self.choice(name, original) if self.choice is not None else (None, None, None)
+        return reconstruct_weight(lin.weight.data, h, keep, self.job.plan[name], name, self.job.backend, prior, kept,
+                                  self.obs.damp, self.obs.blocksize)
 
 
 @torch.no_grad()
-def reconstruct(
-    model: nn.Module,
-    windows: torch.Tensor,
-    batch_size: int,
-    device: torch.device,
-    checkpoint: LazyCheckpoint,
-    state_dir: str,
-    plan: dict[str, MaskSpec],
-    choice: Callable[[str, torch.Tensor], tuple] | None,
-    backend: str,
-    progress: Callable[[int, int], None] | None = None,
-    offload: str = "auto",
-    obs: ObsSettings | None = None,
-) -> list[dict]:
-    """Reconstruct the planned matrices ({name: MaskSpec}) of the meta-device skeleton `model`, block by
-    block (read from `checkpoint`, released afterwards), writing each finished block to `state_dir`; the
-    others keep their weights. Returns per-block timings. Masks are cut from the stored weights (as
-    mask-only export does), and the pruned stream runs the reconstructed weights as they will be stored
-    (in the checkpoint's dtype). obs: the sweep's dampening and block size."""
-    obs = obs or ObsSettings()
-    stream = capture_block_inputs(model, steps_of(windows, batch_size), device, offload)
-    stream.on_step = steps_of_progress(progress)
-    compute_dtype = next(p for p in model.parameters() if not p.is_meta).dtype
-    blocks = decoder_blocks(model)
-    per_block = []
-    if progress is not None:
-        progress(0, len(blocks))
-    for index in range(len(blocks)):
-        start = time.perf_counter()
-        block = checkpoint.load_block(model, index, device, compute_dtype)
-        try:
-            resumed = _run_block(model, checkpoint, block, index, stream, state_dir, plan, choice, backend, start,
-                                 obs)
-            for k in range(len(stream.hidden)):
-                stream.advance(block, index, k)
-        finally:
-            checkpoint.release_block(model, index)
-        release_freed_memory()
-        per_block.append({"block": index, "seconds": time.perf_counter() - start, "resumed": resumed})
-        if progress is not None:
-            progress(index + 1, len(blocks))
-    return per_block
+def reconstruct(job: Job, model: nn.Module, choice: Callable[[str, torch.Tensor], tuple] | None,
+                obs: ObsSettings, state_dir: str) -> list[dict]:
+    """Reconstruct the planned matrices of the job's meta-device skeleton `model`, block by block (read from
+    the checkpoint, released afterwards), writing each finished block to `state_dir`; the others keep their
+    weights. Returns per-block timings. Masks are cut from the stored weights (as mask-only export does), and
+    the pruned stream runs the reconstructed weights as they will be stored (in the checkpoint's dtype).
+    obs: the sweep's dampening and block size, and the order of the groups' Hessians."""
+    return for_each_block(job, model, _Reconstruction(job, model, choice, obs, state_dir))
 
 
 def reconstructed_files(state_dir: str) -> dict[str, str]:
