@@ -9,8 +9,9 @@ versions and temporary paths left out) of the tiny seeded checkpoints below.
 The hashes depend on floating-point rounding of the CPU kernels (torch version and vector ISA), so they
 are recorded per (torch version, CPU capability): on another combination the cases skip with the
 reason. tests/conftest.py pins torch to its AVX2 kernels on every x86 machine that has them
-(ATEN_CPU_CAPABILITY), so AVX2 and AVX512 machines check the same hashes. The thread count changes the order of parallel reductions (the OBS Hessians, expert routing):
-the module runs every case with 2 threads, in process and in the processes it starts.
+(ATEN_CPU_CAPABILITY), so AVX2 and AVX512 machines check the same hashes. The thread count changes the
+order of parallel reductions (the OBS Hessians, expert routing): the module runs every case with 2 threads,
+in process and in the processes it starts.
 `UNIPRUNING_GOLDEN=write python -m pytest tests/test_golden.py` records the hashes of the code
 as it is (only when an output is meant to change: say so in the commit).
 """
