@@ -69,13 +69,17 @@ def for_each_block(job: Job, model: nn.Module, visit: BlockPass) -> list[dict]:
     if job.progress is not None:
         job.progress(0, count)  # the bar shows before block 0, the slowest (it waits for the first steps)
     entries = []
-    for index in range(count):
-        started = time.perf_counter()
-        with resident(job, model, index) as block:
-            entry = visit.visit(index, block, started)
-        visit.after(index, entry)
-        entries.append(entry)
-        release_freed_memory()
-        if job.progress is not None:
-            job.progress(index + 1, count)
+    try:
+        for index in range(count):
+            started = time.perf_counter()
+            with resident(job, model, index) as block:
+                entry = visit.visit(index, block, started)
+            visit.after(index, entry)
+            entries.append(entry)
+            release_freed_memory()
+            if job.progress is not None:
+                job.progress(index + 1, count)
+    except BaseException:
+        getattr(job.progress, "close", lambda: None)()  # a stopped pass leaves no bar open
+        raise
     return entries
