@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from unipruning.demo import packaged_text, train_tokenizer
+from unipruning.data import packaged_text
 
 TEXT_PLAYS = ("macbeth", "tempest")
 
@@ -18,6 +18,27 @@ def requires_gpu(test):
     """Skip unless a CUDA device is visible (queried when the test runs, never at import)."""
     return pytest.mark.gpu(pytest.mark.skipif("not __import__('torch').cuda.is_available()",
                                               reason="needs a CUDA GPU")(test))
+
+
+def train_tokenizer(texts: list[str], vocab_size: int):
+    """A byte-level BPE tokenizer trained on `texts`, as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<s>", "</s>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    core.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        model_max_length=1 << 20,
+    )
 
 
 @functools.lru_cache(maxsize=1)

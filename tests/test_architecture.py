@@ -23,7 +23,8 @@ RANKS = [
     ("unipruning.io", 5),
     ("unipruning.pipeline", 6),
     ("unipruning.jobs", 7), ("unipruning.packing", 7), ("unipruning.evaluate", 7),
-    ("unipruning.cli", 8), ("unipruning.demo", 8), ("unipruning.__main__", 8), ("unipruning", 9),
+    ("unipruning.cli", 8), ("unipruning.demo", 8), ("unipruning.demo_model", 8), ("unipruning.__main__", 8),
+    ("unipruning", 9),
 ]
 MAX_FUNCTION_LINES = 50
 MAX_PARAMETERS = 7  # self and cls not counted; *args and **kwargs count one each

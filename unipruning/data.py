@@ -50,6 +50,17 @@ LOCAL_HINT = "pass local text instead (a .txt file, a directory of .txt files or
 SEQLEN_CAP, SEQLEN_FALLBACK = 4096, 2048
 
 
+def packaged_text(plays: tuple[str, ...]) -> list[str]:
+    """Shakespeare plays shipped inside the package (unipruning/_data: hamlet, macbeth, tempest,
+    midsummer_nights_dream), one string each: the demo's texts, and the tests'."""
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_data")
+    texts = []
+    for play in plays:
+        with open(os.path.join(root, f"{play}.txt"), encoding="utf-8") as f:
+            texts.append(f.read())
+    return texts
+
+
 def model_context(config: dict) -> tuple[str, int] | None:
     """(config.json key, value) of a model's context length: max_position_embeddings (or n_positions, or
     its text_config's max_position_embeddings); None without one."""
