@@ -30,9 +30,14 @@ def perplexity(model: nn.Module, windows: torch.Tensor, device: torch.device, ba
                progress: Progress | None = None) -> float:
     """exp(mean NLL) of `model` over (n, seqlen) token windows (each predicts seqlen - 1 tokens). `device`:
     where the input ids go (a model spread by a device map takes them on its embedding's device)."""
+    from .data import check_window_ids
+
+    if not (isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size >= 1):
+        raise UsageError(f"`batch_size`: expected a positive integer, got {batch_size!r}")
+    if not (isinstance(windows, torch.Tensor) and windows.dim() == 2 and not windows.is_floating_point()):
+        raise UsageError("`windows`: expected token ids of shape (n, seqlen)")
+    check_window_ids(windows, int(getattr(getattr(model, "config", None), "vocab_size", 0) or 0), "windows")
     model.eval()
-    if batch_size < 1:
-        raise UsageError(f"`batch_size`: expected a positive integer, got {batch_size}")
     total_nll, total_tokens = 0.0, 0
     with bar_of(progress, int(windows.shape[0]), "eval", "window") as bar:
         for batch in windows.split(batch_size):
@@ -48,13 +53,18 @@ def perplexity(model: nn.Module, windows: torch.Tensor, device: torch.device, ba
     return math.inf if mean > 700 else math.exp(mean)  # nan stays nan; beyond e^700 a float overflows
 
 
-def _checked_model(model_dir: str, batch_size: int, trust_remote_code: bool):
+def _checked_model(model_dir: str, batch_size: int, trust_remote_code: bool, device_name: str = "auto",
+                   dtype_name: str = "auto"):
     """The config of a model directory whose weight files are whole and as config.json describes them
-    (io/checkpoint.py), or a one-line error; and a positive batch size."""
+    (io/checkpoint.py), or a one-line error; and a positive batch size, a known device and dtype."""
+    from .config import DEVICES, DTYPES, MAX_COUNT
     from .io.checkpoint import LazyCheckpoint, load_config
 
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise UsageError(f"`batch_size`: expected a positive integer, got {batch_size}")
+    if not (isinstance(batch_size, int) and not isinstance(batch_size, bool) and 1 <= batch_size <= MAX_COUNT):
+        raise UsageError(f"`batch_size`: expected a positive integer (at most {MAX_COUNT}), got {batch_size!r}")
+    for name, value, allowed in (("device", device_name, DEVICES), ("dtype", dtype_name, DTYPES)):
+        if value not in allowed:
+            raise UsageError(f"`{name}`: expected one of {', '.join(allowed)}, got {value!r}")
     config = load_config(model_dir, trust_remote_code)
     LazyCheckpoint(model_dir, config)
     return config
@@ -102,7 +112,9 @@ def evaluate_checkpoint(
     from .data import eval_windows
     from .io.checkpoint import check_seqlen, check_token_ids, load_tokenizer
 
-    config = _checked_model(model_dir, batch_size, trust_remote_code)
+    if not (isinstance(seqlen, int) and not isinstance(seqlen, bool)):
+        raise UsageError(f"`seqlen`: expected an integer, got {seqlen!r}")
+    config = _checked_model(model_dir, batch_size, trust_remote_code, device_name, dtype_name)
     check_seqlen(config, seqlen)
     device = resolve_device(device_name)
     tokenizer = load_tokenizer(tokenizer_dir or model_dir)
@@ -142,7 +154,7 @@ def evaluate_tasks(
         raise UsageError(f"`tasks`: name at least one task, e.g. {','.join(PAPER_TASKS)}")
     if include_path is not None and not os.path.isdir(include_path):
         raise UsageError(f"`include_path`: {include_path!r} is not a directory of task definitions")
-    config = _checked_model(model_dir, batch_size, trust_remote_code)
+    config = _checked_model(model_dir, batch_size, trust_remote_code, device_name, dtype_name)
     device = resolve_device(device_name)
     tokenizer = load_tokenizer(tokenizer_dir or model_dir)
     manager = TaskManager(include_path=include_path)
