@@ -15,7 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RANKS = [
     ("unipruning.kernels", 0),
     ("unipruning.errors", 1), ("unipruning.lazy", 1), ("unipruning.version", 1), ("unipruning.offline", 1),
-    ("unipruning.progress", 1),
+    ("unipruning.progress", 1), ("unipruning.files", 1), ("unipruning.patterns", 1),
     ("unipruning.config", 2), ("unipruning.models", 2), ("unipruning.backends", 2), ("unipruning.targeting", 2),
     ("unipruning.data", 2), ("unipruning.llmc", 2),
     ("unipruning.ops", 3),

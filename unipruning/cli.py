@@ -65,6 +65,13 @@ MORE_HELP = "`unipruning COMMAND --help` lists a command's options, their defaul
 
 
 class _Parser(argparse.ArgumentParser):
+    """No abbreviations (`--save` is Wanda's log folder, not our `--save_model`): an option is spelled out or
+    refused; errors are one line."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str):  # one line, exit 2 (argparse would print the usage block first)
         raise UsageError(message)
 
@@ -449,12 +456,41 @@ def _resolve_sources(args, command: str) -> None:
 
 def _model_seqlen(model_dir: str) -> int:
     from .data import SEQLEN_FALLBACK, default_seqlen
+    from .files import read_regular
 
-    try:
-        with open(os.path.join(model_dir, "config.json")) as f:
-            return default_seqlen(json.load(f))
-    except (OSError, ValueError):  # no readable config: the job's own check words the error
+    try:  # never blocks (a FIFO named config.json): the job's own check words what is wrong with it
+        return default_seqlen(json.loads(read_regular(os.path.join(model_dir, "config.json"), "model_dir", 1 << 26)))
+    except (UsageError, ValueError, RecursionError, AttributeError):
         return SEQLEN_FALLBACK
+
+
+def _read_paths(args) -> dict[str, str | None]:
+    """What the command line names as inputs, as paths (a hub id is no path and is skipped by the checks)."""
+    from .data import hub_source
+
+    if args.command == "demo":
+        from .io.identity import cache_root
+
+        return {"UNIPRUNING_CACHE": cache_root()}
+    calib = getattr(args, "calib", None)
+    hub = None if calib is None else hub_source(calib)
+    return {"model_dir": args.model, "saliency_dir": getattr(args, "saliency", None),
+            "calib": calib if hub is None else hub[1], "recipe": getattr(args, "recipe", None),
+            "tokenizer_dir": getattr(args, "tokenizer", None)}
+
+
+def _lock_first(args) -> contextlib.AbstractContextManager:
+    """--out checked and its lock taken before anything is loaded, so that a second run into it is refused
+    at once (the job checks again with the resolved inputs); --dry-run only looks at the lock. Only rank 0
+    of a torchrun takes it."""
+    out = getattr(args, "out", None)
+    if not out or int(os.environ.get("RANK", "0")) != 0:
+        return contextlib.nullcontext()
+    from .io.staging import held_from_start, preflight
+
+    dry_run = getattr(args, "dry_run", False)
+    preflight(out, args.overwrite, _read_paths(args), lock=dry_run)
+    return contextlib.nullcontext() if dry_run else held_from_start(out)
 
 
 # ------------------------------------------------------------------------------------------ commands
@@ -464,15 +500,16 @@ def _prune(args) -> None:
     from .pipeline.export import SALIENCY_DIR
 
     _method_settings(args)
-    _resolve_sources(args, "prune")
     config = PruneConfig(mask=_mask_spec(args), metric=args.metric, kappa=args.kappa, lam=args.lam,
                          batch_size=args.batch_size, seed=args.seed, device=args.device, dtype=args.dtype,
                          backend=args.backend, reconstruct=args.reconstruct, feedback=args.feedback,
                          saliency_update=args.saliency_update, guide_alpha=args.guide_alpha,
                          percdamp=args.percdamp, blocksize=args.blocksize, true_sequential=args.true_sequential)
-    calibration = Calibration(args.calib, args.nsamples, args.seqlen, args.tokenizer)
-    report = prune_checkpoint(args.model, args.out, config, calibration, _run_options(args, dry_run=args.dry_run),
-                              _targeting(args))
+    with _lock_first(args):  # the options are settled: --out and its lock before anything is loaded
+        _resolve_sources(args, "prune")
+        calibration = Calibration(args.calib, args.nsamples, args.seqlen, args.tokenizer)
+        report = prune_checkpoint(args.model, args.out, config, calibration,
+                                  _run_options(args, dry_run=args.dry_run), _targeting(args))
     if args.dry_run:
         print_dry_run(report)
         return
@@ -495,15 +532,16 @@ def _mask(args) -> None:
         if llmc.is_llmc_recipe(read_recipe(args.recipe)):
             raise UsageError(f"`recipe` {args.recipe} is an llm-compressor recipe, which sets the pruning method: "
                              "use it with `unipruning prune`")
-    _resolve_sources(args, "mask")
     config = MaskConfig(mask=_mask_spec(args), reconstruct=args.reconstruct, batch_size=args.batch_size,
                         device=args.device, dtype=args.dtype, backend=args.backend, guide_alpha=args.guide_alpha,
                         percdamp=args.percdamp, blocksize=args.blocksize, true_sequential=args.true_sequential)
-    calibration = None
-    if args.calib is not None:
-        calibration = Calibration(args.calib, args.nsamples, args.seqlen, args.tokenizer, args.seed)
-    report = mask_checkpoint(args.model, args.saliency, args.out, config, calibration,
-                             _run_options(args, progress=args.reconstruct == "obs"), _targeting(args))
+    with _lock_first(args):
+        _resolve_sources(args, "mask")
+        calibration = None
+        if args.calib is not None:
+            calibration = Calibration(args.calib, args.nsamples, args.seqlen, args.tokenizer, args.seed)
+        report = mask_checkpoint(args.model, args.saliency, args.out, config, calibration,
+                                 _run_options(args, progress=args.reconstruct == "obs"), _targeting(args))
     print_summary(report)
     print(f"wrote {args.out}")
 
@@ -549,24 +587,30 @@ def _eval(args) -> int:
 
 
 def _pack(args) -> None:
-    _resolve_sources(args, "pack")
+    with _lock_first(args):
+        _resolve_sources(args, "pack")
+        report = _packed(args)
     if args.format == "fp8-2:4":
-        from .packing.fp8 import export_fp8_24
-
-        report = export_fp8_24(args.model, args.out, args.dtype, args.overwrite, _progress(args))
         print(f"packed {report['packed_matrices']} matrices as FP8 + 2:4 (e4m3, per-row scales, {report['dtype']}): "
               f"{report['bytes_bf16'] / 2**20:.1f} MiB in bf16 -> {report['bytes_stored'] / 2**20:.1f} MiB "
               f"({report['stored_fraction_of_bf16']:.4f})")
     else:
-        from .packing import pack_checkpoint
-
-        report = pack_checkpoint(args.model, args.out, args.dtype, args.overwrite, _progress(args))
         print(f"packed {report['packed_matrices']} matrices ({report['layout']}, {report['dtype']}): "
               f"{report['packed_matrix_bytes_dense'] / 2**20:.1f} MiB dense -> "
               f"{report['packed_matrix_bytes'] / 2**20:.1f} MiB ({report['packed_fraction']:.4f})")
     for name, reason in report["dense_matrices"].items():
         print(f"kept dense: {name}: {reason}")
     print(f"wrote {args.out}")
+
+
+def _packed(args) -> dict:
+    if args.format == "fp8-2:4":
+        from .packing.fp8 import export_fp8_24
+
+        return export_fp8_24(args.model, args.out, args.dtype, args.overwrite, _progress(args))
+    from .packing import pack_checkpoint
+
+    return pack_checkpoint(args.model, args.out, args.dtype, args.overwrite, _progress(args))
 
 
 def _demo(args) -> None:
@@ -576,7 +620,8 @@ def _demo(args) -> None:
         for name, path in demo_paths().items():
             print(f"export {name}={shlex.quote(path)}")
         return
-    run_demo(args.out, args.overwrite, args.device, _progress(args))
+    with _lock_first(args):
+        run_demo(args.out, args.overwrite, args.device, _progress(args))
 
 
 COMMANDS = {"prune": _prune, "mask": _mask, "eval": _eval, "pack": _pack, "demo": _demo}

@@ -5,6 +5,7 @@ directories runs (RunOptions). Bad values raise UsageError naming the parameter 
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -30,12 +31,30 @@ PERCDAMP, BLOCKSIZE = 0.01, 128
 _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
 
+MAX_COUNT = 2**31 - 1  # windows, tokens per window, a batch, columns per OBS batch: a tensor dimension
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 64 bits
+MAX_KAPPA = 2.0  # z - t is multiplied by (1 - kappa) every step: beyond 2 the recursion diverges to Inf/NaN
+
+
+def _integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _real(value) -> bool:
+    """A finite real number (True and False are not numbers here, NaN and Inf are not finite)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def parse_pattern(pattern: str | tuple[int, int] | None) -> tuple[int, int] | None:
     """'unstructured' -> None; 'N:M' -> (N, M) with 0 < N < M. Raises UsageError otherwise."""
     if pattern is None or pattern == "unstructured":
         return None
-    if isinstance(pattern, tuple):
+    if isinstance(pattern, (tuple, list)):
+        if len(pattern) != 2 or not all(_integer(v) for v in pattern):
+            raise UsageError(f"`pattern`: expected 'unstructured', 'N:M' or a pair of integers (N, M), got {pattern!r}")
         n, m = pattern
+    elif not isinstance(pattern, str):
+        raise UsageError(f"`pattern`: expected 'unstructured' or 'N:M' (e.g. 2:4), got {pattern!r}")
     else:
         match = _NM.match(str(pattern))
         if not match:
@@ -51,9 +70,55 @@ def _choice(name: str, value, allowed: tuple[str, ...]) -> None:
         raise UsageError(f"`{name}`: expected one of {', '.join(allowed)}, got {value!r}")
 
 
-def _positive_int(name: str, value) -> None:
-    if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
-        raise UsageError(f"`{name}`: expected a positive integer, got {value!r}")
+def _positive_int(name: str, value, limit: int = MAX_COUNT) -> None:
+    if not (_integer(value) and 1 <= value <= limit):
+        raise UsageError(f"`{name}`: expected a positive integer (at most {limit}), got {value!r}")
+
+
+def check_flag(name: str, value) -> None:
+    if not isinstance(value, bool):  # "no" is truthy: a string must not switch an option on
+        raise UsageError(f"`{name}`: expected True or False, got {value!r}")
+
+
+def _seed(name: str, value) -> None:
+    if not (_integer(value) and 0 <= value <= MAX_SEED):
+        raise UsageError(f"`{name}`: expected an integer in [0, 2**64 - 1], got {value!r}")
+
+
+def _path(name: str, value, optional: bool = False) -> str | None:
+    """A path argument as a str (os.PathLike accepted), or a one-line error naming it."""
+    if value is None and optional:
+        return None
+    if not isinstance(value, (str, os.PathLike)):
+        raise UsageError(f"`{name}`: expected a path, got {type(value).__name__} {value!r:.100}")
+    if not os.fspath(value):  # "" is the working directory to os.path.abspath
+        raise UsageError(f"`{name}`: expected a path, got an empty string")
+    return os.fspath(value)
+
+
+def expect(name: str, value, kind: type, optional: bool = False) -> None:
+    """Refuse an argument of another type than `kind` (None allowed when `optional`), naming it."""
+    if not (isinstance(value, kind) or (optional and value is None)):
+        raise UsageError(f"`{name}`: expected a {kind.__name__}{' or None' if optional else ''}, got "
+                         f"{type(value).__name__} {value!r:.100}")
+
+
+def or_default(**given) -> tuple:
+    """Each keyword's (value, type) as that value, or type() for None; another type is a one-line error
+    naming it (`config, run = or_default(config=(config, MaskConfig), run=(run, RunOptions))`)."""
+    for name, (value, kind) in given.items():
+        expect(name, value, kind, optional=True)
+    return tuple(kind() if value is None else value for value, kind in given.values())
+
+
+def check_api(paths: dict | None = None, **typed) -> None:
+    """The arguments of a public function, before it uses any: `paths` {name: value} each a path (str or
+    os.PathLike, not empty), each keyword a (value, type[, optional]) pair; the first wrong one is a
+    one-line UsageError naming it (a str where a MaskSpec belongs fails later, deep inside, otherwise)."""
+    for name, value in (paths or {}).items():
+        _path(name, value)
+    for name, given in typed.items():
+        expect(name, *given)
 
 
 @dataclass(frozen=True)
@@ -77,6 +142,8 @@ class MaskSpec:
     owl_lambda: float = 0.08
 
     def __post_init__(self) -> None:
+        if self.sparsity is not None and not _real(self.sparsity):
+            raise UsageError(f"`sparsity`: expected a number in (0, 1), got {self.sparsity!r}")
         nm = parse_pattern(self.pattern)
         pattern = "unstructured" if nm is None else f"{nm[0]}:{nm[1]}"
         object.__setattr__(self, "pattern", pattern)
@@ -87,19 +154,20 @@ class MaskSpec:
                                  f"{implied:g}")
             object.__setattr__(self, "sparsity", implied)
         sparsity = 0.5 if self.sparsity is None else self.sparsity
-        if not isinstance(sparsity, (int, float)) or not 0 < sparsity < 1:
+        if not (_real(sparsity) and 0 < sparsity < 1):
             raise UsageError(f"`sparsity`: expected a number in (0, 1), got {self.sparsity!r}")
         object.__setattr__(self, "sparsity", float(sparsity))
         _choice("allocation", self.allocation, ALLOCATIONS)
         if nm is not None and self.allocation != "layer":
             raise UsageError(f"`allocation` {self.allocation} cannot be combined with an N:M pattern")
-        lo, hi = self.bounds
-        if not 0 <= lo <= hi < 1:
-            raise UsageError(f"`bounds`: expected 0 <= s_min <= s_max < 1, got {self.bounds}")
-        object.__setattr__(self, "bounds", (float(lo), float(hi)))
-        if not (isinstance(self.owl_m, (int, float)) and self.owl_m > 0):
+        bounds = self.bounds
+        if not (isinstance(bounds, (tuple, list)) and len(bounds) == 2 and all(_real(b) for b in bounds)
+                and 0 <= bounds[0] <= bounds[1] < 1):
+            raise UsageError(f"`bounds`: expected (s_min, s_max) with 0 <= s_min <= s_max < 1, got {bounds!r}")
+        object.__setattr__(self, "bounds", (float(bounds[0]), float(bounds[1])))
+        if not (_real(self.owl_m) and self.owl_m > 0):
             raise UsageError(f"`owl_m`: expected a positive number, got {self.owl_m!r}")
-        if not (isinstance(self.owl_lambda, (int, float)) and 0 <= self.owl_lambda):
+        if not (_real(self.owl_lambda) and 0 <= self.owl_lambda):
             raise UsageError(f"`owl_lambda`: expected a non-negative number, got {self.owl_lambda!r}")
         spread = (self.sparsity - self.owl_lambda, self.sparsity + self.owl_lambda)
         if self.allocation in OWL_ALLOCATIONS and not 0 <= spread[0] < spread[1] < 1:
@@ -129,7 +197,7 @@ def _check_compute(device: str, dtype: str, backend: str, reconstruct: str, batc
     _choice("reconstruct", reconstruct, RECONSTRUCTIONS)
     _positive_int("batch_size", batch_size)
     if guide_alpha is not None:
-        if not (isinstance(guide_alpha, (int, float)) and guide_alpha >= 0 and math.isfinite(guide_alpha)):
+        if not (_real(guide_alpha) and guide_alpha >= 0):
             raise UsageError(f"`guide_alpha`: expected a non-negative number, got {guide_alpha!r}")
         if reconstruct != "obs":
             raise UsageError("`guide_alpha` guides the OBS sweep's choice of pruned entries: pass `reconstruct` obs")
@@ -142,8 +210,7 @@ def check_guide(guide_alpha: float | None, spec: MaskSpec) -> None:
 
 
 def _check_obs(percdamp, blocksize, true_sequential) -> None:
-    if not (isinstance(percdamp, (int, float)) and not isinstance(percdamp, bool) and 0 < percdamp
-            and math.isfinite(percdamp)):
+    if not (_real(percdamp) and 0 < percdamp):
         raise UsageError(f"`percdamp`: expected a positive fraction of the mean Hessian diagonal, got {percdamp!r}")
     _positive_int("blocksize", blocksize)
     if not isinstance(true_sequential, bool):
@@ -193,15 +260,16 @@ class PruneConfig:
     true_sequential: bool = True
 
     def __post_init__(self) -> None:
+        expect("mask", self.mask, MaskSpec)
         _choice("metric", self.metric, METRICS)
         _check_obs(self.percdamp, self.blocksize, self.true_sequential)
         _choice("saliency_update", self.saliency_update, SALIENCY_UPDATES)
-        if not (isinstance(self.kappa, (int, float)) and self.kappa > 0 and math.isfinite(self.kappa)):
-            raise UsageError(f"`kappa`: expected a positive number, got {self.kappa!r}")
-        if not (isinstance(self.lam, (int, float)) and 0 <= self.lam < 1):
+        if not (_real(self.kappa) and 0 < self.kappa < MAX_KAPPA):
+            raise UsageError(f"`kappa`: expected a step size in (0, {MAX_KAPPA:g}) (z - t is multiplied by 1 - kappa "
+                             f"every step: beyond {MAX_KAPPA:g} the saliency diverges), got {self.kappa!r}")
+        if not (_real(self.lam) and 0 <= self.lam < 1):
             raise UsageError(f"`lam`: expected a fraction in [0, 1), got {self.lam!r}")
-        if not (isinstance(self.seed, int) and self.seed >= 0):
-            raise UsageError(f"`seed`: expected a non-negative integer, got {self.seed!r}")
+        _seed("seed", self.seed)
         _choice("feedback", self.feedback, FEEDBACKS)
         if self.feedback == "full" and self.metric == "sparsegpt":
             raise UsageError("`feedback` full calibrates a saliency; `metric` sparsegpt has none")
@@ -252,6 +320,7 @@ class MaskConfig:
     true_sequential: bool = True
 
     def __post_init__(self) -> None:
+        expect("mask", self.mask, MaskSpec)
         _check_compute(self.device, self.dtype, self.backend, self.reconstruct, self.batch_size, self.guide_alpha)
         _check_obs(self.percdamp, self.blocksize, self.true_sequential)
         check_guide(self.guide_alpha, self.mask)
@@ -270,10 +339,14 @@ class Calibration:
     seed: int | None = None
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "calib", _path("calib", self.calib))
+        object.__setattr__(self, "tokenizer_dir", _path("tokenizer_dir", self.tokenizer_dir, optional=True))
         if self.nsamples is not None:
             _positive_int("nsamples", self.nsamples)
-        if self.seqlen is not None and not (isinstance(self.seqlen, int) and self.seqlen >= 2):
-            raise UsageError(f"`seqlen`: expected an integer of at least 2, got {self.seqlen!r}")
+        if self.seqlen is not None and not (_integer(self.seqlen) and 2 <= self.seqlen <= MAX_COUNT):
+            raise UsageError(f"`seqlen`: expected an integer from 2 to {MAX_COUNT}, got {self.seqlen!r}")
+        if self.seed is not None:
+            _seed("seed", self.seed)
 
     def steps(self, batch_size: int) -> int:
         """Mirror steps of `batch_size` windows: the one place that says the batch divides the windows."""
@@ -298,6 +371,10 @@ class RunOptions:
 
     def __post_init__(self) -> None:
         _choice("offload", self.offload, OFFLOAD_MODES)
+        for name in ("overwrite", "trust_remote_code", "dry_run"):
+            check_flag(name, getattr(self, name))
+        if self.progress is not None and not callable(self.progress):
+            raise UsageError(f"`progress`: expected a callable progress(done, total) or None, got {self.progress!r}")
 
 
 @dataclass(frozen=True)
@@ -314,3 +391,6 @@ class EvalOptions:
     def __post_init__(self) -> None:
         _choice("device", self.device, DEVICES)
         _choice("dtype", self.dtype, DTYPES)
+        _positive_int("batch_size", self.batch_size)
+        _path("tokenizer_dir", self.tokenizer_dir, optional=True)
+        check_flag("trust_remote_code", self.trust_remote_code)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import EvalOptions
+from .config import EvalOptions, or_default
 from .errors import UsageError
 from .progress import Progress, bar_of
 
@@ -31,9 +31,14 @@ def perplexity(model: nn.Module, windows: torch.Tensor, device: torch.device, ba
                progress: Progress | None = None) -> float:
     """exp(mean NLL) of `model` over (n, seqlen) token windows (each predicts seqlen - 1 tokens). `device`:
     where the input ids go (a model spread by a device map takes them on its embedding's device)."""
+    from .data import check_window_ids
+
+    if not (isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size >= 1):
+        raise UsageError(f"`batch_size`: expected a positive integer, got {batch_size!r}")
+    if not (isinstance(windows, torch.Tensor) and windows.dim() == 2 and not windows.is_floating_point()):
+        raise UsageError("`windows`: expected token ids of shape (n, seqlen)")
+    check_window_ids(windows, int(getattr(getattr(model, "config", None), "vocab_size", 0) or 0), "windows")
     model.eval()
-    if batch_size < 1:
-        raise UsageError(f"`batch_size`: expected a positive integer, got {batch_size}")
     total_nll, total_tokens = 0.0, 0
     with bar_of(progress, int(windows.shape[0]), "eval", "window") as bar:
         for batch in windows.split(batch_size):
@@ -52,10 +57,11 @@ def perplexity(model: nn.Module, windows: torch.Tensor, device: torch.device, ba
 def _checked_model(model_dir: str, batch_size: int, trust_remote_code: bool):
     """The config of a model directory whose weight files are whole and as config.json describes them
     (io/checkpoint.py), or a one-line error; and a positive batch size."""
+    from .config import MAX_COUNT
     from .io.checkpoint import LazyCheckpoint, load_config
 
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise UsageError(f"`batch_size`: expected a positive integer, got {batch_size}")
+    if not (isinstance(batch_size, int) and not isinstance(batch_size, bool) and 1 <= batch_size <= MAX_COUNT):
+        raise UsageError(f"`batch_size`: expected a positive integer (at most {MAX_COUNT}), got {batch_size!r}")
     config = load_config(model_dir, trust_remote_code)
     LazyCheckpoint(model_dir, config)
     return config
@@ -100,7 +106,9 @@ def evaluate_checkpoint(model_dir: str, data: str, seqlen: int, options: EvalOpt
     from .data import eval_windows
     from .io.checkpoint import check_seqlen, check_token_ids, load_tokenizer
 
-    options = options or EvalOptions()
+    if not (isinstance(seqlen, int) and not isinstance(seqlen, bool)):
+        raise UsageError(f"`seqlen`: expected an integer, got {seqlen!r}")
+    (options,) = or_default(options=(options, EvalOptions))
     config = _checked_model(model_dir, options.batch_size, options.trust_remote_code)
     check_seqlen(config, seqlen)
     device = resolve_device(options.device)
@@ -135,7 +143,7 @@ def evaluate_tasks(model_dir: str, tasks: list[str], options: EvalOptions | None
     from .backends import resolve_device, resolve_dtype
     from .io.checkpoint import load_model, load_tokenizer
 
-    options = options or EvalOptions()
+    (options,) = or_default(options=(options, EvalOptions))
     if not tasks:
         raise UsageError(f"`tasks`: name at least one task, e.g. {','.join(PAPER_TASKS)}")
     if include_path is not None and not os.path.isdir(include_path):

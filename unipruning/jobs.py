@@ -21,11 +21,11 @@ import torch
 from torch import nn
 
 from . import backends
-from .algorithm.masks import MaskCutter, check_plan, mask_stats, masked
+from .algorithm.masks import MaskCutter, check_masks, check_plan, check_weight, mask_stats, masked
 from .algorithm.obs import ObsSettings
 from .backends import resolve_device, resolve_dtype
-from .config import Calibration, MaskConfig, MaskSpec, PruneConfig, RunOptions
-from .data import calibration_windows, hub_source, windows_hash
+from .config import Calibration, MaskConfig, MaskSpec, PruneConfig, RunOptions, check_api, or_default
+from .data import calibration_windows, check_window_ids, hub_source, windows_hash
 from .errors import UsageError
 from .io.checkpoint import (
     LazyCheckpoint,
@@ -88,13 +88,16 @@ def prune(model: nn.Module, calibration_batches: torch.Tensor | Iterable[torch.T
     (feedback "full" fine-tunes along the trajectory and restores them). `masks` is keyed by the
     matrices' logical names (models.Matrix); targeting restricts what is masked."""
     config, targeting = config or PruneConfig(), targeting or Targeting()
+    check_api(model=(model, nn.Module), config=(config, PruneConfig), targeting=(targeting, Targeting))
     if config.reconstruct != "none" or not config.has_saliency:
         raise UsageError("prune(): weight reconstruction changes weights and runs on checkpoints: use "
                          "prune_checkpoint(model_dir, out, config, calibration)")
     windows = _as_windows(calibration_batches)
+    check_window_ids(windows, int(getattr(model.config, "vocab_size", 0) or 0))
     Calibration(nsamples=int(windows.shape[0])).steps(config.batch_size)
     matrices = model_matrices(model)
     for m in matrices:
+        check_weight("model", m.name, weight_of(model, m))
         check_finite(m.name, weight_of(model, m), "model")
     plan, skipped = targeting.plan(matrices, num_blocks(model.config), config.mask)
     check_plan({m.name: m.shape for m in matrices}, plan)
@@ -123,13 +126,10 @@ def prune(model: nn.Module, calibration_batches: torch.Tensor | Iterable[torch.T
 def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
     """Zero the dropped entries of the model's prunable matrices in place (+0.0 zeros). Keys are the
     matrices' logical names (models.Matrix: parameter names, with [part]/[expert] for fused and MoE)."""
+    check_api(model=(model, nn.Module))
     views = {m.name: weight_of(model, m) for m in model_matrices(model)}
-    missing = [n for n in masks if n not in views]
-    if missing:
-        raise KeyError(f"masks name matrices the model does not have: {missing[:3]}")
+    check_masks(views, masks)  # every mask, before any weight changes
     for name, keep in masks.items():
-        if tuple(keep.shape) != tuple(views[name].shape):
-            raise ValueError(f"{name}: mask shape {tuple(keep.shape)} != weight shape {tuple(views[name].shape)}")
         views[name].copy_(masked(views[name], keep))
 
 
@@ -150,6 +150,7 @@ def _obs_settings(config: PruneConfig | MaskConfig) -> ObsSettings:
 
 
 def _open(model_dir: str, spec: MaskSpec, targeting: Targeting, trust_remote_code: bool, reconstruct: str) -> _Source:
+    check_api({"model_dir": model_dir}, spec=(spec, MaskSpec), targeting=(targeting, Targeting))
     config = load_config(model_dir, trust_remote_code)
     checkpoint = LazyCheckpoint(model_dir, config)
     plan, skipped = targeting.plan(checkpoint.matrices, num_blocks(config), spec)
@@ -215,7 +216,8 @@ def prune_checkpoint(model_dir: str, out: str, config: PruneConfig, calibration:
     """`unipruning prune`: calibrate on `calibration`, write the pruned checkpoint, saliency and report to
     `out`. With run.dry_run, return the plan (pipeline/planning.py) and write nothing."""
     start, targeting = time.perf_counter(), targeting or Targeting()
-    calibration, run = calibration or Calibration(), run or RunOptions()
+    calibration, run = or_default(calibration=(calibration, Calibration), run=(run, RunOptions))
+    check_api({"out": out}, config=(config, PruneConfig))
     source = _open(model_dir, config.mask, targeting, run.trust_remote_code, config.reconstruct)
     calibration.steps(config.batch_size)
     sources = _inputs(model_dir, calibration, targeting)
@@ -290,7 +292,8 @@ def mask_checkpoint(model_dir: str, saliency_dir: str, out: str, config: MaskCon
     "obs" the kept weights are reconstructed on `calibration` (nsamples, seqlen, seed default to the
     saliency's)."""
     start, targeting = time.perf_counter(), targeting or Targeting()
-    config, run = config or MaskConfig(), run or RunOptions()
+    config, run = or_default(config=(config, MaskConfig), run=(run, RunOptions))
+    check_api({"saliency_dir": saliency_dir, "out": out}, calibration=(calibration, Calibration, True))
     spec = config.mask
     source = _open(model_dir, spec, targeting, run.trust_remote_code, config.reconstruct)
     if config.reconstruct == "obs" and calibration is None:

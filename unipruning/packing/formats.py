@@ -43,6 +43,8 @@ ROW_MULTIPLE, COL_MULTIPLE = 32, 64  # CUTLASS fp16/bf16 sparse GEMM limits (PyT
 # ------------------------------------------------------------------------------------- checks
 def check_packable(weight: torch.Tensor, mask: torch.Tensor | None = None, name: str = "weight") -> None:
     """Raise UsageError (one line) unless `weight` (with `mask`, if given) can be packed as 2:4."""
+    if not isinstance(weight, torch.Tensor) or (mask is not None and not isinstance(mask, torch.Tensor)):
+        raise UsageError(f"{name}: expected a tensor (and a bool tensor as mask), got {type(weight).__name__}")
     if weight.dim() != 2:
         raise UsageError(f"{name}: expected a 2-D weight, got {weight.dim()}-D shape {tuple(weight.shape)}")
     if weight.dtype not in PACKABLE_DTYPES:
@@ -253,6 +255,8 @@ def sparsify_(model: nn.Module, layout: str = "cutlass") -> dict[str, str | None
     the reason}. Needs the model on a CUDA GPU of compute capability 8.0 or newer."""
     if layout not in LAYOUTS:
         raise UsageError(f"layout: expected one of {', '.join(LAYOUTS)}, got {layout!r}")
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     devices = {m.weight.device for m in linears.values()}
     if any(d.type != "cuda" for d in devices):
