@@ -25,12 +25,14 @@ from .config import (
     ALLOCATIONS,
     BACKENDS,
     BLOCKSIZE,
+    DEFAULT_ALLOCATION,
     DEVICES,
     DTYPES,
     FEEDBACKS,
     METRICS,
     OFFLOAD_MODES,
     PERCDAMP,
+    PRESETS,
     RECONSTRUCTIONS,
     SALIENCY_UPDATES,
     Calibration,
@@ -39,6 +41,7 @@ from .config import (
     MaskSpec,
     PruneConfig,
     RunOptions,
+    apply_settings,
 )
 from .errors import UsageError, cli_wording
 from .progress import Progress
@@ -54,12 +57,6 @@ PRUNE_METHODS = {
     "magnitude": {"metric": "magnitude", "allocation": "layer", "batch_size": "nsamples"},  # per matrix
     "sparsegpt": {"metric": "sparsegpt", "reconstruct": "obs"},
 }
-# named choices of what to run, from the SmolLM2-135M table (README, "Which settings"), chosen between
-# their candidates on calibration-domain windows: quality = the Γ-guided OBS reconstruction with OWL's
-# block sparsities; fast = mask only, OWL's block sparsities cut per output row, which `mask` re-cuts from
-# the saliency in seconds. With an N:M pattern both keep the per-group cut (_settle).
-PRESETS = {"fast": {"allocation": "owl-row"},
-           "quality": {"reconstruct": "obs", "guide_alpha": 1.0, "allocation": "owl"}}
 PACK_FORMATS = ("2:4", "fp8-2:4")
 MORE_HELP = "`unipruning COMMAND --help` lists a command's options, their defaults and examples."
 
@@ -107,16 +104,19 @@ def _mask_arguments(p: argparse.ArgumentParser) -> None:
                    help="fraction of weights removed, in (0, 1) (default: 0.5, or the one an N:M pattern implies)")
     p.add_argument("--pattern", "--sparsity_type", default="unstructured", metavar="unstructured|N:M",
                    help="unstructured, or N:M: keep N of every M consecutive inputs (2:4, 4:8)")
-    p.add_argument("--allocation", choices=ALLOCATIONS, default="layer",
+    p.add_argument("--allocation", choices=ALLOCATIONS, default="auto",
                    help="budget per matrix (layer), per output row (row), one global threshold (global), or per "
                         "block from its outlier ratio (OWL), cut per matrix (owl) or per output row (owl-row, "
-                        "OWL's own way with Wanda)")
+                        f"OWL's own way with Wanda); auto: {DEFAULT_ALLOCATION} for unstructured masks (the best "
+                        "mask-only budget we measured; row where --owl-lambda does not fit around --sparsity; owl "
+                        "for --guide-alpha), per group for N:M")
     p.add_argument("--bounds", nargs=2, type=_fraction, metavar=("S_MIN", "S_MAX"), default=(0.0, 0.99),
                    help="per-matrix sparsity bounds of --allocation global")
     p.add_argument("--owl-m", type=float, default=5.0,
-                   help="--allocation owl: an outlier is an entry above this times its block's mean saliency")
+                   help="--allocation owl and owl-row: an outlier is an entry above this times its block's mean "
+                        "saliency")
     p.add_argument("--owl-lambda", type=float, default=0.08,
-                   help="--allocation owl: block sparsities stay within +-this of --sparsity")
+                   help="--allocation owl and owl-row: block sparsities stay within +-this of --sparsity")
     _overwrite_argument(p)
 
 
@@ -226,7 +226,7 @@ def _prune_parser(sub) -> None:
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="quality = --reconstruct obs --guide-alpha 1 --allocation owl (the best perplexity we "
                         "measured; a second pass over the blocks); fast = --allocation owl-row, mask only (N:M: "
-                        "both cut per group) (default: none, the options as given)")
+                        "both cut per group) (default: none, the options as given: the defaults are mask only)")
     _obs_arguments(p)
     p.add_argument("--feedback", choices=FEEDBACKS, default="none",
                    help="none: layer-streamed, any size; full: S measured along AdamW fine-tuning of the whole "
@@ -404,19 +404,17 @@ def _run_options(args, progress: bool = True, dry_run: bool = False) -> RunOptio
 
 
 def _settle(args, settings: dict, source: str) -> None:
-    """Apply `settings` ({dest: value}) that `source` (--prune_method, a recipe) implies: an option left at
-    its default takes the value, one given otherwise is a contradiction. "nsamples" means --nsamples."""
-    for dest, value in settings.items():
-        value = args.nsamples if value == "nsamples" else value
-        if dest == "allocation" and args.pattern != "unstructured":
-            value = "layer"  # N:M masks are per group of M: there is no row or block budget to choose
+    """Apply `settings` ({dest: value}) that `source` (--prune_method, a recipe) implies (config.apply_settings:
+    an option left at its default takes the value, one given otherwise is a contradiction). "nsamples" means
+    --nsamples."""
+    implied = {dest: args.nsamples if value == "nsamples" else value for dest, value in settings.items()}
+    for dest in implied:
         if not hasattr(args, dest):
             raise UsageError(f"{source} sets {dest}, which `unipruning {args.command}` has no option for")
-        current = getattr(args, dest)
-        if current == args.default_of(dest):
-            setattr(args, dest, value)
-        elif current != value:
-            raise UsageError(f"`{dest}` {current} contradicts {source}, which means `{dest}` {value}")
+    current = {dest: getattr(args, dest) for dest in {*implied, "pattern"} if hasattr(args, dest)}
+    settled = apply_settings(current, {dest: args.default_of(dest) for dest in current}, implied, source)
+    for dest, value in settled.items():
+        setattr(args, dest, value)
 
 
 def _method_settings(args) -> None:

@@ -7,8 +7,8 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
 
 from .errors import UsageError
 
@@ -17,7 +17,16 @@ from .errors import UsageError
 SALIENCY_METRICS = ("magnitude", "wanda", "ria", "stochria")
 METRICS = (*SALIENCY_METRICS, "sparsegpt")
 RECONSTRUCTIONS = ("none", "obs")
-ALLOCATIONS = ("layer", "row", "global", "owl", "owl-row")
+ALLOCATIONS = ("auto", "layer", "row", "global", "owl", "owl-row")
+# what `allocation` auto (the default) means for an unstructured mask: the best mask-only budget measured on
+# SmolLM2-135M's calibration-domain check windows (README, results); N:M masks are cut per group of M
+DEFAULT_ALLOCATION = "owl-row"
+# named choices of what to run, chosen between their candidates on SmolLM2-135M's calibration-domain check
+# windows (README, results): quality = the Γ-guided OBS reconstruction with OWL's block sparsities (a second
+# pass over the blocks); fast = mask only, OWL's block sparsities cut per output row, which `mask` re-cuts
+# from the saliency in seconds. With an N:M pattern both keep the per-group cut (apply_settings).
+PRESETS = {"fast": {"allocation": "owl-row"},
+           "quality": {"reconstruct": "obs", "guide_alpha": 1.0, "allocation": "owl"}}
 OWL_ALLOCATIONS = ("owl", "owl-row")
 FEEDBACKS = ("none", "full")
 DEVICES = ("auto", "cpu", "cuda")
@@ -31,6 +40,7 @@ PERCDAMP, BLOCKSIZE = 0.01, 128
 _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
 
+DEFAULT_NSAMPLES = 128  # calibration windows, as Wanda and SparseGPT take them
 MAX_COUNT = 2**31 - 1  # windows, tokens per window, a batch, columns per OBS batch: a tensor dimension
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 64 bits
 MAX_KAPPA = 2.0  # z - t is multiplied by (1 - kappa) every step: beyond 2 the recursion diverges to Inf/NaN
@@ -121,6 +131,23 @@ def check_api(paths: dict | None = None, **typed) -> None:
         expect(name, *given)
 
 
+def apply_settings(current: Mapping, defaults: Mapping, implied: Mapping, source: str) -> dict:
+    """`current` options ({name: value}) with what `source` (a preset, Wanda's --prune_method, a recipe)
+    implies: an option left at its default takes the implied value, one given otherwise is a contradiction
+    (one line). With an N:M pattern an implied allocation gives way to the per-group cut."""
+    out = dict(current)
+    for name, value in implied.items():
+        if name == "allocation" and out.get("pattern", "unstructured") != "unstructured":
+            value = "layer"  # N:M masks are per group of M: there is no row or block budget to choose
+        if name not in out:
+            raise UsageError(f"{source} sets {name}, which has no option here")
+        if out[name] == defaults.get(name):
+            out[name] = value
+        elif out[name] != value:
+            raise UsageError(f"`{name}` {out[name]} contradicts {source}, which means `{name}` {value}")
+    return out
+
+
 @dataclass(frozen=True)
 class MaskSpec:
     """Which mask to cut from a saliency.
@@ -131,17 +158,34 @@ class MaskSpec:
     from its outlier ratio: blocks with more entries above owl_m times the block's mean saliency keep
     more, within +-owl_lambda of `sparsity`, averaging exactly to it; OWL, Yin et al. 2024) or 'owl-row'
     (OWL's block sparsities, each output row of the block's matrices cut to its block's, as OWL cuts
-    Wanda's scores; the total then differs from `sparsity`'s by the rounding of each row).
+    Wanda's scores; the total then differs from `sparsity`'s by the rounding of each row), or 'auto' (the
+    default): DEFAULT_ALLOCATION for an unstructured mask (row where OWL's spread of +-owl_lambda around
+    `sparsity` leaves (0, 1)), 'layer' (per group of M) for N:M. `allocation` holds the resolved name;
+    `auto` says whether it was chosen so (a later option may then choose another, e.g. `guide_alpha`).
     """
 
     sparsity: float | None = None
     pattern: str = "unstructured"
-    allocation: str = "layer"
+    allocation: str = "auto"
     bounds: tuple[float, float] = (0.0, 0.99)
     owl_m: float = 5.0
     owl_lambda: float = 0.08
 
     def __post_init__(self) -> None:
+        nm = self._settle_sparsity()
+        bounds = self.bounds
+        if not (isinstance(bounds, (tuple, list)) and len(bounds) == 2 and all(_real(b) for b in bounds)
+                and 0 <= bounds[0] <= bounds[1] < 1):
+            raise UsageError(f"`bounds`: expected (s_min, s_max) with 0 <= s_min <= s_max < 1, got {bounds!r}")
+        object.__setattr__(self, "bounds", (float(bounds[0]), float(bounds[1])))
+        if not (_real(self.owl_m) and self.owl_m > 0):
+            raise UsageError(f"`owl_m`: expected a positive number, got {self.owl_m!r}")
+        if not (_real(self.owl_lambda) and 0 <= self.owl_lambda):
+            raise UsageError(f"`owl_lambda`: expected a non-negative number, got {self.owl_lambda!r}")
+        self._settle_allocation(nm)
+
+    def _settle_sparsity(self) -> tuple[int, int] | None:
+        """The pattern in canonical form and the sparsity it implies (or 0.5); returns (N, M) or None."""
         if self.sparsity is not None and not _real(self.sparsity):
             raise UsageError(f"`sparsity`: expected a number in (0, 1), got {self.sparsity!r}")
         nm = parse_pattern(self.pattern)
@@ -157,22 +201,31 @@ class MaskSpec:
         if not (_real(sparsity) and 0 < sparsity < 1):
             raise UsageError(f"`sparsity`: expected a number in (0, 1), got {self.sparsity!r}")
         object.__setattr__(self, "sparsity", float(sparsity))
+        return nm
+
+    def _settle_allocation(self, nm: tuple[int, int] | None) -> None:
+        """`auto` resolved (and remembered, not as a field: reports and run keys name the resolved allocation),
+        then the allocation checked against the pattern and OWL's spread."""
         _choice("allocation", self.allocation, ALLOCATIONS)
+        spread = (self.sparsity - self.owl_lambda, self.sparsity + self.owl_lambda)
+        fits = 0 <= spread[0] < spread[1] < 1
+        object.__setattr__(self, "_auto", self.allocation == "auto")
+        if self._auto:
+            object.__setattr__(self, "allocation", "layer" if nm is not None else DEFAULT_ALLOCATION if fits else "row")
         if nm is not None and self.allocation != "layer":
             raise UsageError(f"`allocation` {self.allocation} cannot be combined with an N:M pattern")
-        bounds = self.bounds
-        if not (isinstance(bounds, (tuple, list)) and len(bounds) == 2 and all(_real(b) for b in bounds)
-                and 0 <= bounds[0] <= bounds[1] < 1):
-            raise UsageError(f"`bounds`: expected (s_min, s_max) with 0 <= s_min <= s_max < 1, got {bounds!r}")
-        object.__setattr__(self, "bounds", (float(bounds[0]), float(bounds[1])))
-        if not (_real(self.owl_m) and self.owl_m > 0):
-            raise UsageError(f"`owl_m`: expected a positive number, got {self.owl_m!r}")
-        if not (_real(self.owl_lambda) and 0 <= self.owl_lambda):
-            raise UsageError(f"`owl_lambda`: expected a non-negative number, got {self.owl_lambda!r}")
-        spread = (self.sparsity - self.owl_lambda, self.sparsity + self.owl_lambda)
-        if self.allocation in OWL_ALLOCATIONS and not 0 <= spread[0] < spread[1] < 1:
+        if self.allocation in OWL_ALLOCATIONS and not fits:
             raise UsageError(f"`owl_lambda` {self.owl_lambda} takes blocks outside (0, 1) around `sparsity` "
                              f"{self.sparsity}")
+
+    @property
+    def auto(self) -> bool:
+        """Whether the allocation was left to `auto` (the default) rather than named."""
+        return getattr(self, "_auto", False)
+
+    def with_allocation(self, allocation: str) -> MaskSpec:
+        """The same mask under another allocation."""
+        return replace(self, allocation=allocation)
 
     @property
     def cross_block(self) -> bool:
@@ -201,6 +254,16 @@ def _check_compute(device: str, dtype: str, backend: str, reconstruct: str, batc
             raise UsageError(f"`guide_alpha`: expected a non-negative number, got {guide_alpha!r}")
         if reconstruct != "obs":
             raise UsageError("`guide_alpha` guides the OBS sweep's choice of pruned entries: pass `reconstruct` obs")
+
+
+def settle_for_sweep(spec: MaskSpec, guide_alpha: float | None, metric: str = "stochria") -> MaskSpec:
+    """`allocation` auto where the OBS sweep chooses the pruned entries, which it does per matrix: OWL's block
+    sparsities (owl) for the guided sweep, SparseGPT's own per-matrix count (layer) for the sparsegpt metric."""
+    if not spec.auto or spec.nm is not None or spec.allocation not in ("row", "owl-row"):
+        return spec
+    if guide_alpha is not None:
+        return spec.with_allocation("owl" if spec.allocation == "owl-row" else "layer")
+    return spec.with_allocation("layer") if metric == "sparsegpt" else spec
 
 
 def check_guide(guide_alpha: float | None, spec: MaskSpec) -> None:
@@ -277,6 +340,7 @@ class PruneConfig:
             raise UsageError("`saliency_update` closed-form needs frozen weights: `feedback` full moves them "
                              "(use exact or auto)")
         _check_compute(self.device, self.dtype, self.backend, self.reconstruct, self.batch_size, self.guide_alpha)
+        object.__setattr__(self, "mask", settle_for_sweep(self.mask, self.guide_alpha, self.metric))
         check_guide(self.guide_alpha, self.mask)
         if self.metric == "sparsegpt" and self.guide_alpha is not None:
             raise UsageError("`guide_alpha` weighs the sweep by the saliency: `metric` sparsegpt has none")
@@ -286,6 +350,30 @@ class PruneConfig:
             if self.mask.nm is None and self.mask.allocation != "layer":
                 raise UsageError(f"`metric` sparsegpt: `allocation` {self.mask.allocation} is not SparseGPT's rule "
                                  "(use layer, or an N:M pattern)")
+
+    @classmethod
+    def from_options(cls, preset: str | None = None, **options) -> PruneConfig:
+        """A PruneConfig from keyword options, PruneConfig's fields and MaskSpec's (sparsity, pattern,
+        allocation, bounds, owl_m, owl_lambda) alike, under a named `preset` (PRESETS): an option the preset
+        also sets must agree with it. `PruneConfig.from_options(sparsity=0.6, metric="wanda")`."""
+        mask_fields = {f.name: f for f in fields(MaskSpec)}
+        own_fields = {f.name: f for f in fields(cls) if f.name != "mask"}
+        unknown = sorted(set(options) - set(mask_fields) - set(own_fields))
+        if unknown:
+            raise UsageError(f"`{unknown[0]}`: not an option of PruneConfig or MaskSpec (options: "
+                             f"{', '.join(sorted([*own_fields, *mask_fields]))})")
+        defaults = {name: f.default for name, f in {**mask_fields, **own_fields}.items()}
+        current = {**defaults, **options}
+        if preset is not None:
+            _choice("preset", preset, tuple(PRESETS))
+            current = apply_settings(current, defaults, PRESETS[preset], f"`preset` {preset}")
+        return cls(mask=MaskSpec(**{name: current[name] for name in mask_fields}),
+                   **{name: current[name] for name in own_fields})
+
+    @classmethod
+    def preset(cls, name: str, **options) -> PruneConfig:
+        """The named preset (PRESETS: "fast", "quality") with `options` on top, as from_options takes them."""
+        return cls.from_options(preset=name, **options)
 
     @property
     def has_saliency(self) -> bool:
@@ -323,6 +411,7 @@ class MaskConfig:
         expect("mask", self.mask, MaskSpec)
         _check_compute(self.device, self.dtype, self.backend, self.reconstruct, self.batch_size, self.guide_alpha)
         _check_obs(self.percdamp, self.blocksize, self.true_sequential)
+        object.__setattr__(self, "mask", settle_for_sweep(self.mask, self.guide_alpha))
         check_guide(self.guide_alpha, self.mask)
 
 
@@ -330,11 +419,13 @@ class MaskConfig:
 class Calibration:
     """Where calibration windows come from: `calib` (c4, wikitext2, or a .txt / directory / .jsonl path),
     nsamples windows of seqlen tokens, tokenized with the tokenizer in `tokenizer_dir` (default: the
-    model's). For `mask_checkpoint`, nsamples, seqlen and seed left None take the saliency's."""
+    model's). Left None: for `prune_checkpoint`, DEFAULT_NSAMPLES windows of the model's context as the papers
+    take it (data.default_seqlen), as the CLI does; for `mask_checkpoint`, nsamples, seqlen and
+    seed take the saliency's."""
 
     calib: str = "c4"
-    nsamples: int | None = 128
-    seqlen: int | None = 2048
+    nsamples: int | None = None
+    seqlen: int | None = None
     tokenizer_dir: str | None = None
     seed: int | None = None
 
@@ -347,6 +438,11 @@ class Calibration:
             raise UsageError(f"`seqlen`: expected an integer from 2 to {MAX_COUNT}, got {self.seqlen!r}")
         if self.seed is not None:
             _seed("seed", self.seed)
+
+    def with_defaults(self, nsamples: int, seqlen: int, seed: int | None = None) -> Calibration:
+        """The same source with the values left None filled in."""
+        return replace(self, nsamples=self.nsamples or nsamples, seqlen=self.seqlen or seqlen,
+                       seed=self.seed if self.seed is not None else seed)
 
     def steps(self, batch_size: int) -> int:
         """Mirror steps of `batch_size` windows: the one place that says the batch divides the windows."""

@@ -105,7 +105,7 @@ def run_demo(out: str | None = None, overwrite: bool = False, device: str = "aut
     start = time.perf_counter()
     model_dir, texts = converted_model(), demo_texts()
     print(f"demo model: SmolLM2-135M-Instruct in {model_dir} (ready in {time.perf_counter() - start:.1f} s)")
-    options = EvalOptions(device=device)
+    options = EvalOptions(device=device, batch_size=2)  # 2 x 512 x 49152 float32 logits: 0.4 GB, not 1.6
     with tempfile.TemporaryDirectory(prefix="unipruning-demo-") as scratch:
         with writing(out, overwrite, sources) if out is not None else contextlib.nullcontext(scratch) as target:
             ppl, seconds = _evaluated(model_dir, texts["heldout"], options, progress)

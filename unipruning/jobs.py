@@ -24,8 +24,17 @@ from . import backends
 from .algorithm.masks import MaskCutter, check_masks, check_plan, check_weight, mask_stats, masked
 from .algorithm.obs import ObsSettings
 from .backends import resolve_device, resolve_dtype
-from .config import Calibration, MaskConfig, MaskSpec, PruneConfig, RunOptions, check_api, or_default
-from .data import calibration_windows, check_window_ids, hub_source, windows_hash
+from .config import (
+    DEFAULT_NSAMPLES,
+    Calibration,
+    MaskConfig,
+    MaskSpec,
+    PruneConfig,
+    RunOptions,
+    check_api,
+    or_default,
+)
+from .data import calibration_windows, check_window_ids, default_seqlen, hub_source, windows_hash
 from .errors import UsageError
 from .io.checkpoint import (
     LazyCheckpoint,
@@ -80,13 +89,22 @@ def _as_windows(calibration_batches: torch.Tensor | Iterable[torch.Tensor]) -> t
 
 
 def prune(model: nn.Module, calibration_batches: torch.Tensor | Iterable[torch.Tensor],
-          config: PruneConfig | None = None, targeting: Targeting | None = None) -> PruneResult:
-    """Learn the saliency of `model` on token windows and cut the masks of `config.mask`.
+          config: PruneConfig | None = None, targeting: Targeting | None = None, **options) -> PruneResult:
+    """Learn the saliency of `model` on token windows and cut the masks of `config.mask`:
+
+        result = prune(model, windows, sparsity=0.5, pattern="2:4", preset="fast")   # keyword options, or
+        result = prune(model, windows, PruneConfig(mask=MaskSpec(sparsity=0.6)))      # a config object
 
     calibration_batches: (nsamples, seqlen) token ids, or an iterable of (B, seqlen) tensors (joined,
-    then split into steps of `config.batch_size` windows). The model's weights are left untouched
-    (feedback "full" fine-tunes along the trajectory and restores them). `masks` is keyed by the
-    matrices' logical names (models.Matrix); targeting restricts what is masked."""
+    then split into steps of `config.batch_size` windows). options: PruneConfig's and MaskSpec's fields and
+    `preset` (PruneConfig.from_options), instead of `config`. The model's weights are left untouched
+    (feedback "full" fine-tunes along the trajectory and restores them; `apply_masks` prunes them). `masks`
+    is keyed by the matrices' logical names (models.Matrix); targeting restricts what is masked; `report` is the
+    typed Report."""
+    if options:
+        if config is not None:
+            raise UsageError("prune(): pass either `config` or keyword options (sparsity=..., preset=...), not both")
+        config = PruneConfig.from_options(**options)
     config, targeting = config or PruneConfig(), targeting or Targeting()
     check_api(model=(model, nn.Module), config=(config, PruneConfig), targeting=(targeting, Targeting))
     if config.reconstruct != "none" or not config.has_saliency:
@@ -99,6 +117,7 @@ def prune(model: nn.Module, calibration_batches: torch.Tensor | Iterable[torch.T
     for m in matrices:
         check_weight("model", m.name, weight_of(model, m))
         check_finite(m.name, weight_of(model, m), "model")
+    config = replace(config, mask=targeting.settle(config.mask))
     plan, skipped = targeting.plan(matrices, num_blocks(model.config), config.mask)
     check_plan({m.name: m.shape for m in matrices}, plan)
     start = time.perf_counter()
@@ -218,7 +237,9 @@ def prune_checkpoint(model_dir: str, out: str, config: PruneConfig, calibration:
     start, targeting = time.perf_counter(), targeting or Targeting()
     calibration, run = or_default(calibration=(calibration, Calibration), run=(run, RunOptions))
     check_api({"out": out}, config=(config, PruneConfig))
+    config = replace(config, mask=targeting.settle(config.mask))
     source = _open(model_dir, config.mask, targeting, run.trust_remote_code, config.reconstruct)
+    calibration = calibration.with_defaults(DEFAULT_NSAMPLES, default_seqlen(source.config.to_dict()))
     calibration.steps(config.batch_size)
     sources = _inputs(model_dir, calibration, targeting)
     device = distributed.init_from_env(resolve_device(config.device))
@@ -294,7 +315,7 @@ def mask_checkpoint(model_dir: str, saliency_dir: str, out: str, config: MaskCon
     start, targeting = time.perf_counter(), targeting or Targeting()
     config, run = or_default(config=(config, MaskConfig), run=(run, RunOptions))
     check_api({"saliency_dir": saliency_dir, "out": out}, calibration=(calibration, Calibration, True))
-    spec = config.mask
+    spec = targeting.settle(config.mask)
     source = _open(model_dir, spec, targeting, run.trust_remote_code, config.reconstruct)
     if config.reconstruct == "obs" and calibration is None:
         raise UsageError("`reconstruct` obs: pass `calib` (the windows are run through the pruned model)")
@@ -308,6 +329,7 @@ def mask_checkpoint(model_dir: str, saliency_dir: str, out: str, config: MaskCon
                     targeting=targeting.to_dict())
     if config.reconstruct == "obs":
         job = replace(job, windows=_saliency_windows(source, saliency, calibration, config.batch_size, report))
+    report.open_seconds = time.perf_counter() - start
     with writing(out, run.overwrite, sources) as staging:
         cut = saliency_cutter(job, saliency, spec)
         note_allocation(report, cut, spec)
@@ -316,6 +338,7 @@ def mask_checkpoint(model_dir: str, saliency_dir: str, out: str, config: MaskCon
             recon_dir, pruned = _reconstruction(job, staging, cut, config, report)
         writer = pruned_writer(job, staging)
         report = export_checkpoint(job, staging, writer, pruned, saliency, spec, report)
+        report.cut_seconds = time.perf_counter() - start - report.open_seconds
         return finish(staging, report, start, recon_dir)
 
 
@@ -333,9 +356,7 @@ def _saliency_windows(source: _Source, saliency: Saliency, calibration: Calibrat
                       report: Report) -> torch.Tensor:
     """The windows of a mask job's OBS pass: nsamples, seqlen and seed left None take the saliency's."""
     meta = saliency.metadata
-    calibration = Calibration(calibration.calib, calibration.nsamples or meta["nsamples"],
-                              calibration.seqlen or meta["seqlen"], calibration.tokenizer_dir,
-                              meta["seed"] if calibration.seed is None else calibration.seed)
+    calibration = calibration.with_defaults(meta["nsamples"], meta["seqlen"], meta["seed"])
     calibration.steps(batch_size)
     windows, report.calibration = _windows(source, calibration, calibration.seed)
     report.calibration["seed"] = calibration.seed

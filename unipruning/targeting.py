@@ -120,6 +120,11 @@ class Targeting:
             overrides = _overrides(data.get("overrides", []), recipe)
         return cls(tuple(targets), tuple(ignore), tuple(layers), tuple(overrides), recipe)
 
+    def settle(self, spec: MaskSpec) -> MaskSpec:
+        """`spec` as this targeting cuts it: a recipe's per-matrix overrides need per-matrix or per-row
+        budgets, so `allocation` auto (owl-row) becomes row."""
+        return spec.with_allocation("row") if self.overrides and spec.cross_block and spec.auto else spec
+
     def plan(self, matrices, num_blocks: int, spec: MaskSpec) -> tuple[dict[str, MaskSpec], dict[str, str]]:
         """({pruned matrix: its MaskSpec}, {skipped matrix: why}) for `matrices` (models.Matrix)."""
         targets, ignore = _compile("`targets`", self.targets), _compile("`ignore`", self.ignore)
