@@ -19,10 +19,10 @@ METRICS = (*SALIENCY_METRICS, "sparsegpt")
 RECONSTRUCTIONS = ("none", "obs")
 ALLOCATIONS = ("auto", "layer", "row", "global", "owl", "owl-row")
 # what `allocation` auto (the default) means for an unstructured mask: the best mask-only budget measured on
-# SmolLM2-135M's calibration-domain check windows (README, results); N:M masks are cut per group of M
+# SmolLM2-135M's calibration-domain check windows (docs/results.md); N:M masks are cut per group of M
 DEFAULT_ALLOCATION = "owl-row"
 # named choices of what to run, chosen between their candidates on SmolLM2-135M's calibration-domain check
-# windows (README, results): quality = the Γ-guided OBS reconstruction with OWL's block sparsities (a second
+# windows (docs/results.md): quality = the Γ-guided OBS reconstruction with OWL's block sparsities (a second
 # pass over the blocks); fast = mask only, OWL's block sparsities cut per output row, which `mask` re-cuts
 # from the saliency in seconds. With an N:M pattern both keep the per-group cut (apply_settings).
 PRESETS = {"fast": {"allocation": "owl-row"},
