@@ -7,12 +7,12 @@ For W (out, in) and the channel factor f (in,) float64, one pass produces (float
     col_sum[j]       = col_abs[j]                          ria
                      = sum_i |W_ij| [(pos_r[i] - off_c[j]) mod out < tau]   stochria: column j's subset
     weighted_rows[i] = sum_j |W_ij| f_j                    (ria, stochria: the mean of S)
-The stochria subsets are the cyclic windows of `reference.subset_vectors` (four int32 vectors the
+The stochria subsets are the cyclic windows of `shared.subset_vectors` (four int32 vectors the
 launcher computes with that shared torch code): the kernel loads them with the tiles and tests
 membership with one int32 subtraction, fold and compare per entry, so the pass reads W once and
-hashes nothing; `reference.stochastic_subset_sums` gathers the same members from the same vectors.
+hashes nothing; `shared.stochastic_subset_sums` (in the twin) gathers the same members from the same vectors.
 Each program covers a column block and a run of row tiles and writes partial sums; the partials
-are added in a fixed order by torch and finished by `reference.finish_step_vectors`, so the
+are added in a fixed order by torch and finished by `shared.finish_step_vectors`, so the
 vectors match the twin (sums of the same terms in float64, rounded to float32).
 """
 
@@ -22,8 +22,9 @@ import torch
 import triton
 import triton.language as tl
 
-from . import reference as R
 from .grid import row_tiled
+from .metric_registry import metric_spec, stochria_tau
+from .shared import channel_factor, finish_step_vectors, subset_vectors
 
 
 @triton.jit
@@ -87,14 +88,13 @@ def _step_sums_kernel(
         tl.store(col_sum_ptr + pid_r * cols + col, col_sub, mask=col_ok)
 
 
-def step_sums_triton(weight: torch.Tensor, factor: torch.Tensor, metric: str, base_key: int = 0):
+def step_sums_triton(weight: torch.Tensor, factor: torch.Tensor, name: str, base_key: int = 0):
     """`reference.step_sums` in one pass over W."""
-    if metric not in R.METRICS:
-        raise ValueError(f"metric must be one of {', '.join(R.METRICS)}, got {metric!r}")
+    spec = metric_spec(name)
     rows, cols = weight.shape
     if weight.stride(1) != 1:
         weight = weight.contiguous()
-    row_sums, stoch = metric in ("ria", "stochria"), metric == "stochria"
+    row_sums, stoch = spec.row_sums, spec.normaliser == "subsets"
     dev = weight.device
     block_r, block_c, per_program, programs_r = row_tiled(rows, cols, 32, 64, 4096)
     col_blocks = triton.cdiv(cols, block_c)
@@ -103,9 +103,9 @@ def step_sums_triton(weight: torch.Tensor, factor: torch.Tensor, metric: str, ba
     col_sum = torch.empty((programs_r, cols), **f64) if stoch else col_abs
     row_sum = torch.empty((col_blocks, rows), **f64) if row_sums else col_abs
     wrow = torch.empty((col_blocks, rows), **f64) if row_sums else col_abs
-    tau = R.stochria_tau(rows, cols)
+    tau = stochria_tau(rows, cols)
     if stoch:
-        subsets = R.subset_vectors(base_key, rows, cols, dev)
+        subsets = subset_vectors(base_key, rows, cols, dev)
     else:
         subsets = (torch.zeros(1, dtype=torch.int32, device=dev),) * 4
     _step_sums_kernel[(col_blocks, programs_r)](
@@ -120,8 +120,8 @@ def step_sums_triton(weight: torch.Tensor, factor: torch.Tensor, metric: str, ba
     return col_abs_total, row_sum.sum(dim=0), col_total, wrow.sum(dim=0)
 
 
-def step_vectors_triton(weight, act_sqsum, tokens, metric, base_key=0):
+def step_vectors_triton(weight, act_sqsum, tokens, name, base_key=0):
     """`reference.step_vectors` with the reduction pass in Triton; factor and finish are shared."""
     rows, cols = weight.shape
-    factor = R.channel_factor(act_sqsum, tokens, metric, cols, weight.device)
-    return R.finish_step_vectors(rows, cols, factor, *step_sums_triton(weight, factor, metric, base_key))
+    factor = channel_factor(act_sqsum, tokens, name, cols, weight.device)
+    return finish_step_vectors(rows, cols, factor, *step_sums_triton(weight, factor, name, base_key))

@@ -10,7 +10,7 @@ rounded (kernels launch with enable_fp_fusion=False: no fused multiply-add), so 
 to the twin (under the interpreter and, IEEE float32 being what it is, on a GPU).
 
 Selection of t' in the same pass: the threshold moves smoothly (about linearly in z's early steps,
-by about kappa per step later), so the previous steps predict it (`reference.threshold_hint`: a
+by about kappa per step later), so the previous steps predict it (`shared.threshold_hint`: a
 window of keys around an extrapolation). The update pass counts the new z below the window and
 copies the entries inside it to a small candidate buffer (per-tile compaction, one atomic per tile).
 If the m-th smallest falls in the window, t' is read off the sorted candidates: two passes per step
@@ -25,6 +25,8 @@ import triton
 import triton.language as tl
 
 from .grid import row_tiled
+from .select import kth_smallest_triton
+from .shared import threshold_hint
 
 
 @triton.jit
@@ -94,7 +96,7 @@ def _launch(z, weight, row_inv, col_inv, col_scale, kappa, threshold, hint):
         raise ValueError(f"weight must be {tuple(z.shape)} with unit column stride, got {tuple(weight.shape)}")
     has_row = row_inv is not None
     dev = z.device
-    if hint >= 0:  # center << 32 | half width, from reference.threshold_hint
+    if hint >= 0:  # center << 32 | half width, from shared.threshold_hint
         center, half = hint >> 32, hint & 0xFFFFFFFF
         lo, hi = max(center - half, -(1 << 31)), min(center + half, (1 << 31) - 1)
     else:  # no prediction: an empty window
@@ -131,9 +133,6 @@ def mirror_step_triton(
 ) -> tuple[float, int]:
     """Update z in place and return (t', hint for the next step): t' is the exact m-th smallest new
     z (`reference.mirror_step_`). hint: what the previous step returned, -1 for none."""
-    from .reference import threshold_hint
-    from .select import kth_smallest_triton
-
     if not 1 <= m <= z.numel():
         raise ValueError(f"m must be in [1, {z.numel()}], got {m}")
     counters, cand, cand_count = _launch(z, weight, row_inv, col_inv, col_scale, kappa, threshold, hint)

@@ -11,10 +11,13 @@ obs_sweep_: the twin's lazy-batch sweep (`reference.obs_sweep_`) with its in-blo
 block of up to 128 columns, each program holds a (BLOCK_R, BLOCK_B) tile of rows in registers and
 walks the columns: q = the column with its pruned entries zeroed, err = (w - q) / U[i, i], the tile
 minus err * U[i, :] (U's row is zero left of i), column i set to q. Products are rounded before they
-are subtracted (launched with enable_fp_fusion=False, in the twin's order), so the tile is bit-identical
-to the twin's loop on the same inputs. The trailing update of the later columns is one torch matmul
-per block, as in the twin. SparseGPT's N:M rule picks each group's mask from the current weights in the
-middle of the sweep: that case runs the twin.
+are subtracted (launched with enable_fp_fusion=False, in the twin's order) and the division is the
+correctly rounded one (`div_rn`; Triton's `/` is the approximate div.full.f32 on a GPU), so the tile is
+bit-identical to the twin's loop on the same inputs. SparseGPT's N:M rule, which picks each group's mask
+from the current weights in the middle of the sweep, runs in the same kernel: at the start of a group,
+the ranks of its scores w^2 / U_ii^2 (times the prior) from pairwise comparisons. The unstructured rule
+(per block, before the block's sweep) is torch code shared with the twin (`shared.smallest_flat`). The
+trailing update of the later columns is one torch matmul per block, as in the twin.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import reference as R
+from .shared import smallest_flat
 
 
 @triton.jit
@@ -66,7 +69,29 @@ def hessian_accumulate_triton(h: torch.Tensor, x: torch.Tensor) -> None:
 
 
 @triton.jit
-def _obs_block_kernel(w_ptr, err_ptr, keep_ptr, u_ptr, rows, width, stride_w, stride_u,
+def _group_choice(w, keep, c, d_all, prior, g0, PRUNE: tl.constexpr, M: tl.constexpr, HAS_PRIOR: tl.constexpr):
+    """SparseGPT's N:M rule on the group of columns g0 .. g0 + M - 1 of the tile, from its current weights:
+    the PRUNE entries of smallest w^2 / U_ii^2 (times the prior) of every row are pruned, ties to the lower
+    column, NaN last: the order of the twin's stable ascending sort, as ranks from pairwise comparisons."""
+    score = tl.math.div_rn(w * w, (d_all * d_all)[None, :])  # the twin's rounding: square, square, divide
+    if HAS_PRIOR:
+        score = score * prior
+    nan = score != score
+    rank = tl.zeros(w.shape, dtype=tl.int32)
+    for j in tl.static_range(M):
+        here = (c == g0 + j)[None, :]
+        other = tl.sum(tl.where(here, score, -0.0), axis=1)[:, None]  # -0.0: an exact extraction
+        other_nan = other != other
+        before = (other < score) | ((other_nan == 0) & nan)  # NaN sorts after every number
+        tie = (other == score) | (other_nan & nan)
+        rank += (before | (tie & ((g0 + j) < c)[None, :])).to(tl.int32)
+    group = ((c >= g0) & (c < g0 + M))[None, :]
+    return tl.where(group, rank >= PRUNE, keep)
+
+
+@triton.jit
+def _obs_block_kernel(w_ptr, err_ptr, keep_ptr, u_ptr, prior_ptr, rows, width, stride_w, stride_u,
+                      PRUNE: tl.constexpr, M: tl.constexpr, HAS_PRIOR: tl.constexpr,
                       BLOCK_R: tl.constexpr, BLOCK_B: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     r = pid * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
@@ -76,46 +101,71 @@ def _obs_block_kernel(w_ptr, err_ptr, keep_ptr, u_ptr, rows, width, stride_w, st
     w = tl.load(w_ptr + offs, mask=ok, other=0.0)
     keep = tl.load(keep_ptr + offs, mask=ok, other=1) != 0
     errs = tl.zeros((BLOCK_R, BLOCK_B), dtype=tl.float32)
-    for i in range(0, width):
-        here = (c == i)[None, :]
-        col = tl.sum(tl.where(here, w, 0.0), axis=1)
-        kept = tl.sum(tl.where(here & keep, 1, 0), axis=1) > 0
-        q = tl.where(kept, col, 0.0)
-        d = tl.load(u_ptr + i * stride_u + i)
-        u_row = tl.load(u_ptr + i * stride_u + c, mask=(c >= i) & (c < width), other=0.0)
-        err = (col - q) / d
-        w = w - err[:, None] * u_row[None, :]
-        w = tl.where(here, q[:, None], w)
-        errs = tl.where(here, err[:, None], errs)
+    d_all = tl.load(u_ptr + c * stride_u + c, mask=c < width, other=1.0)
+    prior = w
+    if HAS_PRIOR:
+        prior = tl.load(prior_ptr + offs, mask=ok, other=1.0)
+    for g0 in range(0, width, M):  # M = 1 unless the N:M rule chooses the mask group by group
+        if PRUNE > 0:
+            keep = _group_choice(w, keep, c, d_all, prior, g0, PRUNE, M, HAS_PRIOR)
+        for j in tl.static_range(M):
+            i = g0 + j
+            here = (c == i)[None, :]
+            col = tl.sum(tl.where(here, w, -0.0), axis=1)  # -0.0: an exact extraction, signed zeros kept
+            kept = tl.sum(tl.where(here & keep, 1, 0), axis=1) > 0
+            q = tl.where(kept, col, 0.0)
+            d = tl.load(u_ptr + i * stride_u + i)
+            later = (c > i) & (c < width)
+            u_row = tl.load(u_ptr + i * stride_u + c, mask=later, other=0.0)
+            err = tl.math.div_rn(col - q, d)  # `/` would be div.full.f32 (2 ulp) on a GPU
+            # the twin updates only the later columns: elsewhere w - err * 0 could flip a zero's sign
+            w = tl.where(here, q[:, None], tl.where(later[None, :], w - err[:, None] * u_row[None, :], w))
+            errs = tl.where(here, err[:, None], errs)
     tl.store(w_ptr + offs, w, mask=ok)
     tl.store(err_ptr + offs, errs, mask=ok)
+    if PRUNE > 0:
+        tl.store(keep_ptr + offs, keep.to(tl.int8), mask=ok)
+
+
+def _choose_per_block(w, keep, d, prune_count, prior, i1, i2):
+    """SparseGPT's unstructured rule for the block's columns, from the weights as the sweep reaches it."""
+    cols = w.shape[1]
+    count = prune_count * i2 // cols - prune_count * i1 // cols
+    score = w[:, i1:i2].square() / d[i1:i2].square()
+    flat = smallest_flat(score if prior is None else score * prior[:, i1:i2], count)
+    keep[:, i1:i2][flat // (i2 - i1), flat % (i2 - i1)] = False
 
 
 def obs_sweep_triton(w, u, keep=None, prune_count=None, nm=None, blocksize=128, prior=None):
     """`reference.obs_sweep_` with the in-block sweep fused (see the module docstring)."""
-    if keep is None and nm is not None:
-        return R.obs_sweep_(w, u, keep, prune_count, nm, blocksize, prior)
     rows, cols = w.shape
     choose = keep is None
     keep = torch.ones_like(w, dtype=torch.bool) if choose else keep.clone()
+    prune, m = 0, 1
+    if choose and nm is not None:
+        n, m = nm
+        if not 0 < n < m or cols % m:
+            raise ValueError(f"need 0 < n < m and in_features % m == 0, got n={n}, m={m}, in={cols}")
+        prune = m - n
+        blocksize = max(m, blocksize // m * m)  # a group never straddles two blocks
     d = u.diagonal()
     block_b = triton.next_power_of_2(min(blocksize, cols))
     block_r = max(1, min(32, 4096 // block_b))
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
-        if choose:  # SparseGPT's per-block rule, from the weights as the sweep reaches the block
-            count = prune_count * i2 // cols - prune_count * i1 // cols
-            score = w[:, i1:i2].square() / d[i1:i2].square()
-            flat = R._smallest_flat(score if prior is None else score * prior[:, i1:i2], count)
-            keep[:, i1:i2][flat // (i2 - i1), flat % (i2 - i1)] = False
+        if choose and nm is None:
+            _choose_per_block(w, keep, d, prune_count, prior, i1, i2)
         w1 = w[:, i1:i2].contiguous()
         k1 = keep[:, i1:i2].contiguous().view(torch.int8)
         u1 = u[i1:i2, i1:i2].contiguous()
+        p1 = prior[:, i1:i2].contiguous() if prune and prior is not None else w1
         err1 = torch.empty_like(w1)
         _obs_block_kernel[(triton.cdiv(rows, block_r),)](
-            w1, err1, k1, u1, rows, i2 - i1, w1.stride(0), u1.stride(0),
-            BLOCK_R=block_r, BLOCK_B=block_b, enable_fp_fusion=False,
+            w1, err1, k1, u1, p1, rows, i2 - i1, w1.stride(0), u1.stride(0),
+            PRUNE=prune, M=m, HAS_PRIOR=p1 is not w1, BLOCK_R=block_r, BLOCK_B=block_b, enable_fp_fusion=False,
         )
+        if prune:
+            keep[:, i1:i2] = k1.view(torch.bool)
         w[:, i1:i2] = w1
         w[:, i2:] -= err1 @ u[i1:i2, i2:]
     w.masked_fill_(~keep, 0.0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import os
 
 import pytest
@@ -122,3 +123,25 @@ def weight_files(directory) -> dict[str, bytes]:
     """{file name: bytes} of a checkpoint's weight shards and index: what must match byte for byte."""
     return {name: (directory / name).read_bytes() for name in sorted(os.listdir(directory))
             if name.endswith(".safetensors") or name.endswith(".safetensors.index.json")}
+
+
+def assert_within_twin_error(kernel: torch.Tensor, twin: torch.Tensor, exact: torch.Tensor, what: str = "") -> None:
+    """flash-attention's rule for a kernel that is not bit-identical to its twin (another order of summation,
+    another matmul): against `exact`, a float64 or exactly rounded reference of the same quantity, the kernel's
+    largest error is at most twice the twin's own low-precision error, plus twice the rounding of `exact` to
+    the compared dtype at its magnitude (flash-attention's atol, 2 * |(ref + 0.3) - 0.3 - ref|)."""
+    assert kernel.shape == twin.shape == exact.shape and kernel.dtype == twin.dtype, what
+    exact = exact.to(torch.float64).cpu()
+    kernel_err = (kernel.to(torch.float64).cpu() - exact).abs().max().item()
+    twin_err = (twin.to(torch.float64).cpu() - exact).abs().max().item()
+    low = exact.to(kernel.dtype)
+    rounding = (low + 0.3 - 0.3 - low).abs().max().item()
+    assert kernel_err <= 2 * twin_err + 2 * rounding, (
+        f"{what}: kernel error {kernel_err:.3g} > 2 x twin error {twin_err:.3g} + 2 x rounding {rounding:.3g}")
+
+
+def exact_sums(values: torch.Tensor, dim: int) -> torch.Tensor:
+    """The correctly rounded float64 sums of `values` along `dim` (math.fsum: no rounding but the last)."""
+    rows = values.to(torch.float64).cpu().movedim(dim, -1).reshape(-1, values.shape[dim]).tolist()
+    return torch.tensor([math.fsum(r) for r in rows], dtype=torch.float64).reshape(
+        values.movedim(dim, -1).shape[:-1])

@@ -10,10 +10,11 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from .errors import UsageError
+from .kernels import metric_registry
 
-# the saliency's local scores (kernels/reference.py implements them), and SparseGPT's rule (masks chosen
+# the saliency's local scores (their registry: kernels/metric_registry.py), and SparseGPT's rule (masks chosen
 # during the OBS sweep, no saliency)
-SALIENCY_METRICS = ("magnitude", "wanda", "ria", "stochria")
+SALIENCY_METRICS = metric_registry.METRICS
 METRICS = (*SALIENCY_METRICS, "sparsegpt")
 RECONSTRUCTIONS = ("none", "obs")
 ALLOCATIONS = ("layer", "row", "global", "owl", "owl-row")

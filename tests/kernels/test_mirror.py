@@ -60,11 +60,11 @@ def test_more_than_2_pow_31_elements_on_gpu():
 def test_steady_state_threshold_comes_from_the_update_pass(monkeypatch):
     """After the first step the new threshold is found among the candidates of the fused pass: the
     fallback select over z (a third full pass) must not run."""
-    from unipruning.kernels import mirror, select
+    from unipruning.kernels import mirror
 
     calls = []
-    real = select.kth_smallest_triton
-    monkeypatch.setattr(select, "kth_smallest_triton", lambda v, k: calls.append(k) or real(v, k))
+    real = mirror.kth_smallest_triton
+    monkeypatch.setattr(mirror, "kth_smallest_triton", lambda v, k: calls.append(k) or real(v, k))
     w = torch.randn(64, 256, device=device())
     vec = R.step_vectors(w, torch.rand(256, dtype=torch.float64, device=device()), 5, "wanda")
     z = torch.zeros(w.shape, device=device())

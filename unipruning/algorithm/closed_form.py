@@ -38,17 +38,18 @@ def step_vectors(weight: torch.Tensor, sqsums: list[torch.Tensor | None], tokens
     The reductions over W that do not change with the step (column and ria row sums) run once, the
     weighted row sums of every step in one matrix product."""
     rows, cols = weight.shape
+    spec = ops.metric_spec(metric)
     wabs = weight.abs()
     wabs64 = wabs.to(torch.float64)
     factors = torch.stack([ops.channel_factor(s, t, metric, cols, weight.device) for s, t in zip(sqsums, tokens,
                                                                                                  strict=True)])
     col_abs = wabs.sum(dim=0, dtype=torch.float64)
-    weighted = wabs64 @ factors.T if metric in ("ria", "stochria") else None  # (out, n)
+    weighted = wabs64 @ factors.T if spec.row_sums else None  # (out, n)
     vectors = []
     for k, factor in enumerate(factors):
-        if metric == "ria":
+        if spec.normaliser == "full":
             sums = (wabs.sum(dim=1, dtype=torch.float64), col_abs, weighted[:, k])
-        elif metric == "stochria":
+        elif spec.normaliser == "subsets":
             row_sum, col_sum = ops.stochastic_subset_sums(wabs, keys[k], ops.stochria_tau(rows, cols))
             sums = (row_sum, col_sum, weighted[:, k])
         else:

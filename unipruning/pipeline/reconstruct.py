@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .. import ops
-from ..algorithm.obs import ObsSettings, reconstruct_weight
+from ..algorithm.obs import ObsSettings, reconstruct_weight, sweep_rule
 from ..config import MaskSpec
 from ..io.checkpoint import LazyCheckpoint
 from ..io.staging import atomic_file
@@ -102,8 +102,8 @@ def _reconstruct_block(block: nn.Module, index: int, prefix: str, linears: dict[
         h = early[g] if early else hessian(members)
         for name, lin in members.items():
             keep, prior, kept = choice(name, originals[name]) if choice is not None else (None, None, None)
-            weight, mask = reconstruct_weight(lin.weight.data, h, keep, plan[name], name, backend, prior, kept,
-                                              obs.damp, obs.blocksize)
+            rule = sweep_rule(plan[name], lin.weight.numel(), keep, prior, kept)
+            weight, mask = reconstruct_weight(lin.weight.data, h, rule, name, obs, backend)
             masks[name] = mask.cpu()
             lin.weight.data.copy_(weight)  # in the compute dtype, then as it will be stored:
             stored[name] = lin.weight.data.to(originals[name].dtype).cpu()
