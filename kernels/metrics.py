@@ -27,7 +27,7 @@ from .metric_registry import metric_spec, stochria_tau
 from .shared import channel_factor, finish_step_vectors, subset_vectors
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["tau", "row_tiles_per_program"])  # per shape: one compile per dtype
 def _step_sums_kernel(
     col_abs_ptr,
     col_sum_ptr,
@@ -51,15 +51,12 @@ def _step_sums_kernel(
 ):
     pid_c = tl.program_id(0).to(tl.int64)
     pid_r = tl.program_id(1).to(tl.int64)
-    col = pid_c * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
+    col = pid_c.to(tl.int32) * BLOCK_C + tl.arange(0, BLOCK_C)  # int32: cols < 2^31; row offsets are int64
     col_ok = col < cols
     col_abs = tl.zeros((BLOCK_C,), dtype=tl.float64)
     col_sub = tl.zeros((BLOCK_C,), dtype=tl.float64)
-    if ROW_SUMS:
-        factor = tl.load(factor_ptr + col, mask=col_ok, other=0.0)
-    if STOCH:  # the columns' positions in the column order, and the columns' offsets in the row order
-        pos_c = tl.load(pos_c_ptr + col, mask=col_ok, other=0)[None, :]
-        off_c = tl.load(off_c_ptr + col, mask=col_ok, other=0)[None, :]
+    # the per-column vectors (factor, stochria's positions and offsets) are read again for every tile, from
+    # L1, rather than held through the loop: fewer live registers, more programs resident
     for i in range(0, row_tiles_per_program):
         row = (pid_r * row_tiles_per_program + i) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
         row_ok = row < rows
@@ -69,8 +66,11 @@ def _step_sums_kernel(
         col_abs += tl.sum(a, axis=0)
         if ROW_SUMS:
             out = pid_c * rows + row
+            factor = tl.load(factor_ptr + col, mask=col_ok, other=0.0)
             tl.store(wrow_ptr + out, tl.sum(a * factor[None, :], axis=1), mask=row_ok)
-            if STOCH:
+            if STOCH:  # the columns' positions in the column order, their offsets in the row order
+                pos_c = tl.load(pos_c_ptr + col, mask=col_ok, other=0)[None, :]
+                off_c = tl.load(off_c_ptr + col, mask=col_ok, other=0)[None, :]
                 pos_r = tl.load(pos_r_ptr + row, mask=row_ok, other=0)[:, None]
                 off_r = tl.load(off_r_ptr + row, mask=row_ok, other=0)[:, None]
                 # int32 cyclic distances in (-n, n), folded into [0, n): membership of the windows.
@@ -96,7 +96,8 @@ def step_sums_triton(weight: torch.Tensor, factor: torch.Tensor, name: str, base
         weight = weight.contiguous()
     row_sums, stoch = spec.row_sums, spec.normaliser == "subsets"
     dev = weight.device
-    block_r, block_c, per_program, programs_r = row_tiled(rows, cols, 32, 64, 4096)
+    # stochria holds two membership tiles beside |W|: half the rows per tile keeps it at 25% occupancy on sm_90
+    block_r, block_c, per_program, programs_r = row_tiled(rows, cols, 16 if stoch else 32, 64, 4096)
     col_blocks = triton.cdiv(cols, block_c)
     f64 = dict(dtype=torch.float64, device=dev)
     col_abs = torch.empty((programs_r, cols), **f64)

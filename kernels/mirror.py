@@ -29,7 +29,8 @@ from .select import kth_smallest_triton
 from .shared import threshold_hint
 
 
-@triton.jit
+# the window's keys and the buffer's size change every step: fixed types, never specialised on
+@triton.jit(do_not_specialize=["lo_key", "hi_key", "cand_cap", "row_tiles_per_program"])
 def _mirror_step_kernel(
     z_ptr,
     below_ptr,
@@ -44,9 +45,9 @@ def _mirror_step_kernel(
     stride_w,
     kappa,
     threshold,
-    lo_key,
-    hi_key,
-    cand_cap,
+    lo_key: tl.int32,
+    hi_key: tl.int32,
+    cand_cap: tl.int64,
     row_tiles_per_program,
     HAS_ROW: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -78,12 +79,13 @@ def _mirror_step_kernel(
         tl.store(zp, z, mask=ok)
         bits = z.to(tl.int32, bitcast=True)
         key = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # signed order-preserving key of a float32
-        below += tl.sum(tl.sum((ok & (key < lo_key)).to(tl.int64), axis=1), axis=0)
-        take = tl.reshape((ok & (key >= lo_key) & (key <= hi_key)).to(tl.int64), (BLOCK_R * BLOCK_C,))
+        # per-tile counts fit int32 (a tile holds BLOCK_R * BLOCK_C entries): half the registers of int64
+        below += tl.sum(tl.sum((ok & (key < lo_key)).to(tl.int32), axis=1), axis=0).to(tl.int64)
+        take = tl.reshape((ok & (key >= lo_key) & (key <= hi_key)).to(tl.int32), (BLOCK_R * BLOCK_C,))
         count = tl.sum(take, axis=0)
         if count > 0:
-            base = tl.atomic_add(cand_count_ptr, count)
-            pos = base + tl.cumsum(take, axis=0) - 1
+            base = tl.atomic_add(cand_count_ptr, count.to(tl.int64))
+            pos = base + (tl.cumsum(take, axis=0) - 1).to(tl.int64)
             tl.store(cand_ptr + pos, tl.reshape(z, (BLOCK_R * BLOCK_C,)), mask=(take > 0) & (pos < cand_cap))
     tl.atomic_add(below_ptr, below)
 
@@ -110,7 +112,7 @@ def _launch(z, weight, row_inv, col_inv, col_scale, kappa, threshold, hint):
         z, counters, cand, cand_count, weight,
         row_inv if has_row else col_scale, col_inv if has_row else col_scale, col_scale,
         rows, cols, weight.stride(0), float(kappa), float(threshold), lo, hi, cand.numel(), per_program,
-        HAS_ROW=has_row, BLOCK_R=block_r, BLOCK_C=block_c, enable_fp_fusion=False,
+        HAS_ROW=has_row, BLOCK_R=block_r, BLOCK_C=block_c, enable_fp_fusion=False, num_warps=8,
     )
     return counters, cand, cand_count
 

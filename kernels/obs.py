@@ -29,7 +29,7 @@ import triton.language as tl
 from .shared import smallest_flat
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["tokens"])  # the token count varies by micro-batch
 def _hessian_kernel(h_ptr, x_ptr, tokens, n, stride_x, BLOCK: tl.constexpr, BLOCK_T: tl.constexpr,
                     IEEE: tl.constexpr):
     pid_m = tl.program_id(0).to(tl.int64)
@@ -69,23 +69,23 @@ def hessian_accumulate_triton(h: torch.Tensor, x: torch.Tensor) -> None:
 
 
 @triton.jit
-def _group_choice(w, keep, c, d_all, prior, g0, PRUNE: tl.constexpr, M: tl.constexpr, HAS_PRIOR: tl.constexpr):
+def _group_choice(w, keep, r, c, d_all, prior_ptr, rows, stride, g0, PRUNE: tl.constexpr, M: tl.constexpr,
+                  HAS_PRIOR: tl.constexpr):
     """SparseGPT's N:M rule on the group of columns g0 .. g0 + M - 1 of the tile, from its current weights:
-    the PRUNE entries of smallest w^2 / U_ii^2 (times the prior) of every row are pruned, ties to the lower
-    column, NaN last: the order of the twin's stable ascending sort, as ranks from pairwise comparisons."""
+    the PRUNE entries of smallest w^2 / U_ii^2 (times the prior) of every row are pruned, in the order of the
+    twin's stable ascending sort (ties to the lower column, NaN last), as ranks from pairwise comparisons."""
+    group = ((c >= g0) & (c < g0 + M))[None, :]
     score = tl.math.div_rn(w * w, (d_all * d_all)[None, :])  # the twin's rounding: square, square, divide
-    if HAS_PRIOR:
-        score = score * prior
-    nan = score != score
+    if HAS_PRIOR:  # the group's columns of the prior only, read when the sweep reaches them
+        score = score * tl.load(prior_ptr + r[:, None] * stride + c[None, :], mask=(r < rows)[:, None] & group,
+                                other=1.0)
+    # one int32 key in the sort's order: -0.0 as +0.0 (equal in the sort), every NaN as one value above +inf
+    bits = (score + 0.0).to(tl.int32, bitcast=True)
+    key = tl.where(score != score, 0x7FC00000, bits ^ ((bits >> 31) & 0x7FFFFFFF))
     rank = tl.zeros(w.shape, dtype=tl.int32)
     for j in tl.static_range(M):
-        here = (c == g0 + j)[None, :]
-        other = tl.sum(tl.where(here, score, -0.0), axis=1)[:, None]  # -0.0: an exact extraction
-        other_nan = other != other
-        before = (other < score) | ((other_nan == 0) & nan)  # NaN sorts after every number
-        tie = (other == score) | (other_nan & nan)
-        rank += (before | (tie & ((g0 + j) < c)[None, :])).to(tl.int32)
-    group = ((c >= g0) & (c < g0 + M))[None, :]
+        other = tl.sum(tl.where((c == g0 + j)[None, :], key, 0), axis=1)[:, None]
+        rank += ((other < key) | ((other == key) & ((g0 + j) < c)[None, :])).to(tl.int32)
     return tl.where(group, rank >= PRUNE, keep)
 
 
@@ -100,16 +100,11 @@ def _obs_block_kernel(w_ptr, err_ptr, keep_ptr, u_ptr, prior_ptr, rows, width, s
     offs = r[:, None] * stride_w + c[None, :]
     w = tl.load(w_ptr + offs, mask=ok, other=0.0)
     keep = tl.load(keep_ptr + offs, mask=ok, other=1) != 0
-    errs = tl.zeros((BLOCK_R, BLOCK_B), dtype=tl.float32)
     d_all = tl.load(u_ptr + c * stride_u + c, mask=c < width, other=1.0)
-    prior = w
-    if HAS_PRIOR:
-        prior = tl.load(prior_ptr + offs, mask=ok, other=1.0)
     for g0 in range(0, width, M):  # M = 1 unless the N:M rule chooses the mask group by group
         if PRUNE > 0:
-            keep = _group_choice(w, keep, c, d_all, prior, g0, PRUNE, M, HAS_PRIOR)
-        for j in tl.static_range(M):
-            i = g0 + j
+            keep = _group_choice(w, keep, r, c, d_all, prior_ptr, rows, stride_w, g0, PRUNE, M, HAS_PRIOR)
+        for i in range(g0, g0 + M):
             here = (c == i)[None, :]
             col = tl.sum(tl.where(here, w, -0.0), axis=1)  # -0.0: an exact extraction, signed zeros kept
             kept = tl.sum(tl.where(here & keep, 1, 0), axis=1) > 0
@@ -120,9 +115,8 @@ def _obs_block_kernel(w_ptr, err_ptr, keep_ptr, u_ptr, prior_ptr, rows, width, s
             err = tl.math.div_rn(col - q, d)  # `/` would be div.full.f32 (2 ulp) on a GPU
             # the twin updates only the later columns: elsewhere w - err * 0 could flip a zero's sign
             w = tl.where(here, q[:, None], tl.where(later[None, :], w - err[:, None] * u_row[None, :], w))
-            errs = tl.where(here, err[:, None], errs)
+            tl.store(err_ptr + r * stride_w + i, err, mask=r < rows)  # a column at a time: no tile held
     tl.store(w_ptr + offs, w, mask=ok)
-    tl.store(err_ptr + offs, errs, mask=ok)
     if PRUNE > 0:
         tl.store(keep_ptr + offs, keep.to(tl.int8), mask=ok)
 
@@ -150,7 +144,7 @@ def obs_sweep_triton(w, u, keep=None, prune_count=None, nm=None, blocksize=128, 
         blocksize = max(m, blocksize // m * m)  # a group never straddles two blocks
     d = u.diagonal()
     block_b = triton.next_power_of_2(min(blocksize, cols))
-    block_r = max(1, min(32, 4096 // block_b))
+    block_r = max(1, min(8, 1024 // block_b))
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         if choose and nm is None:
@@ -163,6 +157,7 @@ def obs_sweep_triton(w, u, keep=None, prune_count=None, nm=None, blocksize=128, 
         _obs_block_kernel[(triton.cdiv(rows, block_r),)](
             w1, err1, k1, u1, p1, rows, i2 - i1, w1.stride(0), u1.stride(0),
             PRUNE=prune, M=m, HAS_PRIOR=p1 is not w1, BLOCK_R=block_r, BLOCK_B=block_b, enable_fp_fusion=False,
+            num_warps=4, maxnreg=128,
         )
         if prune:
             keep[:, i1:i2] = k1.view(torch.bool)

@@ -45,16 +45,18 @@ def _ordered_key(raw, KIND: tl.constexpr):
         return raw + 4611686018427387904  # 2^62
 
 
-@triton.jit
+# Integer arguments that are data (bracket bounds, keys, capacities) or may pass 2^31 (counts) get a fixed
+# type and no specialisation on their value: one compile per kind and arch, never a new one mid-run.
+@triton.jit(do_not_specialize=["lo", "hi", "cap", "tiles_per_program"])
 def _bracket_kernel(
     below_ptr,
     cand_ptr,
     cand_count_ptr,
     keys_ptr,
-    n,
-    lo,
-    hi,
-    cap,
+    n: tl.int64,
+    lo: tl.int64,
+    hi: tl.int64,
+    cap: tl.int64,
     tiles_per_program,
     KIND: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -180,15 +182,15 @@ def kth_smallest_triton(values: torch.Tensor, k: int) -> torch.Tensor:
     raise ValueError(f"values must be float32 or int64, got {values.dtype}")
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["kth", "tie_cap"])
 def _threshold_mask_kernel(
     keep_ptr,
     tie_ptr,
     tie_count_ptr,
     keys_ptr,
-    n,
-    kth,
-    tie_cap,
+    n: tl.int64,
+    kth: tl.int64,
+    tie_cap: tl.int64,
     BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
