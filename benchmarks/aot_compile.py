@@ -12,6 +12,8 @@ error, a spill, an approximate float instruction where the kernels promise their
     python benchmarks/aot_compile.py --check         # CI: also fail when the committed JSON is not what this
                                                      # code compiles to (run the line above and commit)
     python benchmarks/aot_compile.py --table         # the README's table, from the committed JSON
+    python benchmarks/aot_compile.py --device-check OUT.json   # on a GPU: the driver's registers and spills of
+                                                     # every variant, compiled for it, against the table
 
 Theoretical occupancy follows the CUDA occupancy calculator: resident warps per SM over 64, with registers
 allocated per warp in units of 256, 1 KiB of shared memory reserved per block, and at most 32 blocks, 65536
@@ -131,6 +133,13 @@ def _cases() -> dict[str, Callable[[], object]]:
                 cases[f"mirror_step {metric} {shape} {name}{DATA}{data}"] = \
                     lambda r=rows, c=cols, d=dtype, m=metric, h=hint: mirror.mirror_step_triton(
                         _empty((r, c)), _empty((r, c), d), *_vectors(r, c, m), 0.01, 0.5, r * c // 1000, h)
+            count = rows * cols // 100  # the closed form's candidates: 1% of the matrix
+            for metric, hint in (("wanda", -1), ("ria", -1), ("ria", (1 << 62) | 5000)):
+                data = "no hint" if hint < 0 else "a hint"
+                cases[f"candidate_step {metric} {count} of {shape}{DATA}{data}"] = \
+                    lambda r=rows, c=cols, k=count, m=metric, h=hint: mirror.candidate_step_triton(
+                        _empty(k), _empty(k), _empty(k, torch.int32), _empty(k, torch.int32), *_vectors(r, c, m),
+                        0.01, 0.5, k // 10, h)
             cases[f"rank_keys {shape} {name}"] = lambda r=rows, c=cols, d=dtype: select.rank_keys_triton(
                 _empty((r, c)), _empty((r, c), d))
     for rows, cols in SHAPES:
@@ -224,21 +233,26 @@ def occupancy(registers: int, warps: int, shared: int, arch: int) -> dict:
             "limited_by": min(limits, key=lambda k: (limits[k], k != "registers"))}
 
 
-def collect(workers: int, only: str | None = None) -> list[dict]:
-    """Capture every case (or those whose label starts with `only`), group the launches into variants,
-    compile each for every arch."""
-    variants: dict[tuple[str, str], dict] = {}
+def variants(only: str | None = None) -> list[dict]:
+    """Every case (or those whose label starts with `only`) captured, grouped into named variants: the launch
+    (one of the group's), its kernel and module, its specialisation for sm_90, the case labels."""
+    found: dict[tuple[str, str], dict] = {}
     for label, call in _cases().items():
         if only and not label.startswith(only):
             continue
         launch = capture(call)
         name, module = launch.fn.fn.__name__, launch.fn.fn.__module__
         spec = specialization(launch, ARCHS[-1])
-        entry = variants.setdefault((name, _key(spec)), {"kernel": name, "module": module, "launch": launch,
-                                                         "spec": spec, "cases": []})
+        entry = found.setdefault((name, _key(spec)), {"kernel": name, "module": module, "launch": launch,
+                                                      "spec": spec, "cases": []})
         entry["cases"].append(label)
-    _name_variants(list(variants.values()))
-    jobs = [(v, arch) for v in variants.values() for arch in ARCHS]
+    _name_variants(list(found.values()))
+    return list(found.values())
+
+
+def collect(workers: int, only: str | None = None) -> list[dict]:
+    """Every variant compiled for every arch: one result row each."""
+    jobs = [(v, arch) for v in variants(only) for arch in ARCHS]
     with concurrent.futures.ProcessPoolExecutor(workers) as pool:
         done = pool.map(_compile_job, [(v["module"], v["kernel"], specialization(v["launch"], arch), arch)
                                        for v, arch in jobs])
@@ -331,6 +345,32 @@ def _pct(row: dict) -> str:
     return f"{100 * row['occupancy']:.1f}%" if "occupancy" in row else "-"
 
 
+def device_check(out: str) -> int:
+    """On a GPU: compile every variant for the device, load it, and compare the driver's registers and spills
+    with the committed table's row of that arch (sm_90 for an H100/H200). Writes `out`; 1 if any differs."""
+    major, minor = torch.cuda.get_device_capability()
+    arch = 10 * major + minor
+    with open(RESULTS) as f:
+        table_rows = {(r["kernel"], r["variant"]): r for r in json.load(f)["results"] if r["arch"] == f"sm_{arch}"}
+    rows = []
+    for v in variants():
+        signature, constexprs, attrs, options = specialization(v["launch"], arch)
+        compiled = triton.compile(ASTSource(v["launch"].fn, signature, constexprs, attrs),
+                                  target=GPUTarget("cuda", arch, 32), options=options)
+        compiled._init_handles()  # loads the cubin: the driver's own figures
+        row = table_rows.get((v["kernel"], v["variant"]), {})
+        rows.append({"kernel": v["kernel"], "variant": v["variant"], "arch": f"sm_{arch}",
+                     "device_registers": compiled.n_regs, "device_spills": compiled.n_spills,
+                     "table_registers": row.get("registers"), "same": row.get("registers") == compiled.n_regs})
+    doc = {"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
+           "versions": {"triton": triton.__version__, "torch": torch.__version__}, "results": rows}
+    with open(out, "w") as f:
+        json.dump(doc, f, indent=1)
+    differ = [r for r in rows if not r["same"]]
+    print(f"aot_compile: {len(rows)} variants loaded on {doc['device']}, {len(differ)} differ from the table")
+    return 1 if differ else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=RESULTS, help="where the JSON goes (default: %(default)s)")
@@ -339,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--table", action="store_true", help="print the README table of --out and exit")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--only", help="the cases whose label starts with this (e.g. mirror_step), not written")
+    parser.add_argument("--device-check", metavar="OUT", help="on a GPU: the driver's registers against the table")
     args = parser.parse_args(argv)
     if args.table:
         with open(args.out) as f:
@@ -348,6 +389,8 @@ def main(argv: list[str] | None = None) -> int:
     # compile runs ptxas and logs its registers
     os.environ.pop("TRITON_INTERPRET", None)
     os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="unipruning-aot-")
+    if args.device_check:
+        return device_check(args.device_check)
     doc = document(collect(args.workers, args.only))
     bad = [f"{r['kernel']} [{r['variant']}] {r['arch']}: {r['status']}" for r in doc["results"] if r["status"] != "ok"]
     bad += [f"{base}: data changed the compiled variant ({n} variants)" for base, n in recompiles(doc).items()]

@@ -50,7 +50,7 @@ def _exact(weight, sqsums, metric, keys, kappa, m):
 
 def _closed(weight, sqsums, metric, keys, kappa, m):
     vectors = closed_form.step_vectors(weight, sqsums, [512] * len(sqsums), metric, keys)
-    return closed_form.saliency(weight, *vectors, kappa, m)[0]
+    return closed_form.saliency(weight, vectors, kappa, m)[0]
 
 
 def _agreement(z_a, z_b, weight, sparsity: float) -> float:

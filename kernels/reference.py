@@ -149,10 +149,19 @@ def mirror_update_(
     Every operation is a separately rounded float32 op (z + (kappa * (S - gamma))): the Triton kernel
     is launched without fp fusion so that it rounds identically.
     """
-    s = local_score(weight, row_inv, col_inv, col_scale)
+    _update_(z, local_score(weight, row_inv, col_inv, col_scale), kappa, threshold)
+
+
+def _update_(z: torch.Tensor, s: torch.Tensor, kappa: float, threshold: float) -> None:
+    """z <- z + kappa * (s - max(z - threshold, 0)), each float32 operation rounded in this order; s is spent."""
     gamma = (z - torch.tensor(threshold, dtype=torch.float32, device=z.device)).clamp_min_(0.0)
     s.sub_(gamma).mul_(torch.tensor(kappa, dtype=torch.float32, device=z.device))
     z.add_(s)
+
+
+def _next_threshold(z: torch.Tensor, m: int, threshold: float) -> tuple[float, int]:
+    t = float(kth_smallest(z, m))
+    return t, threshold_hint(t, threshold)
 
 
 def mirror_step_(
@@ -172,8 +181,28 @@ def mirror_step_(
     kernel where to gather the candidates of t' during the update pass; the result never depends
     on it (`threshold_hint`)."""
     mirror_update_(z, weight, row_inv, col_inv, col_scale, kappa, threshold)
-    t = float(kth_smallest(z, m))
-    return t, threshold_hint(t, threshold)
+    return _next_threshold(z, m, threshold)
+
+
+def candidate_step_(
+    z: torch.Tensor,
+    a: torch.Tensor,
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    row_inv: torch.Tensor | None,
+    col_inv: torch.Tensor | None,
+    col_scale: torch.Tensor,
+    kappa: float,
+    threshold: float,
+    m: int,
+    hint: int = -1,
+) -> tuple[float, int]:
+    """The mirror step of the entries (rows[k], cols[k]) of a matrix (the closed form's candidates): z (K,)
+    float32 in place, a = their |W| (K,) float32, S gathered from the step vectors in `local_score`'s order;
+    then t' = the exact m-th smallest z. Returns (t', hint for the next step), as `mirror_step_`."""
+    cs = col_scale[cols]
+    _update_(z, a * cs if row_inv is None else (a * (row_inv[rows] + col_inv[cols])) * cs, kappa, threshold)
+    return _next_threshold(z, m, threshold)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -163,6 +163,16 @@ class StepVectors(NamedTuple):
     col_scale: torch.Tensor
 
 
+class Candidates(NamedTuple):
+    """Entries of one matrix followed one by one (the closed form's candidates): their z (K,) float32,
+    updated in place, |W| (K,) float32, row and column (K,) int32."""
+
+    z: torch.Tensor
+    a: torch.Tensor
+    rows: torch.Tensor
+    cols: torch.Tensor
+
+
 def channel_factor(act_sqsum: torch.Tensor | None, tokens: int, name: str, cols: int,
                    device: torch.device) -> torch.Tensor:
     """f_j (in,) float64 = n_j ** p, p the metric's channel exponent (metric_registry.py); 1 where p = 0."""

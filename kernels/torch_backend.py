@@ -7,6 +7,7 @@ those to the oracle's own statements (stable sorts, a walk of the total order).
 
 from .reference import (
     act_sqsum_,
+    candidate_step_,
     hessian_accumulate_,
     kth_smallest,
     mirror_step_,
@@ -20,6 +21,7 @@ from .shared import global_keep_counts, row_topk_mask, topk_mask
 
 __all__ = [
     "act_sqsum_",
+    "candidate_step_",
     "global_keep_counts",
     "hessian_accumulate_",
     "kth_smallest",

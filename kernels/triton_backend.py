@@ -8,6 +8,7 @@ the shared torch code of both backends (shared.py). Nothing here imports the ora
 
 from .act_stats import act_sqsum_triton as act_sqsum_
 from .metrics import step_vectors_triton as step_vectors
+from .mirror import candidate_step_triton as candidate_step_
 from .mirror import mirror_step_triton as mirror_step_
 from .mirror import mirror_update_triton as mirror_update_
 from .nm import nm_mask_triton as nm_mask
@@ -20,6 +21,7 @@ from .shared import global_keep_counts, row_topk_mask
 
 __all__ = [
     "act_sqsum_",
+    "candidate_step_",
     "global_keep_counts",
     "hessian_accumulate_",
     "kth_smallest",

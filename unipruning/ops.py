@@ -17,6 +17,7 @@ import torch
 from . import backends
 from .kernels.metric_registry import METRICS, REGISTRY, SUM_FLOOR, Metric, metric_spec, stochria_tau  # noqa: F401
 from .kernels.shared import (  # noqa: F401  (re-exported: backend-independent, shared by every backend)
+    Candidates,
     StepVectors,
     channel_factor,
     derive_key,
@@ -48,6 +49,16 @@ def mirror_step_(z: torch.Tensor, weight: torch.Tensor, vectors: StepVectors, ka
     the new (t, hint); the hint only speeds up the next step's selection in a fused kernel."""
     threshold, hint = previous
     return _impl(backend, z).mirror_step_(z, weight, *vectors, kappa, threshold, m, hint)
+
+
+def candidate_step_(candidates: Candidates, vectors: StepVectors, kappa: float, m: int,
+                    previous: tuple[float, int] = (0.0, -1), backend: str | None = None) -> tuple[float, int]:
+    """The mirror step of a matrix's candidate entries (the closed form's): their z updated in place from
+    S gathered at their rows and columns of the step's `vectors`, then the exact m-th smallest of their z;
+    `previous` and the result as in `mirror_step_`."""
+    threshold, hint = previous
+    c = candidates
+    return _impl(backend, c.z).candidate_step_(c.z, c.a, c.rows, c.cols, *vectors, kappa, threshold, m, hint)
 
 
 def rank_keys(z: torch.Tensor, weight: torch.Tensor, backend: str | None = None) -> torch.Tensor:
