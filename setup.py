@@ -144,6 +144,9 @@ if os.environ.get("UNIPRUNING_BUILD_CUDA") == "1":
     cuda = os.environ.get("CUDA_HOME")
     if not cuda or not os.path.isfile(os.path.join(cuda, "bin", "nvcc")):
         _fail(f"UNIPRUNING_BUILD_CUDA=1 needs CUDA_HOME with bin/nvcc (CUDA_HOME={cuda or 'unset'})")
+    if not os.path.isfile(os.path.join(cuda, "include", "cuda_runtime.h")):
+        _fail(f"CUDA_HOME={cuda} has no include/cuda_runtime.h: point it at the toolkit (e.g. /usr/local/cuda), not "
+              "at a directory that only holds an nvcc wrapper")
     ext_modules, cmdclass = _extension(cuda)
 else:
     print("unipruning: building without the CUDA extension (set UNIPRUNING_BUILD_CUDA=1 and CUDA_HOME)")

@@ -98,13 +98,15 @@ def _pytest(junit: str, *args: str) -> list[str]:
 
 
 def cuda_home() -> str | None:
-    """CUDA_HOME, else the toolkit holding the nvcc on PATH, else /usr/local/cuda if present."""
-    if os.environ.get("CUDA_HOME"):
-        return os.environ["CUDA_HOME"]
+    """CUDA_HOME, else the toolkit holding the nvcc on PATH, else /usr/local/cuda: the first with bin/nvcc and
+    include/cuda_runtime.h (an nvcc on PATH may be a wrapper script outside the toolkit)."""
     nvcc = shutil.which("nvcc")
-    if nvcc:
-        return os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
-    return "/usr/local/cuda" if os.path.isdir("/usr/local/cuda") else None
+    for home in (os.environ.get("CUDA_HOME"), nvcc and os.path.dirname(os.path.dirname(os.path.realpath(nvcc))),
+                 "/usr/local/cuda"):
+        if home and os.path.isfile(os.path.join(home, "bin", "nvcc")) and \
+                os.path.isfile(os.path.join(home, "include", "cuda_runtime.h")):
+            return home
+    return os.environ.get("CUDA_HOME")
 
 
 def _install_steps(work: str) -> list[Step]:

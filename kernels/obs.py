@@ -16,7 +16,7 @@ correctly rounded one (`div_rn`; Triton's `/` is the approximate div.full.f32 on
 bit-identical to the twin's loop on the same inputs. SparseGPT's N:M rule, which picks each group's mask
 from the current weights in the middle of the sweep, runs in the same kernel: at the start of a group,
 the ranks of its scores w^2 / U_ii^2 (times the prior) from pairwise comparisons. The unstructured rule
-(per block, before the block's sweep) is torch code shared with the twin (`shared.smallest_flat`). The
+(per block, before the block's sweep) is torch code shared with the twin (`shared.prune_block`). The
 trailing update of the later columns is one torch matmul per block, as in the twin.
 """
 
@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .shared import smallest_flat
+from .shared import prune_block
 
 
 @triton.jit(do_not_specialize=["tokens"])  # the token count varies by micro-batch
@@ -121,15 +121,6 @@ def _obs_block_kernel(w_ptr, err_ptr, keep_ptr, u_ptr, prior_ptr, rows, width, s
         tl.store(keep_ptr + offs, keep.to(tl.int8), mask=ok)
 
 
-def _choose_per_block(w, keep, d, prune_count, prior, i1, i2):
-    """SparseGPT's unstructured rule for the block's columns, from the weights as the sweep reaches it."""
-    cols = w.shape[1]
-    count = prune_count * i2 // cols - prune_count * i1 // cols
-    score = w[:, i1:i2].square() / d[i1:i2].square()
-    flat = smallest_flat(score if prior is None else score * prior[:, i1:i2], count)
-    keep[:, i1:i2][flat // (i2 - i1), flat % (i2 - i1)] = False
-
-
 def obs_sweep_triton(w, u, keep=None, prune_count=None, nm=None, blocksize=128, prior=None):
     """`reference.obs_sweep_` with the in-block sweep fused (see the module docstring)."""
     rows, cols = w.shape
@@ -148,7 +139,7 @@ def obs_sweep_triton(w, u, keep=None, prune_count=None, nm=None, blocksize=128, 
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         if choose and nm is None:
-            _choose_per_block(w, keep, d, prune_count, prior, i1, i2)
+            prune_block(w, keep, d, prune_count, prior, (i1, i2))
         w1 = w[:, i1:i2].contiguous()
         k1 = keep[:, i1:i2].contiguous().view(torch.int8)
         u1 = u[i1:i2, i1:i2].contiguous()

@@ -39,7 +39,7 @@ from .shared import (
     StepVectors,
     channel_factor,
     finish_step_vectors,
-    smallest_flat,
+    prune_block,
     stochastic_subset_sums,
     threshold_hint,
 )
@@ -322,11 +322,8 @@ def obs_sweep_(
         i2 = min(i1 + blocksize, cols)
         w1, u1, k1 = w[:, i1:i2].clone(), u[i1:i2, i1:i2], keep[:, i1:i2]
         err1 = torch.zeros_like(w1)
-        if choose and nm is None:
-            count = prune_count * i2 // cols - prune_count * i1 // cols
-            score = w1.square() / d[i1:i2].square()
-            flat = smallest_flat(score if prior is None else score * prior[:, i1:i2], count)
-            k1[flat // (i2 - i1), flat % (i2 - i1)] = False
+        if choose and nm is None:  # the block's share of the count, from the weights as the sweep reaches it
+            prune_block(w, keep, d, prune_count, prior, (i1, i2))
         for i in range(i2 - i1):
             if choose and nm is not None and i % nm[1] == 0:
                 n, m = nm

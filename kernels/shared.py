@@ -10,7 +10,7 @@ and the kernels to the twins of reference.py, which the Triton files never impor
 - the mirror step's selection hint (`threshold_hint`), which only decides speed;
 - the selections that both backends run in torch (`topk_mask`, `row_topk_mask`: torch's `kthvalue`, one
   block per row on a GPU; `global_keep_counts`: radix water-filling with `bincount` histograms);
-- the OBS pieces around the sweep (`obs_inverse_factor`, `smallest_flat`: SparseGPT's per-block rule).
+- the OBS pieces around the sweep (`obs_inverse_factor`, `prune_block`: SparseGPT's per-block rule).
 
 The stochria subsets: sums run over keyed subsets of exactly tau entries of every row and every column
 (`subset_vectors`, keyed by derive_key(seed, matrix, step)). pos_c is a keyed order of the columns
@@ -354,6 +354,14 @@ def obs_inverse_factor(h: torch.Tensor, damp: float) -> tuple[torch.Tensor | Non
     return u, dead
 
 
-def smallest_flat(score: torch.Tensor, count: int) -> torch.Tensor:
-    """Flat indices of the `count` smallest scores, ties to the lower index."""
-    return score.reshape(-1).sort(stable=True).indices[:count]
+def prune_block(w: torch.Tensor, keep: torch.Tensor, d: torch.Tensor, prune_count: int, prior: torch.Tensor | None,
+                block: tuple[int, int]) -> None:
+    """SparseGPT's unstructured rule for the columns i1 <= j < i2 of the sweep (`block`), from the weights as
+    the sweep reaches them: of `prune_count` entries in all, the block's share (in proportion to its columns)
+    with the smallest w^2 / U_jj^2 (times `prior`), ties to the lower flat index, set False in `keep`."""
+    i1, i2 = block
+    cols = w.shape[1]
+    count = prune_count * i2 // cols - prune_count * i1 // cols
+    score = w[:, i1:i2].square() / d[i1:i2].square()
+    flat = (score if prior is None else score * prior[:, i1:i2]).reshape(-1).sort(stable=True).indices[:count]
+    keep[:, i1:i2][flat // (i2 - i1), flat % (i2 - i1)] = False

@@ -143,8 +143,11 @@ def _setup_py(tmp_path, **env) -> subprocess.CompletedProcess:
     """`python setup.py --name` with the extension requested and `env` on top: what pip runs first."""
     base = {k: v for k, v in os.environ.items() if not k.startswith(("UNIPRUNING_", "CUSPARSELT_", "TORCH_CUDA"))}
     cuda = tmp_path / "cuda"
-    (cuda / "bin").mkdir(parents=True, exist_ok=True)
-    (cuda / "bin" / "nvcc").write_text("")
+    for part in ("bin/nvcc", "include/cuda_runtime.h"):
+        (cuda / part).parent.mkdir(parents=True, exist_ok=True)
+        (cuda / part).write_text("")
+    (tmp_path / "wrapper" / "bin").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "wrapper" / "bin" / "nvcc").write_text("")
     full = {**base, "UNIPRUNING_BUILD_CUDA": "1", "CUDA_HOME": str(cuda), **env}
     return subprocess.run([sys.executable, "setup.py", "--name"], cwd=ROOT, env=full, capture_output=True,
                           text=True, timeout=120)
@@ -155,6 +158,7 @@ def _setup_py(tmp_path, **env) -> subprocess.CompletedProcess:
     ({"UNIPRUNING_CUSPARSELT": "maybe"}, "UNIPRUNING_CUSPARSELT='maybe': expected auto, 0 or 1"),
     ({"UNIPRUNING_CUDA_ARCHS": " ; "}, "names no architecture"),
     ({"CUDA_HOME": "{tmp}/nowhere"}, "needs CUDA_HOME with bin/nvcc"),
+    ({"CUDA_HOME": "{tmp}/wrapper"}, "has no include/cuda_runtime.h"),
 ])
 def test_setup_refuses_a_build_that_cannot_work_in_one_line(tmp_path, env, needle):
     done = _setup_py(tmp_path, **{k: v.format(tmp=tmp_path) for k, v in env.items()})
