@@ -8,7 +8,8 @@ import os
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
-from unipruning.kernels.reference import hessian_accumulate_, nm_mask, obs_inverse_factor, obs_sweep_
+from unipruning.kernels.reference import hessian_accumulate_, nm_mask, obs_sweep_
+from unipruning.kernels.shared import obs_inverse_factor
 
 from tests._utils import prunable, read_all
 from unipruning import PruneConfig, UsageError, prune
@@ -253,7 +254,7 @@ def test_without_true_sequential_every_group_sees_the_block_as_it_came_in(runs, 
     output, computed here independently from the dense model; q/k/v (first group) are as before."""
     from transformers import AutoTokenizer
 
-    from unipruning.algorithm.obs import reconstruct_weight
+    from unipruning.algorithm.obs import reconstruct_weight, sweep_rule
     from unipruning.config import MaskSpec
     from unipruning.data import calibration_windows
 
@@ -275,8 +276,9 @@ def test_without_true_sequential_every_group_sees_the_block_as_it_came_in(runs, 
     h = torch.zeros(x.shape[1], x.shape[1])
     hessian_accumulate_(h, x)
     name = f"{block}self_attn.o_proj.weight"
-    expected, _ = reconstruct_weight(model.model.layers[0].self_attn.o_proj.weight.data, h.mul_(2 / x.shape[0]),
-                                     masked_only[name] != 0, MaskSpec(0.7), name, "torch")
+    weight = model.model.layers[0].self_attn.o_proj.weight.data
+    rule = sweep_rule(MaskSpec(0.7), weight.numel(), masked_only[name] != 0)
+    expected, _ = reconstruct_weight(weight, h.mul_(2 / x.shape[0]), rule, name, backend="torch")
     assert torch.allclose(ours[name], expected, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(sequential[name], expected, rtol=1e-4, atol=1e-5)
     report = json.loads((out / "pruning_report.json").read_text())

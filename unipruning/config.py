@@ -11,10 +11,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 
 from .errors import UsageError
+from .kernels import metric_registry
 
-# the saliency's local scores (kernels/reference.py implements them), and SparseGPT's rule (masks chosen
+# the saliency's local scores (their registry: kernels/metric_registry.py), and SparseGPT's rule (masks chosen
 # during the OBS sweep, no saliency)
-SALIENCY_METRICS = ("magnitude", "wanda", "ria", "stochria")
+SALIENCY_METRICS = metric_registry.METRICS
 METRICS = (*SALIENCY_METRICS, "sparsegpt")
 RECONSTRUCTIONS = ("none", "obs")
 ALLOCATIONS = ("auto", "layer", "row", "global", "owl", "owl-row")

@@ -108,7 +108,8 @@ def _closed_form_block(model, matrices: list[Matrix], stream: BlockStream, index
         vectors = closed_form.step_vectors(weight, [records[k][0] for k in informative],
                                            [records[k][1] for k in informative], config.metric,
                                            [step_key(config.seed, m.name, k) for k in informative])
-        zm, tm = closed_form.saliency(weight, *vectors, config.kappa, max(1, floor_count(config.lam, weight.numel())))
+        zm, tm = closed_form.saliency(weight, vectors, config.kappa, max(1, floor_count(config.lam, weight.numel())),
+                                      backend)
         z[m.name], t[m.name] = zm.cpu(), float(tm)  # the host waits here, once per matrix and block
     return z, t, unseen
 

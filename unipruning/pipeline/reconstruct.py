@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .. import ops
-from ..algorithm.obs import ObsSettings, reconstruct_weight
+from ..algorithm.obs import ObsSettings, reconstruct_weight, sweep_rule
 from ..io.staging import atomic_file
 from ..models import block_matrices, family_for
 from .blocks import for_each_block, open_stream
@@ -151,8 +151,8 @@ class _Reconstruction:
     def _sweep(self, name: str, lin: nn.Linear, h: torch.Tensor, original: torch.Tensor):
         """(reconstructed weight, keep mask) of one linear from its group's Hessian."""
         keep, prior, kept = self.choice(name, original) if self.choice is not None else (None, None, None)
-        return reconstruct_weight(lin.weight.data, h, keep, self.job.plan[name], name, self.job.backend, prior, kept,
-                                  self.obs.damp, self.obs.blocksize)
+        rule = sweep_rule(self.job.plan[name], lin.weight.numel(), keep, prior, kept)
+        return reconstruct_weight(lin.weight.data, h, rule, name, self.obs, self.job.backend)
 
 
 @torch.no_grad()
