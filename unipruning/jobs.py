@@ -110,13 +110,7 @@ def prune(model: nn.Module, calibration_batches: torch.Tensor | Iterable[torch.T
     if config.reconstruct != "none" or not config.has_saliency:
         raise UsageError("prune(): weight reconstruction changes weights and runs on checkpoints: use "
                          "prune_checkpoint(model_dir, out, config, calibration)")
-    windows = _as_windows(calibration_batches)
-    check_window_ids(windows, int(getattr(model.config, "vocab_size", 0) or 0))
-    Calibration(nsamples=int(windows.shape[0])).steps(config.batch_size)
-    matrices = model_matrices(model)
-    for m in matrices:
-        check_weight("model", m.name, weight_of(model, m))
-        check_finite(m.name, weight_of(model, m), "model")
+    windows, matrices = _checked_inputs(model, calibration_batches, config.batch_size)
     config = replace(config, mask=targeting.settle(config.mask))
     plan, skipped = targeting.plan(matrices, num_blocks(model.config), config.mask)
     check_plan({m.name: m.shape for m in matrices}, plan)
@@ -139,6 +133,18 @@ def prune(model: nn.Module, calibration_batches: torch.Tensor | Iterable[torch.T
         report.blocks = calibration
     report.wall_seconds = time.perf_counter() - start
     return PruneResult(saliency=saliency, masks=masks, report=report)
+
+
+def _checked_inputs(model: nn.Module, calibration_batches, batch_size: int):
+    """(windows, the model's matrices) once the windows' ids and every matrix's weights are checked."""
+    windows = _as_windows(calibration_batches)
+    check_window_ids(windows, int(getattr(model.config, "vocab_size", 0) or 0))
+    Calibration(nsamples=int(windows.shape[0])).steps(batch_size)
+    matrices = model_matrices(model)
+    for m in matrices:
+        check_weight("model", m.name, weight_of(model, m))
+        check_finite(m.name, weight_of(model, m), "model")
+    return windows, matrices
 
 
 @torch.no_grad()
