@@ -502,6 +502,8 @@ def _mask(args) -> None:
         calibration = Calibration(args.calib, args.nsamples, args.seqlen, args.tokenizer, args.seed)
     report = mask_checkpoint(args.model, args.saliency, args.out, config, calibration,
                              _run_options(args, progress=args.reconstruct == "obs"), _targeting(args))
+    if report.rank:  # a worker of the OBS pass (torchrun): rank 0 reports
+        return
     print_summary(report)
     print(f"wrote {args.out}")
 
@@ -669,7 +671,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.verbose and not isinstance(exc, (UsageError, KeyboardInterrupt)):
                 traceback.print_exc()
             line, code = _failure(args, exc)
-            print(line, file=sys.stderr)
+            if not getattr(exc, "said_by_rank_0", False) or os.environ.get("RANK", "0") == "0":  # torchrun
+                print(line, file=sys.stderr)
             return code
 
 
