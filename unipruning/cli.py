@@ -188,7 +188,9 @@ def _calibration_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seqlen", type=int, default=None,
                    help="tokens per window (default: the model's max_position_embeddings, at most 4096, as the "
                         "papers use it: 2048 for LLaMA-1 and OPT, 4096 for Llama-2)")
-    p.add_argument("--batch-size", type=int, default=1, help="windows per mirror step (must divide --nsamples)")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="windows per mirror step (must divide --nsamples; under torchrun a multiple of the "
+                        "process count)")
     p.add_argument("--seed", type=int, default=0, help="seed of the windows and of stochria's subsets")
 
 
@@ -263,7 +265,9 @@ def _mask_parser(sub) -> None:
     p.add_argument("--nsamples", type=int, default=None, help="windows of --reconstruct obs (default: the saliency's)")
     p.add_argument("--seqlen", type=int, default=None, help="their length (default: the saliency's)")
     p.add_argument("--seed", type=int, default=None, help="their seed (default: the saliency's)")
-    p.add_argument("--batch-size", type=int, default=1, help="windows per forward of the reconstruction")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="lanes of the reconstruction's Hessian sums (each forward runs one window; under "
+                        "torchrun a multiple of the process count)")
     _compute_arguments(p, device_help="where the masks are computed (auto: cuda if present)")
     _targeting_arguments(p)
     _hub_arguments(p)

@@ -40,7 +40,10 @@ def init_from_env(device: torch.device) -> torch.device:
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
-    seconds = float(os.environ.get(TIMEOUT_ENV, "600"))
+    try:
+        seconds = float(os.environ.get(TIMEOUT_ENV, "600"))
+    except ValueError:
+        raise UsageError(f"${TIMEOUT_ENV}: expected seconds, got {os.environ[TIMEOUT_ENV]!r}") from None
     dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
                             timeout=datetime.timedelta(seconds=seconds))
     return device
