@@ -650,6 +650,8 @@ def _failure(args, exc: BaseException) -> tuple[str, int]:
         return f"{name}: interrupted" + (_partial_note(exc) or " (nothing written)"), 130
     if isinstance(exc, OSError):
         return f"{name}: error: {_os_error(exc)}{_partial_note(exc)}", 1
+    if type(exc).__name__ == "PeerLost":  # pipeline/distributed.py: its message is the line
+        return f"{name}: error: {exc}{_partial_note(exc)}", 1
     first = str(exc).splitlines()[0] if str(exc) else ""
     return (f"{name}: error: {type(exc).__name__}: {first[:300]}{_partial_note(exc)} (rerun with --verbose for the "
             "traceback)"), 1

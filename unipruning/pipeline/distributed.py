@@ -21,7 +21,9 @@ ends with its one line, and rank 0's partial state stays resumable.
 from __future__ import annotations
 
 import datetime
+import functools
 import os
+import re
 import socket
 from collections.abc import Callable
 
@@ -31,6 +33,28 @@ import torch.distributed as dist
 from ..errors import UsageError
 
 TIMEOUT_ENV = "UNIPRUNING_DIST_TIMEOUT"
+
+
+class PeerLost(RuntimeError):
+    """An exchange failed: another process of the job stopped, or did not answer in time (the CLI prints
+    the message as the run's one line)."""
+
+
+def _exchange(function):
+    """`function` (which exchanges tensors with the other processes) raising PeerLost, in words, when the
+    backend fails (gloo: "Connection closed by peer", a timeout; NCCL: its DistError)."""
+
+    @functools.wraps(function)
+    def wrapped(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except RuntimeError as exc:
+            cause = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            cause = re.sub(r"^\[[^\]]*\] ", "", cause).split(". This is typically")[0][:200]
+            raise PeerLost(f"rank {world()[0]}: another process of this torchrun job stopped or did not answer "
+                           f"({cause})") from None
+
+    return wrapped
 
 
 def init_from_env(device: torch.device) -> torch.device:
@@ -71,6 +95,7 @@ def share(batch: torch.Tensor) -> torch.Tensor:
     return batch[rank * per : (rank + 1) * per]
 
 
+@_exchange
 def sum_over_ranks(sqsum: torch.Tensor, tokens: int) -> tuple[torch.Tensor, int]:
     """The ranks' float64 sums added in rank order, and the total token count (identical on every rank)."""
     rank, size = world()
@@ -84,6 +109,7 @@ def sum_over_ranks(sqsum: torch.Tensor, tokens: int) -> tuple[torch.Tensor, int]
     return total, total_count(tokens, sqsum.device)
 
 
+@_exchange
 def total_count(count: int, device: torch.device) -> int:
     """The sum of an integer over the ranks (exact)."""
     if world()[1] == 1:
@@ -93,11 +119,13 @@ def total_count(count: int, device: torch.device) -> int:
     return int(value.item())
 
 
+@_exchange
 def barrier() -> None:
     if world()[1] > 1:
         dist.barrier()
 
 
+@_exchange
 def agree(flag: bool, device: torch.device) -> bool:
     """Rank 0's `flag` on every rank: what rank 0 alone can know (what its disk holds) decides for all."""
     if world()[1] == 1:
@@ -107,6 +135,7 @@ def agree(flag: bool, device: torch.device) -> bool:
     return bool(value.item())
 
 
+@_exchange
 def fold_in_rank_order(parts: list[torch.Tensor]) -> torch.Tensor | None:
     """((p0 + p1) + p2) + ... over every rank's `parts`, rank 0's first, each rank's in its order: the sum one
     process holding all the parts in that order computes, to the bit. It travels from rank to rank (each
@@ -139,6 +168,7 @@ def _empty(like: torch.Tensor) -> torch.Tensor:
     return torch.empty(like.shape, dtype=like.dtype, device=_device())
 
 
+@_exchange
 def deliver(tensor: torch.Tensor | None, src: int, ranks: set[int], like: torch.Tensor) -> torch.Tensor | None:
     """`tensor` (held by rank `src`) on each rank of `ranks`, None on the others; `like` (a meta tensor will
     do) gives the receivers' shape and dtype. Point to point, in rank order: the other ranks do nothing."""
@@ -154,6 +184,7 @@ def deliver(tensor: torch.Tensor | None, src: int, ranks: set[int], like: torch.
     return received
 
 
+@_exchange
 def broadcast_from(src: int, tensor: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     """Rank `src`'s `tensor` on every rank, bit for bit (any dtype travels as its bytes); `like` as for
     `deliver`."""
@@ -185,6 +216,7 @@ def node_first(compute: Callable[[], str]) -> str:
     return value if first else compute()
 
 
+@_exchange
 def check_same(what: str, value: str, device: torch.device) -> None:
     """One line, on every rank, when `value` (a content hash) differs from rank 0's: the ranks would compute
     on different inputs. `what` names the option at fault."""
