@@ -293,10 +293,11 @@ class PruneConfig:
     """Calibration settings (docs/method.md) plus the mask to cut at the end.
 
     metric: local score S (or 'sparsegpt': SparseGPT's own masks, no saliency); kappa: mirror step
-    size; lam: fraction of entries below the threshold t; batch_size: windows per mirror step (and per
-    forward of the reconstruction); seed: calibration windows and stochria subsets; reconstruct: 'obs'
-    updates the kept weights after masking; guide_alpha (with reconstruct 'obs'): instead of the saliency's
-    mask, let the sweep choose the pruned entries by SparseGPT's score times (saliency rank)^guide_alpha.
+    size; lam: fraction of entries below the threshold t; batch_size: windows per mirror step (and the
+    reconstruction's lanes, docs/method.md; under torchrun a multiple of the process count); seed:
+    calibration windows and stochria subsets; reconstruct: 'obs' updates the kept weights after masking;
+    guide_alpha (with reconstruct 'obs'): instead of the saliency's mask, let the sweep choose the pruned
+    entries by SparseGPT's score times (saliency rank)^guide_alpha.
     saliency_update: 'exact' runs the recursion step by step over
     every entry; 'closed-form' (feedback none only) gets the same saliency from per-step vectors in one
     product per matrix (docs/method.md, "The closed form"); 'auto' is closed-form for feedback none.
@@ -394,8 +395,9 @@ class PruneConfig:
 @dataclass(frozen=True)
 class MaskConfig:
     """What `mask_checkpoint` cuts from a saved saliency (`mask`) and how it computes: reconstruct 'obs' runs
-    the OBS pass (it needs a Calibration), batch_size windows per forward of that pass, guide_alpha, percdamp,
-    blocksize and true_sequential as PruneConfig's, and where (device, dtype, backend)."""
+    the OBS pass (it needs a Calibration), batch_size its lanes (a multiple of the process count under
+    torchrun), guide_alpha, percdamp, blocksize and true_sequential as PruneConfig's, and where (device,
+    dtype, backend)."""
 
     mask: MaskSpec = field(default_factory=MaskSpec)
     reconstruct: str = "none"

@@ -158,8 +158,10 @@ class _Calibration:
     (or, found in `state_dir`, replayed to rebuild the next block's inputs), collected into one Saliency;
     on_block(index, z) once the block has left the device."""
 
-    def __init__(self, job: Job, model: nn.Module, config: PruneConfig, state_dir: str | None, on_block):
+    def __init__(self, job: Job, model: nn.Module, config: PruneConfig, state_dir: str | None, on_block,
+                 keep: bool = True):
         self.job, self.model, self.config, self.state_dir, self.on_block = job, model, config, state_dir, on_block
+        self.keep = keep  # False: a torchrun worker, which only takes its part in every step
         self.stream = open_stream(job, model, shared=True)
         self.z: dict = {}  # {name: z}; with a state_dir {name: (block file, key)}: memory holds one block's z
         self.t: dict[str, float] = {}
@@ -169,17 +171,20 @@ class _Calibration:
     def visit(self, index: int, block: nn.Module, started: float) -> dict:
         matrices = block_matrices(self.model, index)
         saved = store.load_block(self.state_dir, index, [m.name for m in matrices]) if self.state_dir else None
-        if saved is None:
+        if not distributed.agree(saved is not None, self.job.device):  # rank 0's state decides for every process
             z, t, unseen = learn_block(self.model, matrices, self.stream, index, self.config, self.job.backend)
             seconds = time.perf_counter() - started
             if self.state_dir and distributed.is_main():
                 store.save_block(self.state_dir, index, z, t, seconds, unseen)
-            self.done = _Block(z, t, seconds, unseen, resumed=False)
+            self.done = _Block(z if self.keep else {}, t, seconds, unseen, resumed=False)
         else:
-            saved_t, seconds, unseen = saved  # the file lists names sorted: restore the family's order
             for k in range(len(self.stream.hidden)):
                 self.stream.advance(block, index, k)
-            self.done = _Block(None, {m.name: saved_t[m.name] for m in matrices}, seconds, unseen, resumed=True)
+            if saved is None:  # a worker, whose rank 0 replays this block: nothing of it to keep
+                self.done = _Block({}, {}, 0.0, [], resumed=True)
+            else:
+                saved_t, seconds, unseen = saved  # the file lists names sorted: restore the family's order
+                self.done = _Block(None, {m.name: saved_t[m.name] for m in matrices}, seconds, unseen, resumed=True)
         return {"block": index, "seconds": self.done.seconds, "matrices": len(matrices),
                 "resumed": self.done.resumed}
 
@@ -200,14 +205,15 @@ class _Calibration:
 
 
 def calibrate(job: Job, model: nn.Module, config: PruneConfig, state_dir: str | None = None,
-              on_block: Callable[[int, Mapping[str, torch.Tensor]], None] | None = None
+              on_block: Callable[[int, Mapping[str, torch.Tensor]], None] | None = None, keep: bool = True
               ) -> tuple[Saliency, list[dict]]:
     """Learn the saliency of every prunable matrix of `model` (the job's skeleton, or a model in memory),
     block by block; returns it and per-block timings.
 
     The job's windows make the steps (`job.batch_size` windows each; this process's share of each under
-    torchrun). The model's weights are not changed. on_block(index, z of its matrices) is called when a
-    block's saliency is final (also for blocks found done in `state_dir`)."""
-    calibration = _Calibration(job, model, config, state_dir, on_block)
+    torchrun, where rank 0's `state_dir` says which blocks are done). The model's weights are not changed.
+    on_block(index, z of its matrices) is called when a block's saliency is final (also for blocks found
+    done in `state_dir`). keep False: a torchrun worker's part in the steps, no saliency kept."""
+    calibration = _Calibration(job, model, config, state_dir, on_block, keep)
     per_block = for_each_block(job, model, calibration)
     return calibration.saliency(), per_block
