@@ -77,3 +77,17 @@ def test_one_call_with_keyword_options_equals_the_config_object(model, windows):
         prune(model, windows, PruneConfig(), sparsity=0.5)
     with pytest.raises(UsageError, match="runs on checkpoints"):
         prune(model, windows, preset="quality")
+
+
+def test_matrices_named_without_a_block_are_cut_per_row_by_default_and_owl_is_refused():
+    """compute_masks on a user's own {name: tensor}: OWL needs decoder blocks (model.layers.N.*), so `auto` cuts
+    per row there, and a named owl allocation says why it cannot."""
+    from unipruning import compute_masks
+
+    z, weights = {"w": torch.rand(8, 16)}, {"w": torch.randn(8, 16)}
+    keep = compute_masks(z, weights, MaskSpec(sparsity=0.5))["w"]
+    assert torch.equal(keep, compute_masks(z, weights, MaskSpec(sparsity=0.5, allocation="row"))["w"])
+    assert keep.sum(dim=1).tolist() == [8] * 8
+    for allocation in ("owl", "owl-row"):
+        with pytest.raises(UsageError, match=f"`allocation` {allocation} sets a sparsity per decoder block"):
+            compute_masks(z, weights, MaskSpec(sparsity=0.5, allocation=allocation))

@@ -18,7 +18,7 @@ from fractions import Fraction
 import torch
 
 from .. import ops
-from ..config import MaskSpec
+from ..config import OWL_ALLOCATIONS, MaskSpec
 from ..errors import UsageError
 from ..lazy import LazyMapping
 
@@ -204,6 +204,22 @@ def matrix_mask(z: torch.Tensor, weight: torch.Tensor, spec: MaskSpec, count: in
     return ops.topk_mask(keys, keep_count(spec.sparsity, weight.numel()), backend=backend)
 
 
+def _without_blocks(plan: Mapping[str, MaskSpec], spec: MaskSpec) -> tuple[Mapping[str, MaskSpec], MaskSpec]:
+    """(plan, spec) for matrices whose names may carry no decoder block (a user's own {name: tensor}): OWL
+    sets a sparsity per block, so `auto` cuts such matrices per row instead, and a named owl allocation is
+    refused in one line."""
+    if spec.allocation not in OWL_ALLOCATIONS:
+        return plan, spec
+    blockless = next((name for name in plan if not _BLOCK.search(name)), None)
+    if blockless is None:
+        return plan, spec
+    if not spec.auto:
+        raise UsageError(f"`allocation` {spec.allocation} sets a sparsity per decoder block, and {blockless!r} "
+                         "names none (model.layers.N....): use row or layer")
+    return {name: s.with_allocation("row") if s.allocation == "owl-row" else s for name, s in plan.items()}, \
+        spec.with_allocation("row")
+
+
 class MaskCutter:
     """cut(name, weight) -> the keep mask (on `device`, or the weight's) of a planned matrix from its z,
     under its planned MaskSpec. With allocation global or owl the per-matrix counts are settled once, over
@@ -214,6 +230,7 @@ class MaskCutter:
                  backend: str | None, device: torch.device | None = None,
                  weights: Mapping[str, torch.Tensor] | None = None, numels: Mapping[str, int] | None = None):
         z = checked_saliency(z)
+        plan, spec = _without_blocks(plan, spec)
         self.z, self.plan, self.backend, self.device = z, plan, backend, device
         self.counts, self.block_sparsities = {}, None
         if spec.allocation == "global":
