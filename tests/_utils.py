@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -175,3 +176,12 @@ def exact_sums(values: torch.Tensor, dim: int) -> torch.Tensor:
     rows = values.to(torch.float64).cpu().movedim(dim, -1).reshape(-1, values.shape[dim]).tolist()
     return torch.tensor([math.fsum(r) for r in rows], dtype=torch.float64).reshape(
         values.movedim(dim, -1).shape[:-1])
+
+
+_PROGRESS_LINE = re.compile(r"^unipruning: (.+ \d+/\d+ \w+ \(\d+ s\)(, )?)+$")
+
+
+def without_progress(err: str) -> str:
+    """stderr without the plain progress lines a slow pass prints off a terminal every 30 s (a loaded machine
+    makes any test's pass slow): what is left is what the command said."""
+    return "".join(line for line in err.splitlines(keepends=True) if not _PROGRESS_LINE.match(line.rstrip("\n")))

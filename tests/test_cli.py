@@ -32,16 +32,20 @@ def test_prune_writes_a_loadable_checkpoint_with_exact_sparsity(pruned, tiny_lla
     source, result = read_all(tiny_llama), read_all(pruned)
     names = set(prunable(tiny_llama))
     assert set(result) == set(source)
+    kept_total = total = 0
     for key, tensor in result.items():
         assert tensor.dtype == source[key].dtype
         if key in names:
             zeros = tensor == 0
-            assert int((~zeros).sum()) == round(0.4 * tensor.numel()), key
+            per_row = (~zeros).sum(dim=1)  # the default, owl-row: one count for every row of a matrix
+            assert bool((per_row == per_row[0]).all()), key
+            kept_total, total = kept_total + int(per_row.sum()), total + tensor.numel()
             assert not torch.signbit(tensor[zeros]).any(), f"{key} has negative zeros"
             kept = ~zeros
             assert torch.equal(tensor[kept], source[key][kept])
         else:
             assert torch.equal(tensor, source[key]), f"{key} changed"
+    assert abs(1 - kept_total / total - 0.6) < 0.01  # OWL's block sparsities average to 0.6 (rows round)
     model = AutoModelForCausalLM.from_pretrained(pruned)
     assert model.config.sparsity_config["sparsity"] == 0.6
     AutoTokenizer.from_pretrained(pruned)
@@ -58,7 +62,8 @@ def test_prune_copies_side_files_and_writes_saliency_and_report(pruned, tiny_lla
     assert meta["format_version"] == 2 and meta["metric"] == "stochria" and meta["steps"] == 8
     with open(os.path.join(pruned, "pruning_report.json")) as f:
         report = json.load(f)
-    assert report["total"]["sparsity"] == pytest.approx(0.6, abs=1e-3)
+    # owl-row's per-row counts round a block's sparsity on rows of 64 entries here: within 0.01 of the target
+    assert report["total"]["sparsity"] == pytest.approx(0.6, abs=0.01)
     assert set(report["matrices"]) == set(prunable(tiny_llama))
     for key in ("versions", "peak_memory", "wall_seconds", "calibration", "settings", "git_hash"):
         assert key in report

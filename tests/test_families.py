@@ -55,7 +55,8 @@ def family(request, tmp_path_factory):
 def test_prune_every_family_exact_counts_positive_zeros(family, pattern, tmp_path, text_file):
     model_type, source = family
     out = tmp_path / "out"
-    mask = ["--sparsity", pattern] if ":" not in pattern else ["--pattern", pattern]
+    # unstructured: one budget per matrix, the exact count checked below
+    mask = ["--sparsity", pattern, "--allocation", "layer"] if ":" not in pattern else ["--pattern", pattern]
     assert main(["prune", "--model", source, "--out", str(out), "--calib", text_file, *COMMON, *mask]) == 0
     before, after = read_all(source), read_all(out)
     assert set(before) == set(after)
@@ -172,7 +173,7 @@ def test_experts_never_routed_keep_z_zero_and_are_cut_by_magnitude(tmp_path, tex
                                     num_experts_per_tok=1)
     out = tmp_path / "out"
     assert main(["prune", "--model", source, "--out", str(out), "--calib", text_file, "--nsamples", "1",
-                 "--seqlen", "16", "--sparsity", "0.5"]) == 0
+                 "--seqlen", "16", "--sparsity", "0.5", "--allocation", "layer"]) == 0  # magnitude per matrix
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
     ids = calibration_windows(tokenizer(), text_file, 1, 16, seed=0)
     routed = set()

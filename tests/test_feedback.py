@@ -50,7 +50,7 @@ def test_cli_full_feedback_keeps_original_weights_outside_the_mask(tmp_path, tex
     for run in ("a", "b"):
         out = tmp_path / run
         assert main(["prune", "--model", source, "--out", str(out), "--calib", text_file, *COMMON,
-                     "--feedback", "full", "--sparsity", "0.6"]) == 0
+                     "--feedback", "full", "--sparsity", "0.6", "--allocation", "layer"]) == 0
         outs.append(out)
     before, after = read_all(source), read_all(outs[0])
     for name, tensor in after.items():
