@@ -171,31 +171,59 @@ def gram(x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
     return total.float()
 
 
+def collect_dense_grams(ctx) -> tuple[list[list[torch.Tensor]], float, float]:
+    """G of every group input of every block from the dense stream; and the seconds of the forward passes
+    and of the Gram products (apart: a pipeline can take the Grams from the saliency's own forward)."""
+    model = ctx["model"]
+    groups = groups_of(model)
+    restore(ctx)
+    forward = products = 0.0
+    start = time.perf_counter()
+    stream = capture(model, ctx["windows"]["calib"])
+    forward += time.perf_counter() - start
+    out = []
+    for block in layers(model):
+        inputs = []
+        for g in groups:
+            start = time.perf_counter()
+            x = run_block(block, stream, block.get_submodule(g[0]))
+            mid = time.perf_counter()
+            inputs.append(gram(x))
+            forward, products = forward + mid - start, products + time.perf_counter() - mid
+        out.append(inputs)
+        start = time.perf_counter()
+        stream = run_block(block, stream)
+        forward += time.perf_counter() - start
+    return out, forward, products
+
+
 def dense_grams(ctx, args) -> list[list[torch.Tensor]]:
-    """G of every group input of every block, from the dense stream (cached in --work)."""
+    """collect_dense_grams, cached in --work."""
     from safetensors.torch import load_file, save_file
 
     path = os.path.join(args.work, f"grams-dense-{ctx['hashes']['calib']['sha256'][:16]}.safetensors")
-    model = ctx["model"]
-    groups = groups_of(model)
+    blocks, groups = len(layers(ctx["model"])), len(groups_of(ctx["model"]))
     if os.path.isfile(path):
         flat = load_file(path)
-        return [[flat[f"{b}.{g}"] for g in range(len(groups))] for b in range(len(layers(model)))]
-    restore(ctx)
-    stream = capture(model, ctx["windows"]["calib"])
-    out, flat = [], {}
-    for b, block in enumerate(layers(model)):
-        out.append([gram(run_block(block, stream, block.get_submodule(g[0]))) for g in groups])
-        flat.update({f"{b}.{g}": t for g, t in enumerate(out[-1])})
-        stream = run_block(block, stream)
-    save_file(flat, path + ".tmp")
+        return [[flat[f"{b}.{g}"] for g in range(groups)] for b in range(blocks)]
+    out, _, _ = collect_dense_grams(ctx)
+    save_file({f"{b}.{g}": t for b, row in enumerate(out) for g, t in enumerate(row)}, path + ".tmp")
     os.replace(path + ".tmp", path)
     return out
 
 
 # ------------------------------------------------------------------------------------------ refinement
 def refine_matrix(w, keep, kind, nm, rule, iters, G, cross=None, transfers=True) -> tuple[torch.Tensor, dict]:
+    """The research rules, or (rule `production`) unipruning.algorithm.refine.refine_mask itself."""
     start = time.perf_counter()
+    if rule == "production":
+        from unipruning.algorithm.refine import refine_mask
+
+        if cross is not None:
+            raise ValueError("the production function takes the plain objective (no cross Gram)")
+        budget = {"row": "row", "layer": "matrix", "nm": f"{nm[0]}:{nm[1]}" if nm else None}[kind]
+        out = refine_mask(w, G, keep, budget, iters, backend="torch")
+        return out.keep, {"seconds": time.perf_counter() - start, "swaps": out.swaps, "moves": 0}
     if kind == "row":
         new, swaps = rules.refine_rows(w, G, keep, iters, rule, cross)
         moves = 0
@@ -320,6 +348,32 @@ def run_config(ctx, cfg: dict, grams, domains, args) -> dict:
     return record
 
 
+def time_round(ctx, setting: str, allocation: str, iters: int) -> dict:
+    """One round, side by side in this process: the mask-only prune in memory (`unipruning.prune`: the
+    saliency and the masks, what `unipruning prune` computes without the files), the dense Grams, and the
+    refinement of every mask by the production function (torch backend)."""
+    from unipruning import PruneConfig, prune
+    from unipruning.algorithm.refine import refine_mask
+
+    spec, kind = setting_spec(setting, allocation), kind_of(setting, allocation)
+    budget = {"row": "row", "layer": "matrix", "nm": setting}[kind]
+    restore(ctx)
+    start = time.perf_counter()
+    masks = prune(ctx["model"], ctx["windows"]["calib"], PruneConfig(mask=spec)).masks
+    prune_s = time.perf_counter() - start
+    grams, forward_s, products_s = collect_dense_grams(ctx)
+    start = time.perf_counter()
+    swaps = 0
+    for b in range(len(layers(ctx["model"]))):
+        for g, members in enumerate(groups_of(ctx["model"])):
+            for m in members:
+                name = f"model.layers.{b}.{m}.weight"
+                swaps += refine_mask(ctx["dense"][name], grams[b][g], masks[name], budget, iters).swaps
+    return {"setting": setting, "allocation": allocation, "iters": iters, "prune_seconds": prune_s,
+            "gram_forward_seconds": forward_s, "gram_product_seconds": products_s,
+            "refine_seconds": time.perf_counter() - start, "swaps": swaps}
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--stage", choices=["explore", "grid", "time", "report"], required=True)
@@ -344,6 +398,13 @@ def main(argv=None) -> None:
     if args.stage == "explore":
         for cfg in json.loads(args.configs):
             run_config(ctx, cfg, grams, args.domains, args)
+    if args.stage == "time":
+        for cfg in json.loads(args.configs):
+            record = time_round(ctx, cfg["setting"], cfg["allocation"], cfg["iters"])
+            record["date"] = datetime.datetime.now().isoformat(timespec="seconds")
+            print(json.dumps(record), flush=True)
+            with open(os.path.join(args.work, "times.jsonl"), "a") as f:
+                f.write(json.dumps(record) + "\n")
 
 
 if __name__ == "__main__":

@@ -575,3 +575,7 @@ def obs_sweep_(
         w[:, i2:] -= err1 @ u[i1:i2, i2:]
     w.masked_fill_(~keep, 0.0)
     return keep
+
+
+# the swap refinement's twins live in their own file (registered here: this module is the torch backend)
+from .refine_twin import refine_nm_, refine_rows_  # noqa: E402, F401

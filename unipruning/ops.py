@@ -26,6 +26,7 @@ from .kernels.reference import (  # noqa: F401  (re-exported: backend-independen
     stochastic_subset_sums,
     stochria_tau,
 )
+from .kernels.refine_twin import transfer_  # noqa: F401  (the matrix budget's moves between rows: torch, shared)
 
 
 def _impl(backend: str | None, tensor: torch.Tensor):
@@ -79,3 +80,14 @@ def obs_sweep_(w, u, keep=None, prune_count=None, nm=None, blocksize=128, prior=
     """The lazy-batch OBS sweep, in place on w (float32); returns the keep mask (kernels/reference.py).
     prior: multiplies the score of the mask-choosing rule (keep None)."""
     return _impl(backend, w).obs_sweep_(w, u, keep, prune_count, nm, blocksize, prior)
+
+
+def refine_rows_(keep, r, w, gram, iters: int, backend: str | None = None) -> torch.Tensor:
+    """Up to `iters` mask swaps in every row of w (float32), in place on keep (bool) and the residual r;
+    returns the swaps per row (kernels/refine_twin.py)."""
+    return _impl(backend, w).refine_rows_(keep, r, w, gram, iters)
+
+
+def refine_nm_(keep, r, w, gram, m: int, iters: int, backend: str | None = None) -> torch.Tensor:
+    """As refine_rows_, each swap inside one group of m consecutive entries of a row."""
+    return _impl(backend, w).refine_nm_(keep, r, w, gram, m, iters)
