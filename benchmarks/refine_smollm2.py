@@ -329,7 +329,8 @@ def run_config(ctx, cfg: dict, grams, domains, args) -> dict:
         with open(path) as f:
             return json.load(f)
     masks = ctx["saliency"].masks(ctx["dense_view"], setting_spec(cfg["setting"], cfg["allocation"]))
-    record = {**cfg, "date": datetime.datetime.now().isoformat(timespec="seconds")}
+    record = {**cfg, "date": datetime.datetime.now().isoformat(timespec="seconds"),
+              "command": " ".join([sys.executable, *sys.argv])}
     if cfg["rule"] == "none":
         apply(ctx, masks)
     else:
@@ -374,6 +375,83 @@ def time_round(ctx, setting: str, allocation: str, iters: int) -> dict:
             "refine_seconds": time.perf_counter() - start, "swaps": swaps}
 
 
+# llm-compressor 0.14's Wanda on the same windows (benchmarks/results/quality-smollm2-cpu.json), for the targets
+LLMC_WANDA = {"0.5": {"shakespeare": 77.49, "pydoc": 33.39}, "0.7": {"shakespeare": 444.61, "pydoc": 849.15},
+              "2:4": {"shakespeare": 160.03, "pydoc": 104.80}}
+
+
+def variant(r: dict) -> str:
+    return "mask only" if r["rule"] == "none" else f"{r['source']} G, {r['rule']}, iters {r['iters']}"
+
+
+def ppl_table(records: list[dict], domain: str) -> list[str]:
+    cells: dict[tuple, dict] = {}
+    for r in records:
+        if domain in r.get("perplexity", {}):
+            cells.setdefault((r["setting"], r["allocation"]), {})[variant(r)] = r["perplexity"][domain]
+    names = sorted({v for c in cells.values() for v in c}, key=lambda v: (v != "mask only", v))
+    lines = [f"| setting, allocation ({domain}) | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for (setting, alloc), c in sorted(cells.items()):
+        lines.append(f"| {setting} {alloc} | " + " | ".join(f"{c[n]:.2f}" if n in c else "" for n in names) + " |")
+    return lines
+
+
+def error_table(records: list[dict]) -> list[str]:
+    lines = ["| setting, allocation, variant | all | mean per matrix | " + " | ".join(TYPES) + " | swaps | s |",
+             "|---" * (len(TYPES) + 5) + "|"]
+    for r in records:
+        if "errors" in r:
+            e = r["errors"]
+            lines.append(f"| {r['setting']} {r['allocation']}, {variant(r)} | {e['after_over_before']:.3f} | "
+                         f"{e['mean_matrix_ratio']:.3f} | " + " | ".join(f"{e['by_type'][t]:.3f}" for t in TYPES)
+                         + f" | {e['swaps']} | {r['timing']['refine']:.0f} |")
+    return lines
+
+
+def time_table(times: list[dict]) -> list[str]:
+    lines = ["| setting, allocation, iters | prune s | Gram products s | Gram forward s | refine s | refine / prune |"
+             " (Grams + refine) / prune |", "|---|---|---|---|---|---|---|"]
+    for t in times:
+        lines.append(f"| {t['setting']} {t['allocation']}, {t['iters']} | {t['prune_seconds']:.0f} | "
+                     f"{t['gram_product_seconds']:.0f} | {t['gram_forward_seconds']:.0f} | {t['refine_seconds']:.0f} | "
+                     f"{t['refine_seconds'] / t['prune_seconds']:.2f} | "
+                     f"{(t['refine_seconds'] + t['gram_product_seconds']) / t['prune_seconds']:.2f} |")
+    return lines
+
+
+def report(ctx, args) -> None:
+    """benchmarks/results/refine-smollm2-cpu.{json,md} from every run in --work."""
+    import bench_peers as bp
+
+    runs = os.path.join(args.work, "runs")
+    records = []
+    for name in sorted(os.listdir(runs)):
+        with open(os.path.join(runs, name)) as f:
+            records.append(json.load(f))
+    times = []
+    if os.path.isfile(os.path.join(args.work, "times.jsonl")):
+        with open(os.path.join(args.work, "times.jsonl")) as f:
+            times = [json.loads(line) for line in f if line.strip()]
+    out = args.out or os.path.join(ROOT, "benchmarks", "results", "refine-smollm2-cpu.json")
+    result = {"device": bp.device_name()[1], "date": datetime.date.today().isoformat(), "versions": bp.versions(),
+              "windows": ctx["hashes"], "prune_seconds_of_cached_saliency": ctx["prune_seconds"],
+              "llmc_wanda": LLMC_WANDA, "results": records, "times": times}
+    bp.write_json(out, result)
+    md = [f"SmolLM2-135M-Instruct (float32), stochria saliency, {args.nsamples} x {args.seqlen} calibration windows, "
+          f"{result['device']}, {result['date']}. Commands: see the json (`command` of each record).", ""]
+    md += ["Perplexity on the calibration-domain check windows (what the variants are chosen on):", ""]
+    md += ppl_table(records, "calib-check")
+    for domain in ("shakespeare", "pydoc"):
+        md += ["", f"Held-out perplexity ({domain}; for information, never used to choose):", ""]
+        md += ppl_table(records, domain)
+    md += ["", "Output error of the refined masks over the unrefined ones (the objective; all: sums over the "
+           "matrices):", ""] + error_table(records)
+    if times:
+        md += ["", "Time, side by side in one process (one thread):", ""] + time_table(times)
+    with open(out[:-5] + ".md", "w") as f:
+        f.write("\n".join(md) + "\n")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--stage", choices=["explore", "grid", "time", "report"], required=True)
@@ -385,6 +463,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--work", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "refine-smollm2"))
     p.add_argument("--configs", help="JSON list of configurations (explore)")
     p.add_argument("--domains", nargs="*", default=["calib-check"])
+    p.add_argument("--out", help="default: benchmarks/results/refine-smollm2-cpu.json")
     return p.parse_args(argv)
 
 
@@ -395,6 +474,8 @@ def main(argv=None) -> None:
     ctx = prepare(args)
     ctx["dense_view"] = {n: t for n, t in ctx["dense"].items() if n.endswith("proj.weight")}
     grams = dense_grams(ctx, args)
+    if args.stage == "report":
+        report(ctx, args)
     if args.stage == "explore":
         for cfg in json.loads(args.configs):
             run_config(ctx, cfg, grams, args.domains, args)
