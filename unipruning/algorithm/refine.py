@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import ops
-from ..config import parse_pattern
+from ..config import MaskSpec, parse_pattern
 from ..errors import UsageError
 
 
@@ -78,6 +78,14 @@ def _group_size(budget: str, cols: int) -> int | None:
     if cols % nm[1] or nm[1] > 16:
         raise UsageError(f"refinement budget {budget}: in_features {cols} is not a multiple of M (M <= 16)")
     return nm[1]
+
+
+def budget_of(spec: MaskSpec) -> str:
+    """The budget group a mask cut under `spec` keeps: "N:M", row (row, owl-row) or matrix (the others)."""
+    nm = spec.nm
+    if nm is not None:
+        return f"{nm[0]}:{nm[1]}"
+    return "row" if spec.per_row else "matrix"
 
 
 def refine_mask(weight: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, budget: str, iters: int,
