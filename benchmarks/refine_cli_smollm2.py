@@ -120,9 +120,10 @@ def main(argv=None) -> None:
     os.makedirs(args.work, exist_ok=True)
     ctx = bp.prepare(args)
     ctx["check"] = q.check_windows(ctx, args)
-    records = [run(j, args, ctx) for j in jobs(args, ctx)]
-    saliency = os.path.join(records[0]["kept"], "saliency")
-    records += [run(j, args, ctx) for j in iter_jobs(args, ctx, saliency)]
+    todo = jobs(args, ctx)
+    records = [run(j, args, ctx) for j in todo[:2]]  # the first setting, then its iterations, then the others
+    records += [run(j, args, ctx) for j in iter_jobs(args, ctx, os.path.join(records[0]["kept"], "saliency"))]
+    records += [run(j, args, ctx) for j in todo[2:]]
     result = {"device": bp.device_name()[1], "date": datetime.date.today().isoformat(), "versions": bp.versions(),
               "unipruning_git": q.git_hash(), "calibration": "16 x 512 Shakespeare windows (seed 0)",
               "windows": ctx["windows"], "check": ctx["check"], "results": records}
