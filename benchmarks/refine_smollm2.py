@@ -1,7 +1,7 @@
 """Swap refinement of saliency masks on SmolLM2-135M (issue 24, part 2): the research behind
 unipruning/algorithm/refine.py.
 
-    python benchmarks/refine_smollm2.py --stage grid     # results in benchmarks/results/refine-smollm2-cpu.*
+    python benchmarks/refine_smollm2.py --stage grid     # results in benchmarks/results/refine-research-smollm2-cpu.*
 
 The model, calibration windows (16 x 512, seed 0, the Shakespeare plays minus the held-out three), the
 calibration-domain check windows (16 x 512 at seed 1: quality_smollm2.py --preset-checks) and the
@@ -420,7 +420,7 @@ def time_table(times: list[dict]) -> list[str]:
 
 
 def report(ctx, args) -> None:
-    """benchmarks/results/refine-smollm2-cpu.{json,md} from every run in --work."""
+    """benchmarks/results/refine-research-smollm2-cpu.{json,md} from every run in --work."""
     import bench_peers as bp
 
     runs = os.path.join(args.work, "runs")
@@ -432,7 +432,7 @@ def report(ctx, args) -> None:
     if os.path.isfile(os.path.join(args.work, "times.jsonl")):
         with open(os.path.join(args.work, "times.jsonl")) as f:
             times = [json.loads(line) for line in f if line.strip()]
-    out = args.out or os.path.join(ROOT, "benchmarks", "results", "refine-smollm2-cpu.json")
+    out = args.out or os.path.join(ROOT, "benchmarks", "results", "refine-research-smollm2-cpu.json")
     result = {"device": bp.device_name()[1], "date": datetime.date.today().isoformat(), "versions": bp.versions(),
               "windows": ctx["hashes"], "prune_seconds_of_cached_saliency": ctx["prune_seconds"],
               "llmc_wanda": LLMC_WANDA, "results": records, "times": times}
@@ -463,7 +463,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--work", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "refine-smollm2"))
     p.add_argument("--configs", help="JSON list of configurations (explore)")
     p.add_argument("--domains", nargs="*", default=["calib-check"])
-    p.add_argument("--out", help="default: benchmarks/results/refine-smollm2-cpu.json")
+    p.add_argument("--out", help="default: benchmarks/results/refine-research-smollm2-cpu.json")
     return p.parse_args(argv)
 
 
