@@ -31,6 +31,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--settings", nargs="+", default=["0.5", "0.7", "2:4"])
     p.add_argument("--iters", nargs="*", type=int, default=[], help="refine-iters tried at the first setting")
+    p.add_argument("--iters-only", action="store_true",
+                   help="only the defaults at the first setting and --iters (a second process beside a first)")
+    p.add_argument("--only", nargs="*", metavar="NAME@SETTING",
+                   help="run only these jobs (e.g. defaults-refine@2:4), others' records read if finished")
+    p.add_argument("--report", action="store_true", help="write the results from the finished runs in --work only")
     p.add_argument("--work", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "refine-cli-smollm2"))
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "refine-smollm2-cpu.json"))
     args = p.parse_args(argv)
@@ -58,9 +63,13 @@ def iter_jobs(args, ctx, saliency: str) -> list[dict]:
              "cmd": mask + ["--refine-iters", str(n)]} for n in args.iters]
 
 
+def tag_of(job: dict, ctx: dict) -> str:
+    return f"{job['name']}-{job['setting'].replace(':', 'of')}-{q.key(job, ctx)}"
+
+
 def run(job: dict, args, ctx: dict) -> dict:
     """One measured process, its evaluation and its report's refinement summary (cached in --work/runs)."""
-    tag = f"{job['name']}-{job['setting'].replace(':', 'of')}-{q.key(job, ctx)}"
+    tag = tag_of(job, ctx)
     path = os.path.join(args.work, "runs", f"{tag}.json")
     if os.path.isfile(path):
         with open(path) as f:
@@ -115,15 +124,36 @@ def markdown(result: dict) -> str:
     return head + "\n\n" + "\n".join(rows) + "\n"
 
 
+def finished(args) -> list[dict]:
+    """Every finished run in --work, by setting (in --settings' order), then command."""
+    runs = os.path.join(args.work, "runs")
+    records = []
+    for name in sorted(os.listdir(runs)):
+        with open(os.path.join(runs, name)) as f:
+            records.append(json.load(f))
+    order = {s: i for i, s in enumerate(args.settings)}
+    return sorted(records, key=lambda r: (order.get(r["setting"], len(order)), r["method"]))
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     os.makedirs(args.work, exist_ok=True)
     ctx = bp.prepare(args)
     ctx["check"] = q.check_windows(ctx, args)
-    todo = jobs(args, ctx)
-    records = [run(j, args, ctx) for j in todo[:2]]  # the first setting, then its iterations, then the others
-    records += [run(j, args, ctx) for j in iter_jobs(args, ctx, os.path.join(records[0]["kept"], "saliency"))]
-    records += [run(j, args, ctx) for j in todo[2:]]
+    if args.report:
+        records = finished(args)
+    else:
+        todo = jobs(args, ctx)
+        todo = todo[:1] if args.iters_only else todo
+        if args.only is not None:
+            saliency = os.path.join(args.work, "ckpt", tag_of(todo[0], ctx), "saliency")  # the kept defaults
+            chosen = [j for j in todo + iter_jobs(args, ctx, saliency) if f"{j['name']}@{j['setting']}" in args.only]
+            records = [run(j, args, ctx) for j in chosen]
+        else:
+            records = [run(j, args, ctx) for j in todo[:2]]  # the first setting, its iterations, the others
+            records += [run(j, args, ctx) for j in iter_jobs(args, ctx, os.path.join(records[0]["kept"],
+                                                                                       "saliency"))]
+            records += [run(j, args, ctx) for j in todo[2:]]
     result = {"device": bp.device_name()[1], "date": datetime.date.today().isoformat(), "versions": bp.versions(),
               "unipruning_git": q.git_hash(), "calibration": "16 x 512 Shakespeare windows (seed 0)",
               "windows": ctx["windows"], "check": ctx["check"], "results": records}
