@@ -31,8 +31,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--settings", nargs="+", default=["0.5", "0.7", "2:4"])
     p.add_argument("--iters", nargs="*", type=int, default=[], help="refine-iters tried at the first setting")
-    p.add_argument("--iters-only", action="store_true",
-                   help="only the defaults at the first setting and --iters (a second process beside a first)")
     p.add_argument("--only", nargs="*", metavar="NAME@SETTING",
                    help="run only these jobs (e.g. defaults-refine@2:4), others' records read if finished")
     p.add_argument("--report", action="store_true", help="write the results from the finished runs in --work only")
@@ -144,7 +142,6 @@ def main(argv=None) -> None:
         records = finished(args)
     else:
         todo = jobs(args, ctx)
-        todo = todo[:1] if args.iters_only else todo
         if args.only is not None:
             saliency = os.path.join(args.work, "ckpt", tag_of(todo[0], ctx), "saliency")  # the kept defaults
             chosen = [j for j in todo + iter_jobs(args, ctx, saliency) if f"{j['name']}@{j['setting']}" in args.only]
