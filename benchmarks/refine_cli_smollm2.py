@@ -33,6 +33,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--iters", nargs="*", type=int, default=[], help="refine-iters tried at the first setting")
     p.add_argument("--only", nargs="*", metavar="NAME@SETTING",
                    help="run only these jobs (e.g. defaults-refine@2:4), others' records read if finished")
+    p.add_argument("--check-only", action="store_true", help="evaluate every mask job on the check windows only")
     p.add_argument("--report", action="store_true", help="write the results from the finished runs in --work only")
     p.add_argument("--work", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "refine-cli-smollm2"))
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "refine-smollm2-cpu.json"))
@@ -54,11 +55,20 @@ def jobs(args, ctx) -> list[dict]:
 
 
 def iter_jobs(args, ctx, saliency: str) -> list[dict]:
-    s = args.settings[0]
-    mask = ["-m", "unipruning", "mask", "--model", ctx["model"], "--out", "{out}", "--saliency", saliency,
-            *q.setting_options(s), *q.window_options(args, ctx), "--refine", "swaps"]
-    return [{"name": f"mask-refine-iters{n}", "setting": s, "check_only": True,
-             "cmd": mask + ["--refine-iters", str(n)]} for n in args.iters]
+    """`mask` from the defaults' saliency (no recalibration): every setting cut as the defaults cut it, and
+    with `--refine swaps` (its default iterations, and --iters at the first setting). The held-out texts
+    only for the first setting's default refinement (`--check-only`: none); the others on the check windows."""
+    mask = ["-m", "unipruning", "mask", "--model", ctx["model"], "--out", "{out}", "--saliency", saliency]
+    refine = [*q.window_options(args, ctx), "--refine", "swaps"]
+    todo = []
+    for s in args.settings:
+        cut = mask + q.setting_options(s)
+        todo += [{"name": "mask", "setting": s, "check_only": True, "cmd": cut},
+                 {"name": "mask-refine", "setting": s, "check_only": args.check_only or s != args.settings[0],
+                  "cmd": cut + refine}]
+    first = mask + q.setting_options(args.settings[0]) + refine
+    return todo + [{"name": f"mask-refine-iters{n}", "setting": args.settings[0], "check_only": True,
+                    "cmd": first + ["--refine-iters", str(n)]} for n in args.iters]
 
 
 def tag_of(job: dict, ctx: dict) -> str:

@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from tests._utils import prunable, read_all
+from tests._utils import make_family_checkpoint, prunable, read_all
 from unipruning import PruneConfig, UsageError, prune
 from unipruning.cli import main
 from unipruning.config import REFINE_ITERS, MaskConfig
@@ -162,6 +162,15 @@ def test_mask_refine_needs_calib(runs, tiny_llama, tmp_path, capsys):
                    "--out", tmp_path / "o", "--refine", "swaps") == 2
     err = capsys.readouterr().err.strip()
     assert "--refine swaps: pass --calib" in err and len(err.splitlines()) == 1
+
+
+def test_refine_refuses_fused_matrices_in_one_line(tmp_path, text_file, capsys):
+    phi = make_family_checkpoint(tmp_path / "phi3", "phi3", layers=1)
+    assert run_cli("prune", "--model", phi, "--out", tmp_path / "o", "--calib", text_file, *SMALL, "--refine",
+                   "swaps") == 2
+    err = capsys.readouterr().err.strip()
+    assert "--refine swaps supports models whose prunable matrices are whole linears" in err
+    assert len(err.splitlines()) == 1 and not os.path.exists(tmp_path / "o")
 
 
 def test_python_api_settles_refine_and_in_memory_prune_refuses_it():

@@ -182,22 +182,28 @@ def _pass_steps(config: PruneConfig | MaskConfig) -> PassSteps:
                      sweep=config.reconstruct == "obs", refine_iters=config.refine_iters)
 
 
-def _second_pass(config: PruneConfig | MaskConfig) -> bool:
-    """Whether the job runs the pass over the pruned blocks (the OBS update, the refinement)."""
-    return config.reconstruct == "obs" or config.refine != "none"
+def _second_pass(config: PruneConfig | MaskConfig) -> str | None:
+    """The option that makes the job run the pass over the pruned blocks (the OBS update, the refinement), or
+    None."""
+    if config.reconstruct == "obs":
+        return "`reconstruct` obs"
+    return "`refine` swaps" if config.refine != "none" else None
 
 
-def _open(model_dir: str, spec: MaskSpec, targeting: Targeting, trust_remote_code: bool, reconstruct: str) -> _Source:
+def _open(model_dir: str, spec: MaskSpec, targeting: Targeting, trust_remote_code: bool,
+          second_pass: str | None) -> _Source:
+    """The model directory opened; `second_pass` (the option asking for the pass over the pruned blocks, or None)
+    needs matrices that are whole linears."""
     check_api({"model_dir": model_dir}, spec=(spec, MaskSpec), targeting=(targeting, Targeting))
     config = load_config(model_dir, trust_remote_code)
     checkpoint = LazyCheckpoint(model_dir, config)
     plan, skipped = targeting.plan(checkpoint.matrices, num_blocks(config), spec)
     check_plan(checkpoint.shapes(), plan)
     family = family_for(config)
-    if reconstruct == "obs" and (family.sequential is None or not all(m.plain for m in checkpoint.matrices
-                                                                         if m.name in plan)):
+    if second_pass and (family.sequential is None or not all(m.plain for m in checkpoint.matrices
+                                                                if m.name in plan)):
         supported = sorted(t for f in FAMILIES if f.sequential is not None for t in f.model_types)
-        raise UsageError(f"`reconstruct` obs supports models whose prunable matrices are whole linears "
+        raise UsageError(f"{second_pass} supports models whose prunable matrices are whole linears "
                          f"({', '.join(supported)}); {config.model_type} has fused or expert matrices")
     return _Source(model_dir, config, checkpoint, plan, skipped)
 
@@ -278,7 +284,7 @@ def prune_checkpoint(model_dir: str, out: str, config: PruneConfig, calibration:
     calibration, run = or_default(calibration=(calibration, Calibration), run=(run, RunOptions))
     check_api({"out": out}, config=(config, PruneConfig))
     config = replace(config, mask=targeting.settle(config.mask))
-    source = _open(model_dir, config.mask, targeting, run.trust_remote_code, config.reconstruct)
+    source = _open(model_dir, config.mask, targeting, run.trust_remote_code, _second_pass(config))
     calibration = calibration.with_defaults(DEFAULT_NSAMPLES, default_seqlen(source.config.to_dict()))
     calibration.steps(config.batch_size)
     sources = _inputs(model_dir, calibration, targeting)
@@ -368,10 +374,9 @@ def mask_checkpoint(model_dir: str, saliency_dir: str, out: str, config: MaskCon
     config, run = or_default(config=(config, MaskConfig), run=(run, RunOptions))
     check_api({"saliency_dir": saliency_dir, "out": out}, calibration=(calibration, Calibration, True))
     spec = targeting.settle(config.mask)
-    source = _open(model_dir, spec, targeting, run.trust_remote_code, config.reconstruct)
+    source = _open(model_dir, spec, targeting, run.trust_remote_code, _second_pass(config))
     if _second_pass(config) and calibration is None:
-        asked = "`reconstruct` obs" if config.reconstruct == "obs" else "`refine` swaps"
-        raise UsageError(f"{asked}: pass `calib` (the windows are run through the pruned model)")
+        raise UsageError(f"{_second_pass(config)}: pass `calib` (the windows are run through the pruned model)")
     sources = _inputs(model_dir, calibration, targeting, saliency_dir)
     device = distributed.init_from_env(resolve_device(config.device))
     preflight(out, run.overwrite, sources, lock=distributed.is_main())
