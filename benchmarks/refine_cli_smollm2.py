@@ -1,15 +1,19 @@
 """`--refine swaps` from the CLI on SmolLM2-135M (issue 24, part 2): the defaults with and without it.
 
     OMP_NUM_THREADS=1 UNIPRUNING_CACHE=/work/cache python benchmarks/refine_cli_smollm2.py \\
-        --settings 0.5 0.7 2:4 --iters 5 50          # results in benchmarks/results/refine-smollm2-cpu.*
+        --settings 0.5 2:4 0.7 --iters 5 50          # results in benchmarks/results/refine-smollm2-cpu.*
 
 quality_smollm2.py's protocol and windows (bench_peers.prepare: 16 x 512 Shakespeare calibration windows,
-the held-out plays and pydoc; its calibration-domain check windows at seed 1). Per setting, two whole
-`unipruning prune` commands one after the other, each in its own process with one thread: the defaults,
-and the defaults with `--refine swaps` (its default iterations); both evaluated on the check windows and
-the held-out texts. `--iters`: at the first setting, `mask --refine swaps --refine-iters N` from the
-defaults' saliency, on the check windows only (how the default number of iterations was chosen).
-One result file per run in --work/runs, as quality_smollm2.py does (a stopped run skips what finished).
+the held-out plays and pydoc; its calibration-domain check windows at seed 1), each command in its own
+process. Jobs:
+- `defaults` / `defaults-refine`: whole `unipruning prune` commands, the defaults without and with
+  `--refine swaps` (its default iterations), evaluated on the check windows and the held-out texts;
+- `mask` / `mask-refine`: `mask` from the first setting's defaults' saliency (no recalibration: the same
+  bytes as `prune` with the same options), every setting without and with `--refine swaps`; the held-out
+  texts only at the first setting; `mask-refine-itersN`: `--refine-iters N` there (check windows only:
+  how the default number of iterations is chosen).
+Without --only every job runs in order in one process; on a loaded machine `--only NAME@SETTING ...` in
+parallel processes sharing --work (a stopped run skips what finished), then `--report`.
 """
 
 from __future__ import annotations
@@ -63,9 +67,9 @@ def iter_jobs(args, ctx, saliency: str) -> list[dict]:
     todo = []
     for s in args.settings:
         cut = mask + q.setting_options(s)
-        todo += [{"name": "mask", "setting": s, "check_only": True, "cmd": cut},
-                 {"name": "mask-refine", "setting": s, "check_only": args.check_only or s != args.settings[0],
-                  "cmd": cut + refine}]
+        check_only = args.check_only or s != args.settings[0]
+        todo += [{"name": "mask", "setting": s, "check_only": check_only, "cmd": cut},
+                 {"name": "mask-refine", "setting": s, "check_only": check_only, "cmd": cut + refine}]
     first = mask + q.setting_options(args.settings[0]) + refine
     return todo + [{"name": f"mask-refine-iters{n}", "setting": args.settings[0], "check_only": True,
                     "cmd": first + ["--refine-iters", str(n)]} for n in args.iters]
@@ -124,11 +128,13 @@ def markdown(result: dict) -> str:
                  f"{ref['error_after_over_before']:.3f}" if ref else "", str(ref.get("swaps", ""))]
         rows.append("| " + " | ".join(cells) + " |")
     head = (f"SmolLM2-135M-Instruct (float32), {result['calibration']}, {result['device']}, {result['date']}; "
-            "each command in its own process, one thread (OMP_NUM_THREADS=1), run one after the other on a shared "
-            "2-core machine (times are comparable within this table only). defaults: `unipruning prune` with no "
-            "method options (stochria, allocation auto = owl-row, N:M per group); defaults-refine: the same with "
-            "`--refine swaps`; mask-refine-itersN: `mask --refine swaps --refine-iters N` from the defaults' "
-            "saliency (check windows only; its time is the mask command's). Commands: the json.")
+            "each command in its own process, one thread (OMP_NUM_THREADS=1), on a shared 2-core machine under heavy "
+            "load from other jobs (load average 10-14), several of these commands at once: wall times vary with "
+            "the load and compare only roughly. defaults: `unipruning prune` with no method options (stochria, "
+            "allocation auto = owl-row, N:M per group); mask: `unipruning mask` from the 0.5 defaults' saliency "
+            "with the same options (the bytes `prune` writes); -refine: with `--refine swaps` (default iterations "
+            "unless -itersN); refine pass s: the report's refinement seconds (the second pass over the blocks). "
+            "Commands: the json.")
     return head + "\n\n" + "\n".join(rows) + "\n"
 
 
