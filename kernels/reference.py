@@ -341,3 +341,4 @@ def obs_sweep_(
         w[:, i2:] -= err1 @ u[i1:i2, i2:]
     w.masked_fill_(~keep, 0.0)
     return keep
+

@@ -17,6 +17,7 @@ from .reference import (
     rank_keys,
     step_vectors,
 )
+from .refine_twin import refine_nm_, refine_rows_
 from .shared import global_keep_counts, row_topk_mask, topk_mask
 
 __all__ = [
@@ -30,6 +31,8 @@ __all__ = [
     "nm_mask",
     "obs_sweep_",
     "rank_keys",
+    "refine_nm_",
+    "refine_rows_",
     "row_topk_mask",
     "step_vectors",
     "topk_mask",

@@ -14,6 +14,8 @@ from .mirror import mirror_update_triton as mirror_update_
 from .nm import nm_mask_triton as nm_mask
 from .obs import hessian_accumulate_triton as hessian_accumulate_
 from .obs import obs_sweep_triton as obs_sweep_
+from .refine import refine_nm_triton as refine_nm_
+from .refine import refine_rows_triton as refine_rows_
 from .select import kth_smallest_triton as kth_smallest
 from .select import rank_keys_triton as rank_keys
 from .select import topk_mask_triton as topk_mask
@@ -30,6 +32,8 @@ __all__ = [
     "nm_mask",
     "obs_sweep_",
     "rank_keys",
+    "refine_nm_",
+    "refine_rows_",
     "row_topk_mask",
     "step_vectors",
     "topk_mask",

@@ -34,6 +34,8 @@ from .config import (
     PERCDAMP,
     PRESETS,
     RECONSTRUCTIONS,
+    REFINE_ITERS,
+    REFINEMENTS,
     SALIENCY_UPDATES,
     Calibration,
     EvalOptions,
@@ -142,6 +144,16 @@ def _obs_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: none, keep the saliency's mask)")
 
 
+def _refine_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--refine", choices=REFINEMENTS, default="none",
+                   help="swaps: improve the saliency's mask inside its budgets (each row, N:M group or matrix) by "
+                        "swapping a pruned and a kept entry while that lowers the layer's output error on the "
+                        "calibration inputs (a second pass over the blocks; weights unchanged, before the OBS "
+                        "update with --reconstruct obs)")
+    p.add_argument("--refine-iters", type=int, default=None, metavar="N",
+                   help=f"--refine swaps: at most N swaps per output row (default: {REFINE_ITERS})")
+
+
 def _targeting_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--targets", nargs="+", metavar="REGEX", default=None,
                    help="prune only matrices whose name matches one of these regular expressions (default: all)")
@@ -230,6 +242,7 @@ def _prune_parser(sub) -> None:
                         "measured; a second pass over the blocks); fast = --allocation owl-row, mask only (N:M: "
                         "both cut per group) (default: none, the options as given: the defaults are mask only)")
     _obs_arguments(p)
+    _refine_arguments(p)
     p.add_argument("--feedback", choices=FEEDBACKS, default="none",
                    help="none: layer-streamed, any size; full: S measured along AdamW fine-tuning of the whole "
                         "model (must fit in memory; the output keeps the original weights)")
@@ -267,9 +280,11 @@ def _mask_parser(sub) -> None:
     p.add_argument("--reconstruct", choices=RECONSTRUCTIONS, default="none",
                    help="obs: update the kept weights after masking (needs --calib)")
     _obs_arguments(p)
+    _refine_arguments(p)
     p.add_argument("--calib", default=None, metavar="SOURCE",
-                   help="calibration text of --reconstruct obs, as for prune (default: none)")
-    p.add_argument("--nsamples", type=int, default=None, help="windows of --reconstruct obs (default: the saliency's)")
+                   help="calibration text of --reconstruct obs and --refine swaps, as for prune (default: none)")
+    p.add_argument("--nsamples", type=int, default=None,
+                   help="windows of --reconstruct obs and --refine swaps (default: the saliency's)")
     p.add_argument("--seqlen", type=int, default=None, help="their length (default: the saliency's)")
     p.add_argument("--seed", type=int, default=None, help="their seed (default: the saliency's)")
     p.add_argument("--batch-size", type=int, default=1,
@@ -506,7 +521,8 @@ def _prune(args) -> None:
                          batch_size=args.batch_size, seed=args.seed, device=args.device, dtype=args.dtype,
                          backend=args.backend, reconstruct=args.reconstruct, feedback=args.feedback,
                          saliency_update=args.saliency_update, guide_alpha=args.guide_alpha,
-                         percdamp=args.percdamp, blocksize=args.blocksize, true_sequential=args.true_sequential)
+                         percdamp=args.percdamp, blocksize=args.blocksize, true_sequential=args.true_sequential,
+                         refine=args.refine, refine_iters=args.refine_iters)
     with _lock_first(args):  # the options are settled: --out and its lock before anything is loaded
         _resolve_sources(args, "prune")
         calibration = Calibration(args.calib, args.nsamples, args.seqlen, args.tokenizer)
@@ -536,14 +552,16 @@ def _mask(args) -> None:
                              "use it with `unipruning prune`")
     config = MaskConfig(mask=_mask_spec(args), reconstruct=args.reconstruct, batch_size=args.batch_size,
                         device=args.device, dtype=args.dtype, backend=args.backend, guide_alpha=args.guide_alpha,
-                        percdamp=args.percdamp, blocksize=args.blocksize, true_sequential=args.true_sequential)
+                        percdamp=args.percdamp, blocksize=args.blocksize, true_sequential=args.true_sequential,
+                        refine=args.refine, refine_iters=args.refine_iters)
     with _lock_first(args):
         _resolve_sources(args, "mask")
         calibration = None
         if args.calib is not None:
             calibration = Calibration(args.calib, args.nsamples, args.seqlen, args.tokenizer, args.seed)
         report = mask_checkpoint(args.model, args.saliency, args.out, config, calibration,
-                                 _run_options(args, progress=args.reconstruct == "obs"), _targeting(args))
+                                 _run_options(args, progress=config.reconstruct == "obs" or config.refine != "none"),
+                                 _targeting(args))
     if report.rank:  # a worker of the OBS pass (torchrun): rank 0 reports
         return
     print_summary(report)

@@ -18,6 +18,10 @@ from .kernels import metric_registry
 SALIENCY_METRICS = metric_registry.METRICS
 METRICS = (*SALIENCY_METRICS, "sparsegpt")
 RECONSTRUCTIONS = ("none", "obs")
+REFINEMENTS = ("none", "swaps")
+# swaps per row of `refine` swaps (algorithm/refine.py), chosen on SmolLM2-135M's calibration-domain check
+# windows against the pass's time (docs/results.md)
+REFINE_ITERS = 20
 ALLOCATIONS = ("auto", "layer", "row", "global", "owl", "owl-row")
 # what `allocation` auto (the default) means for an unstructured mask: the best mask-only budget measured on
 # SmolLM2-135M's calibration-domain check windows (docs/results.md); N:M masks are cut per group of M
@@ -257,6 +261,32 @@ def _check_compute(device: str, dtype: str, backend: str, reconstruct: str, batc
             raise UsageError("`guide_alpha` guides the OBS sweep's choice of pruned entries: pass `reconstruct` obs")
 
 
+def settle_refine(refine: str, refine_iters: int | None, guide_alpha: float | None,
+                  metric: str = "stochria") -> int | None:
+    """The checked refine settings: the swaps per row (None when `refine` is none)."""
+    _choice("refine", refine, REFINEMENTS)
+    if refine == "none":
+        if refine_iters is not None:
+            raise UsageError("`refine_iters` bounds the swaps of `refine` swaps: pass `refine` swaps too")
+        return None
+    if metric == "sparsegpt":
+        raise UsageError("`refine` swaps refines a saliency's mask: `metric` sparsegpt chooses its masks during "
+                         "the OBS sweep")
+    if guide_alpha is not None:
+        raise UsageError("`refine` swaps refines the saliency's mask: with `guide_alpha` the OBS sweep chooses "
+                         "the pruned entries itself (drop one of the two)")
+    if refine_iters is None:
+        return REFINE_ITERS
+    _positive_int("refine_iters", refine_iters)
+    return refine_iters
+
+
+def refine_settings(refine: str, refine_iters: int | None) -> dict:
+    """The refine settings as a report records them: only when refining, so that reports (and run keys) of
+    runs without it are what they were before the option existed."""
+    return {} if refine == "none" else {"refine": refine, "refine_iters": refine_iters}
+
+
 def settle_for_sweep(spec: MaskSpec, guide_alpha: float | None, metric: str = "stochria") -> MaskSpec:
     """`allocation` auto where the OBS sweep chooses the pruned entries, which it does per matrix: OWL's block
     sparsities (owl) for the guided sweep, SparseGPT's own per-matrix count (layer) for the sparsegpt metric."""
@@ -305,6 +335,9 @@ class PruneConfig:
     lazy batch (SparseGPT's --percdamp and --blocksize); true_sequential: each group of a block (q/k/v, o,
     gate/up, down) takes its Hessian from the block as reconstructed so far (GPTQ's --true-sequential), or,
     False, every group from the block as it came in, before any of it was pruned (llm-compressor's way).
+    refine: 'swaps' improves the saliency's mask inside its budgets by swaps that lower each matrix's output
+    error on the calibration inputs (docs/method.md, "Refinement"; before the OBS update when both are
+    asked), at most refine_iters swaps per row (None: REFINE_ITERS).
     """
 
     mask: MaskSpec = field(default_factory=MaskSpec)
@@ -323,6 +356,8 @@ class PruneConfig:
     percdamp: float = PERCDAMP
     blocksize: int = BLOCKSIZE
     true_sequential: bool = True
+    refine: str = "none"
+    refine_iters: int | None = None
 
     def __post_init__(self) -> None:
         expect("mask", self.mask, MaskSpec)
@@ -352,6 +387,8 @@ class PruneConfig:
             if self.mask.nm is None and self.mask.allocation != "layer":
                 raise UsageError(f"`metric` sparsegpt: `allocation` {self.mask.allocation} is not SparseGPT's rule "
                                  "(use layer, or an N:M pattern)")
+        object.__setattr__(self, "refine_iters", settle_refine(self.refine, self.refine_iters, self.guide_alpha,
+                                                               self.metric))
 
     @classmethod
     def from_options(cls, preset: str | None = None, **options) -> PruneConfig:
@@ -388,16 +425,18 @@ class PruneConfig:
 
     def to_dict(self) -> dict:
         settings = asdict(self)
-        del settings["percdamp"], settings["blocksize"], settings["true_sequential"]
-        return {**settings, **obs_settings(self.percdamp, self.blocksize, self.true_sequential)}
+        for name in ("percdamp", "blocksize", "true_sequential", "refine", "refine_iters"):
+            del settings[name]
+        return {**settings, **obs_settings(self.percdamp, self.blocksize, self.true_sequential),
+                **refine_settings(self.refine, self.refine_iters)}
 
 
 @dataclass(frozen=True)
 class MaskConfig:
     """What `mask_checkpoint` cuts from a saved saliency (`mask`) and how it computes: reconstruct 'obs' runs
     the OBS pass (it needs a Calibration), batch_size its lanes (a multiple of the process count under
-    torchrun), guide_alpha, percdamp, blocksize and true_sequential as PruneConfig's, and where (device,
-    dtype, backend)."""
+    torchrun), guide_alpha, percdamp, blocksize, true_sequential, refine and refine_iters as PruneConfig's
+    (refine swaps needs a Calibration too), and where (device, dtype, backend)."""
 
     mask: MaskSpec = field(default_factory=MaskSpec)
     reconstruct: str = "none"
@@ -409,6 +448,8 @@ class MaskConfig:
     percdamp: float = PERCDAMP
     blocksize: int = BLOCKSIZE
     true_sequential: bool = True
+    refine: str = "none"
+    refine_iters: int | None = None
 
     def __post_init__(self) -> None:
         expect("mask", self.mask, MaskSpec)
@@ -416,6 +457,7 @@ class MaskConfig:
         _check_obs(self.percdamp, self.blocksize, self.true_sequential)
         object.__setattr__(self, "mask", settle_for_sweep(self.mask, self.guide_alpha))
         check_guide(self.guide_alpha, self.mask)
+        object.__setattr__(self, "refine_iters", settle_refine(self.refine, self.refine_iters, self.guide_alpha))
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ from .config import (
     RunOptions,
     check_api,
     or_default,
+    refine_settings,
 )
 from .data import calibration_windows, check_window_ids, default_seqlen, hub_source, windows_hash
 from .errors import UsageError
@@ -67,7 +68,7 @@ from .pipeline.export import (
 )
 from .pipeline.job import Job
 from .pipeline.learn import BLOCK_STATE, learn_from_checkpoint, learn_in_memory
-from .pipeline.reconstruct import decided_by_rank_0, reconstruct
+from .pipeline.reconstruct import PassSteps, decided_by_rank_0, reconstruct
 from .targeting import Targeting
 from .version import __version__
 
@@ -111,6 +112,9 @@ def prune(model: nn.Module, calibration_batches: torch.Tensor | Iterable[torch.T
     check_api(model=(model, nn.Module), config=(config, PruneConfig), targeting=(targeting, Targeting))
     if config.reconstruct != "none" or not config.has_saliency:
         raise UsageError("prune(): weight reconstruction changes weights and runs on checkpoints: use "
+                         "prune_checkpoint(model_dir, out, config, calibration)")
+    if config.refine != "none":
+        raise UsageError("prune(): `refine` swaps runs a pass over the pruned blocks of a checkpoint: use "
                          "prune_checkpoint(model_dir, out, config, calibration)")
     windows, matrices = _checked_inputs(model, calibration_batches, config.batch_size)
     config = replace(config, mask=targeting.settle(config.mask))
@@ -172,21 +176,34 @@ class _Source:
     skipped: dict[str, str]
 
 
-def _obs_settings(config: PruneConfig | MaskConfig) -> ObsSettings:
-    return ObsSettings(config.percdamp, config.blocksize, config.true_sequential)
+def _pass_steps(config: PruneConfig | MaskConfig) -> PassSteps:
+    """What the pass over the pruned blocks does (pipeline/reconstruct.py): refine the masks, sweep, or both."""
+    return PassSteps(ObsSettings(config.percdamp, config.blocksize, config.true_sequential),
+                     sweep=config.reconstruct == "obs", refine_iters=config.refine_iters)
 
 
-def _open(model_dir: str, spec: MaskSpec, targeting: Targeting, trust_remote_code: bool, reconstruct: str) -> _Source:
+def _second_pass(config: PruneConfig | MaskConfig) -> str | None:
+    """The option that makes the job run the pass over the pruned blocks (the OBS update, the refinement), or
+    None."""
+    if config.reconstruct == "obs":
+        return "`reconstruct` obs"
+    return "`refine` swaps" if config.refine != "none" else None
+
+
+def _open(model_dir: str, spec: MaskSpec, targeting: Targeting, trust_remote_code: bool,
+          second_pass: str | None) -> _Source:
+    """The model directory opened; `second_pass` (the option asking for the pass over the pruned blocks, or None)
+    needs matrices that are whole linears."""
     check_api({"model_dir": model_dir}, spec=(spec, MaskSpec), targeting=(targeting, Targeting))
     config = load_config(model_dir, trust_remote_code)
     checkpoint = LazyCheckpoint(model_dir, config)
     plan, skipped = targeting.plan(checkpoint.matrices, num_blocks(config), spec)
     check_plan(checkpoint.shapes(), plan)
     family = family_for(config)
-    if reconstruct == "obs" and (family.sequential is None or not all(m.plain for m in checkpoint.matrices
-                                                                         if m.name in plan)):
+    if second_pass and (family.sequential is None or not all(m.plain for m in checkpoint.matrices
+                                                                if m.name in plan)):
         supported = sorted(t for f in FAMILIES if f.sequential is not None for t in f.model_types)
-        raise UsageError(f"`reconstruct` obs supports models whose prunable matrices are whole linears "
+        raise UsageError(f"{second_pass} supports models whose prunable matrices are whole linears "
                          f"({', '.join(supported)}); {config.model_type} has fused or expert matrices")
     return _Source(model_dir, config, checkpoint, plan, skipped)
 
@@ -231,6 +248,16 @@ def _run_key(source: _Source, job: Job, config: PruneConfig, windows_sha: str, t
     }, sort_keys=True).encode()).hexdigest()
 
 
+def _unshared(config: PruneConfig | MaskConfig) -> str | None:
+    """Why a job does not share its work out under torchrun (None: it does)."""
+    if getattr(config, "feedback", "none") == "full":
+        return "`feedback` full runs in one process"
+    if config.refine != "none":
+        return "`refine` swaps runs in one process"
+    return None if config.reconstruct == "obs" or isinstance(config, PruneConfig) else \
+        "mask without `reconstruct` obs"
+
+
 def _check_processes(batch_size: int, unshared: str | None = None) -> None:
     """Under torchrun, before any work: a job that shares its work (`unshared` says why one does not), each
     step's windows split evenly over the processes. Every process finds the same: rank 0 alone says it."""
@@ -257,14 +284,14 @@ def prune_checkpoint(model_dir: str, out: str, config: PruneConfig, calibration:
     calibration, run = or_default(calibration=(calibration, Calibration), run=(run, RunOptions))
     check_api({"out": out}, config=(config, PruneConfig))
     config = replace(config, mask=targeting.settle(config.mask))
-    source = _open(model_dir, config.mask, targeting, run.trust_remote_code, config.reconstruct)
+    source = _open(model_dir, config.mask, targeting, run.trust_remote_code, _second_pass(config))
     calibration = calibration.with_defaults(DEFAULT_NSAMPLES, default_seqlen(source.config.to_dict()))
     calibration.steps(config.batch_size)
     sources = _inputs(model_dir, calibration, targeting)
     device = distributed.init_from_env(resolve_device(config.device))
     preflight(out, run.overwrite, sources, lock=distributed.is_main())  # rank 0 takes the lock, soon
     job = _job(source, config, device, run)
-    _check_processes(config.batch_size, "`feedback` full runs in one process" if config.feedback == "full" else None)
+    _check_processes(config.batch_size, _unshared(config))
     if config.feedback == "full":
         from .pipeline.feedback import check_fits
 
@@ -294,7 +321,7 @@ def _prune_worker(job: Job, config: PruneConfig, partial: str) -> Report:
     if config.has_saliency:
         calibrate(job, job.skeleton(), config, keep=False)
     if config.reconstruct == "obs":
-        reconstruct(job, job.skeleton(), decided_by_rank_0 if config.has_saliency else None, _obs_settings(config),
+        reconstruct(job, job.skeleton(), decided_by_rank_0 if config.has_saliency else None, _pass_steps(config),
                     os.path.join(partial, RECON_STATE))
     rank, processes = distributed.world()
     return Report(command="prune", rank=rank, processes=processes)
@@ -307,7 +334,7 @@ def _prune_into(staging: str, job: Job, config: PruneConfig, report: Report, sta
     distributed.barrier()  # the workers may now look for finished blocks in it
     writer = pruned_writer(job, staging)
     # masks that need no other block's saliency: each block's weights are written as it finishes
-    streamed = (config.feedback == "none" and config.reconstruct == "none" and config.has_saliency
+    streamed = (config.feedback == "none" and not _second_pass(config) and config.has_saliency
                 and not config.mask.cross_block)
     report.weights_written = "per block during calibration" if streamed else "after calibration"
     on_block = streamed_writes(job, writer, config.mask) if streamed else None
@@ -317,7 +344,7 @@ def _prune_into(staging: str, job: Job, config: PruneConfig, report: Report, sta
     cut = None if saliency is None else saliency_cutter(job, saliency, config.mask)
     note_allocation(report, cut, config.mask)
     pruned, recon_dir = (None if cut is None else masked_by(cut)), None
-    if config.reconstruct == "obs":
+    if _second_pass(config):
         recon_dir, pruned = _reconstruction(job, staging, cut, config, report)
     report = export_checkpoint(job, staging, writer, pruned, saliency, config.mask, report)
     return finish(staging, report, start, state_dir, recon_dir)
@@ -325,10 +352,15 @@ def _prune_into(staging: str, job: Job, config: PruneConfig, report: Report, sta
 
 def _reconstruction(job: Job, staging: str, cut: MaskCutter | None, compute: PruneConfig | MaskConfig,
                     report: Report) -> tuple[str, Pruned]:
-    """The OBS pass of a job into `staging`, recorded in `report`: (its state directory, the pruned weights)."""
-    recon_dir, report.reconstruction = reconstruct_pass(job, staging, obs_choice(cut, compute.guide_alpha, job.backend),
-                                                        _obs_settings(compute))
-    report.reconstruction["rule"] = obs_rule(cut, compute.guide_alpha)
+    """The pass over the pruned blocks of a job into `staging` (the refinement, the OBS update), recorded in
+    `report`: (its state directory, the pruned weights)."""
+    steps = _pass_steps(compute)
+    recon_dir, reconstruction, refinement = reconstruct_pass(
+        job, staging, obs_choice(cut, compute.guide_alpha, job.backend), steps)
+    if reconstruction is not None:
+        report.reconstruction = {**reconstruction, "rule": obs_rule(cut, compute.guide_alpha)}
+    if refinement is not None:
+        report.refinement = refinement
     return recon_dir, reconstructed_weights(recon_dir)
 
 
@@ -342,25 +374,26 @@ def mask_checkpoint(model_dir: str, saliency_dir: str, out: str, config: MaskCon
     config, run = or_default(config=(config, MaskConfig), run=(run, RunOptions))
     check_api({"saliency_dir": saliency_dir, "out": out}, calibration=(calibration, Calibration, True))
     spec = targeting.settle(config.mask)
-    source = _open(model_dir, spec, targeting, run.trust_remote_code, config.reconstruct)
-    if config.reconstruct == "obs" and calibration is None:
-        raise UsageError("`reconstruct` obs: pass `calib` (the windows are run through the pruned model)")
+    source = _open(model_dir, spec, targeting, run.trust_remote_code, _second_pass(config))
+    if _second_pass(config) and calibration is None:
+        raise UsageError(f"{_second_pass(config)}: pass `calib` (the windows are run through the pruned model)")
     sources = _inputs(model_dir, calibration, targeting, saliency_dir)
     device = distributed.init_from_env(resolve_device(config.device))
     preflight(out, run.overwrite, sources, lock=distributed.is_main())
-    _check_processes(config.batch_size, None if config.reconstruct == "obs" else "mask without `reconstruct` obs")
+    _check_processes(config.batch_size, _unshared(config))
     _check_same_source(source, device)
     job = _job(source, config, device, run)
     saliency = _saliency(source, saliency_dir)
     report = Report(command="mask", model=os.path.abspath(model_dir), saliency=os.path.abspath(saliency_dir),
                     settings={**saliency.metadata, "reconstruct": config.reconstruct, "guide_alpha": config.guide_alpha,
+                              **refine_settings(config.refine, config.refine_iters),
                               "backend_used": job.backend, "device_used": str(job.device)},
                     targeting=targeting.to_dict())
-    if config.reconstruct == "obs":
+    if _second_pass(config):
         job = replace(job, windows=_saliency_windows(source, saliency, calibration, config.batch_size, report))
         distributed.check_same("calib", report.calibration["windows_sha256"], device)
     if distributed.world()[0] != 0:  # a worker: its share of the OBS pass, nothing written
-        reconstruct(replace(job, progress=None), job.skeleton(), decided_by_rank_0, _obs_settings(config), "")
+        reconstruct(replace(job, progress=None), job.skeleton(), decided_by_rank_0, _pass_steps(config), "")
         return Report(command="mask", rank=distributed.world()[0], processes=distributed.world()[1])
     if distributed.world()[1] > 1:
         report.processes = distributed.world()[1]

@@ -16,6 +16,7 @@ import torch
 
 from . import backends
 from .kernels.metric_registry import METRICS, REGISTRY, SUM_FLOOR, Metric, metric_spec, stochria_tau  # noqa: F401
+from .kernels.refine_twin import transfer_  # noqa: F401  (the matrix budget's moves between rows: torch, shared)
 from .kernels.shared import (  # noqa: F401  (re-exported: backend-independent, shared by every backend)
     Candidates,
     StepVectors,
@@ -102,3 +103,14 @@ def obs_sweep_(w: torch.Tensor, u: torch.Tensor, rule: SweepRule, blocksize: int
                backend: str | None = None) -> torch.Tensor:
     """The lazy-batch OBS sweep, in place on w (float32); returns the keep mask (kernels/reference.py)."""
     return _impl(backend, w).obs_sweep_(w, u, rule.keep, rule.prune_count, rule.nm, blocksize, rule.prior)
+
+
+def refine_rows_(keep, r, w, gram, iters: int, backend: str | None = None) -> torch.Tensor:
+    """Up to `iters` mask swaps in every row of w (float32), in place on keep (bool) and the residual r;
+    returns the swaps per row (kernels/refine_twin.py)."""
+    return _impl(backend, w).refine_rows_(keep, r, w, gram, iters)
+
+
+def refine_nm_(keep, r, w, gram, m: int, iters: int, backend: str | None = None) -> torch.Tensor:
+    """As refine_rows_, each swap inside one group of m consecutive entries of a row."""
+    return _impl(backend, w).refine_nm_(keep, r, w, gram, m, iters)

@@ -69,6 +69,7 @@ class Report:
     calibration_seconds: float | None = UNSET
     unseen_matrices: dict | None = UNSET
     reconstruction: dict | None = UNSET
+    refinement: dict | None = UNSET  # refine swaps: per matrix the output error before and after, the swaps
     mask: dict | None = UNSET
     matrices: dict[str, dict] = field(default_factory=dict)
     skipped: dict[str, str] | None = UNSET
@@ -146,7 +147,8 @@ def print_block_table(report: Report) -> None:
         block = int(next(p for p in name.split(".") if p.isdigit()))
         by_block.setdefault(block, []).append(stats)
     calib = {b["block"]: b["seconds"] for b in report.blocks or []}
-    recon = {b["block"]: b["seconds"] for b in (report.reconstruction or {}).get("blocks", [])}
+    second = report.reconstruction or report.refinement or {}  # the pass over the pruned blocks, if any
+    recon = {b["block"]: b["seconds"] for b in second.get("blocks", [])}
     print(f"{'block':>5} {'matrices':>8} {'params':>12} {'sparsity':>9} {'calib s':>8} {'recon s':>8}")
     for block, mats in sorted(by_block.items()):
         numel = sum(m["numel"] for m in mats)

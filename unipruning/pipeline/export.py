@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 import torch
 
 from ..algorithm.masks import MaskCutter, masked
-from ..algorithm.obs import ObsSettings, guide_prior
+from ..algorithm.obs import guide_prior
 from ..config import MaskSpec
 from ..io.report import REPORT, Report, Totals, git_hash, peak_memory, versions
 from ..io.saliency import Saliency
@@ -22,7 +22,7 @@ from ..io.staging import write_json
 from ..io.writer import PrunedWriter, copy_side_files
 from ..models import NEVER_PRUNED, family_for
 from .job import Job
-from .reconstruct import reconstruct, reconstructed, reconstructed_files
+from .reconstruct import PassSteps, reconstruct, reconstructed, reconstructed_files
 
 SALIENCY_DIR = "saliency"
 RECON_STATE = ".recon"  # per-block reconstructed weights of a run in progress, inside its staging directory
@@ -110,27 +110,37 @@ def obs_rule(cut: MaskCutter | None, guide_alpha: float | None) -> str:
     return "saliency mask" if guide_alpha is None else f"guided: smallest w^2/U_ii^2 * saliency rank^{guide_alpha}"
 
 
-def reconstruct_pass(job: Job, staging: str, choice: Callable | None, obs: ObsSettings) -> tuple[str, dict]:
-    """Run the OBS reconstruction (reconstruct.py) into `staging`; (its state directory, report entry).
-    obs: algorithm.obs.ObsSettings (SparseGPT's dampening and block size by default)."""
+def reconstruct_pass(job: Job, staging: str, choice: Callable | None, steps: PassSteps) -> tuple[str, dict, dict]:
+    """Run the pass over the blocks on the pruned stream (reconstruct.py: the refinement and/or the OBS
+    reconstruction) into `staging`; (its state directory, the reconstruction's report entry (None without
+    the sweep), the refinement's (None without it)). steps.obs: SparseGPT's dampening and block size by
+    default."""
     start = time.perf_counter()
     recon_dir = os.path.join(staging, RECON_STATE)
     os.makedirs(recon_dir, exist_ok=True)
-    blocks = reconstruct(job, job.skeleton(), choice, obs, recon_dir)
+    blocks = reconstruct(job, job.skeleton(), choice, steps, recon_dir)
+    refined = {name: e for b in blocks for name, e in b.pop("refinement", {}).items()}
     groups = len(family_for(job.checkpoint.config).sequential)
+    seconds = time.perf_counter() - start
+    cost = (f"a second forward per layer on the pruned stream ({groups} partial forwards to collect each group's "
+            "Hessian, then one for the block's output), beside the calibration's own")
+    refinement = None if steps.refine_iters is None else {
+        "method": "swaps", "iters": steps.refine_iters, **({} if steps.sweep else {"seconds": seconds, "blocks": blocks,
+                                                                                  "cost": cost}),
+        "error": "||((1 - M) * W) X||^2 = sum over rows of d H d^T, H = 2/n X^T X of the pruned stream",
+        "matrices": refined}
+    if not steps.sweep:
+        return recon_dir, None, refinement
+    obs = steps.obs
     # the order is recorded only when it is not the default, so that default reports stay as they were
     order = {} if obs.true_sequential else {"true_sequential": False}
-    return recon_dir, {
-        "method": "obs", "damp": obs.damp, "blocksize": obs.blocksize, **order, "seconds": time.perf_counter() - start,
-        "blocks": blocks,
-        "cost": f"a second forward per layer on the pruned stream ({groups} partial forwards to collect each "
-                "group's Hessian, then one for the block's output), beside the calibration's own",
-    }
+    return recon_dir, {"method": "obs", "damp": obs.damp, "blocksize": obs.blocksize, **order, "seconds": seconds,
+                       "blocks": blocks, "cost": cost}, refinement
 
 
 def reconstructed_weights(recon_dir: str) -> Pruned:
     files = reconstructed_files(recon_dir)
-    return lambda name, weight: reconstructed(files[name], name)
+    return lambda name, weight: reconstructed(files[name], name, weight)
 
 
 def export_checkpoint(job: Job, staging: str, writer: PrunedWriter, pruned: Pruned, saliency: Saliency | None,

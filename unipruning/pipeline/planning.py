@@ -12,12 +12,13 @@ read from the checkpoint and calibrated for real, by the code a prune runs, on P
 PROBE_STEPS[1] steps of random token windows of the run's shape (after an untimed warm-up run); the two
 timings give the block's fixed cost and its cost per step, and every block is taken to cost what block 0
 costs (the blocks of the supported families are alike) plus the measured time to read it. What the probe
-does not run is added from arithmetic, which is a lower bound: the second pass of --reconstruct obs (one
-more forward per block at the measured matmul rate; the OBS sweeps themselves are not counted), feedback
-full (forward and backward of the whole model per step) and the sparsegpt metric (no calibration pass:
-only that second pass); writing the output (read and write of every tensor) is not counted. On a loaded
-machine the probe is as noisy as the machine: the same dry run gave 28 s and 403 s here for a run that
-took 158 s (the demo model, 128 windows of 128 tokens, 2 shared CPU cores, 2026-12-01).
+does not run is added from arithmetic, which is a lower bound: the second pass of --reconstruct obs or
+--refine swaps (one more forward per block at the measured matmul rate; the OBS sweeps and the swaps
+themselves are not counted), feedback full (forward and backward of the whole model per step) and the
+sparsegpt metric (no calibration pass: only that second pass); writing the output (read and write of every
+tensor) is not counted. On a loaded machine the probe is as noisy as the machine: the same dry run gave 28 s
+and 403 s here for a run that took 158 s (the demo model, 128 windows of 128 tokens, 2 shared CPU cores,
+2026-12-01).
 """
 
 from __future__ import annotations
@@ -155,13 +156,14 @@ def extrapolate(probe: dict, steps: int, blocks: int) -> dict:
 
 def _lower_bound_terms(job: Job, config: PruneConfig, tokens: int) -> dict:
     """Arithmetic for what the probe does not run: obs's second pass, feedback full, the sparsegpt metric."""
-    if config.feedback == "none" and config.reconstruct == "none" and config.has_saliency:
+    second_pass = config.reconstruct == "obs" or config.refine != "none"  # the OBS update, the refinement
+    if config.feedback == "none" and not second_pass and config.has_saliency:
         return {"seconds": 0.0}
     flop_rate, _ = _throughput(job.device, job.dtype)
     model_config = job.checkpoint.config
     hidden = int(model_config.hidden_size)
     block_params = job.checkpoint.num_parameters - int(model_config.vocab_size) * hidden  # all but the embedding
-    forwards = 3 * (config.feedback == "full") + (config.reconstruct == "obs")
+    forwards = 3 * (config.feedback == "full") + second_pass  # the swaps themselves are not counted
     flops = 2 * tokens * block_params * forwards
     return {"seconds": flops / flop_rate, "forward_flops": flops, "measured_matmul_flops_per_s": flop_rate}
 
@@ -175,7 +177,7 @@ def _time(job: Job, config: PruneConfig, calibration: Calibration) -> dict:
     probe = _probe(job, config, calibration.seqlen)
     calib = extrapolate(probe, calibration.nsamples // config.batch_size, num_blocks(job.checkpoint.config))
     note = ("calibration from a timed probe of block 0 on this device" +
-            ("; plus a lower bound for the reconstruction pass" if extra["seconds"] else "") +
+            ("; plus a lower bound for the second pass (reconstruction, refinement)" if extra["seconds"] else "") +
             "; reading the calibration text and writing the output are not counted")
     return {"seconds": calib["calibration_seconds"] + extra["seconds"], "calibration": calib, "probe": probe,
             "lower_bound": extra, "note": note}

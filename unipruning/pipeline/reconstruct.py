@@ -16,6 +16,12 @@ score times the saliency's rank prior (Γ-guided) or alone (`choice` None: the `
 Finished blocks are saved atomically in `state_dir` (the reconstructed weights in the checkpoint's
 dtype, and the masks), so a killed run resumes after the last finished block with identical bytes.
 
+The same pass refines the masks (`refine` swaps, algorithm/refine.py): once a group's H is in, each
+matrix's mask is improved by swaps inside its budget groups under that H (the Gram of the matrix's input on
+the pruned stream, up to the factor 2/n), before its OBS sweep; without the sweep (`PassSteps.sweep`
+False) the refined mask is applied to the weights as they are, and the state file holds the masks alone.
+The output errors before and after (under H) are kept in the state file's metadata.
+
 Every forward runs one window at a time and H is summed lane by lane (weight_parallel.py), so that under
 torchrun the matrices are shared out by cost and each process computes the same bits as one process: rank 0
 decides the masks (it holds the saliency), the owners sweep, the results reach every process, and rank 0
@@ -25,16 +31,20 @@ alone reads and writes `state_dir`.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from ..algorithm.masks import masked
 from ..algorithm.obs import ObsSettings, reconstruct_weight, sweep_rule
+from ..algorithm.refine import budget_of, refine_mask
 from ..io.staging import atomic_file
 from ..models import block_matrices, family_for
 from . import distributed
@@ -45,22 +55,35 @@ from .weight_parallel import Handover, Hessians, owners, sweep_cost
 _STORED = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}  # io.checkpoint.DENSE_DTYPES
 
 
+@dataclass(frozen=True)
+class PassSteps:
+    """What the pass does to each matrix once its group's H is in: refine its mask (at most `refine_iters`
+    swaps per row; None: not), then the OBS sweep (`sweep`; else the mask is applied to the weights as they
+    are). obs: the sweep's knobs and the order of the groups' Hessians (true_sequential)."""
+
+    obs: ObsSettings
+    sweep: bool = True
+    refine_iters: int | None = None
+
+
 def _state_file(state_dir: str, index: int) -> str:
     return os.path.join(state_dir, f"block-{index:05d}.safetensors")
 
 
-def _saved_block(path: str, names: list[str]) -> dict[str, torch.Tensor] | None:
-    """The reconstructed weights of a finished block, or None: absent, or unreadable (what a crash before
-    the disk was flushed can leave; removed, and the block reconstructed again)."""
+def _saved_block(path: str, names: list[str], weights: bool) -> tuple[dict[str, torch.Tensor], dict] | None:
+    """({name: reconstructed weight, or the mask when not `weights`}, refinement entries) of a finished block,
+    or None: absent, or unreadable (what a crash before the disk was flushed can leave; removed, and the block
+    done again)."""
     if not os.path.isfile(path):
         return None
     try:
         with safe_open(path, framework="pt") as handle:
             keys = set(handle.keys())
-            if not all(n in keys and f"{n}.keep" in keys for n in names):
+            if not all((n in keys or not weights) and f"{n}.keep" in keys for n in names):
                 raise KeyError("a matrix is missing")
-            return {name: handle.get_tensor(name) for name in names}
-    except (SafetensorError, OSError, KeyError, RuntimeError):
+            refined = json.loads((handle.metadata() or {}).get("refinement", "{}"))
+            return {name: handle.get_tensor(name if weights else f"{name}.keep") for name in names}, refined
+    except (SafetensorError, OSError, KeyError, RuntimeError, ValueError):
         with contextlib.suppress(OSError):
             os.remove(path)
         return None
@@ -77,18 +100,21 @@ class _Reconstruction:
     file (or replayed from there), then run on the pruned stream to make the next block's input. Under
     torchrun the matrices are shared out (weight_parallel.py) and rank 0 alone reads and writes the state."""
 
-    def __init__(self, job: Job, model: nn.Module, choice, obs: ObsSettings, state_dir: str):
-        self.job, self.model, self.choice, self.obs, self.state_dir = job, model, choice, obs, state_dir
+    def __init__(self, job: Job, model: nn.Module, choice, steps: PassSteps, state_dir: str):
+        self.job, self.model, self.choice, self.steps, self.state_dir = job, model, choice, steps, state_dir
+        self.obs = steps.obs
         self.stream, lanes = open_lanes(job, model)
         self.hessians = Hessians(self.stream, lanes, job.backend)
         self.handover = Handover(job.device)
+        self.refined: dict[str, dict] = {}  # this block's refinement entries
 
     def visit(self, index: int, block: nn.Module, started: float) -> dict:
-        self.started = started
+        self.started, self.refined = started, {}
         resumed = self._reconstruct(index, block, started)
         for k in range(len(self.stream.hidden)):
             self.stream.advance(block, index, k)
-        return {"block": index, "seconds": None, "resumed": resumed}
+        entry = {"block": index, "seconds": None, "resumed": resumed}
+        return {**entry, "refinement": self.refined} if self.steps.refine_iters is not None else entry
 
     def after(self, index: int, entry: dict) -> None:
         entry["seconds"] = time.perf_counter() - self.started
@@ -104,19 +130,28 @@ class _Reconstruction:
         groups = [{n: lin for n, lin in members.items() if n in linears} for members in groups]
         stored, masks = self._groups(index, block, [members for members in groups if members])
         if distributed.is_main():
-            tensors = {**stored, **{f"{n}.keep": m for n, m in masks.items()}}
+            tensors = {**(stored if self.steps.sweep else {}), **{f"{n}.keep": m for n, m in masks.items()}}
+            meta = {"seconds": repr(time.perf_counter() - started)}
+            if self.steps.refine_iters is not None:
+                meta["refinement"] = json.dumps(self.refined, sort_keys=True)
             with atomic_file(path) as tmp:
-                save_file(tensors, tmp, metadata={"seconds": repr(time.perf_counter() - started)})
+                save_file(tensors, tmp, metadata=meta)
         return False
 
     def _replayed(self, path: str, linears: dict[str, nn.Linear]) -> bool:
-        """Whether rank 0 holds the block's reconstructed weights; if so every rank's block takes them (the
-        stored weights give the same pruned stream)."""
-        saved = _saved_block(path, list(linears)) if distributed.is_main() else None
+        """Whether rank 0 holds the block's reconstructed weights (or refined masks); if so every rank's block
+        takes them (the stored weights give the same pruned stream)."""
+        saved = _saved_block(path, list(linears), self.steps.sweep) if distributed.is_main() else None
         if not distributed.agree(saved is not None, self.job.device):
             return False
+        if not self.steps.sweep:  # refinement alone runs in one process (jobs.py)
+            for name, lin in linears.items():
+                lin.weight.data.copy_(masked(lin.weight.data, saved[0][name].to(self.job.device)))
+            self.refined = saved[1]
+            return True
+        self.refined = {} if saved is None else saved[1]
         for name, lin in linears.items():
-            mine = None if saved is None else saved[name].to(self.job.device)
+            mine = None if saved is None else saved[0][name].to(self.job.device)
             lin.weight.data.copy_(distributed.broadcast_from(0, mine, self._stored_like(name)))
         return True
 
@@ -161,11 +196,23 @@ class _Reconstruction:
             if owner[name] != rank:
                 continue
             keep, prior, kept = handed[name] if rank != 0 else self._decide(name, lin, 0, originals)
-            rule = sweep_rule(self.job.plan[name], lin.weight.numel(), keep, prior, kept)
-            weight, mask = reconstruct_weight(lin.weight.data, hs[name], rule, name, self.obs, self.job.backend)
+            if self.steps.refine_iters is not None:
+                keep = self._refine(name, lin, hs[name], keep)
+            if not self.steps.sweep:
+                weight, mask = masked(lin.weight.data, keep), keep
+            else:
+                rule = sweep_rule(self.job.plan[name], lin.weight.numel(), keep, prior, kept)
+                weight, mask = reconstruct_weight(lin.weight.data, hs[name], rule, name, self.obs, self.job.backend)
             lin.weight.data.copy_(weight)  # in the compute dtype, then as it will be stored:
             results[name] = (lin.weight.data.to(self._stored_like(name).dtype), mask)
         return results
+
+    def _refine(self, name: str, lin: nn.Linear, h: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """The saliency's mask of matrix `name` refined under its group's H; its entry noted."""
+        out = refine_mask(lin.weight.data, h, keep, budget_of(self.job.plan[name]), self.steps.refine_iters,
+                          self.job.backend)
+        self.refined[name] = {"error_before": out.error_before, "error_after": out.error_after, "swaps": out.swaps}
+        return out.keep
 
     def _decide(self, name: str, lin: nn.Linear, owner: int, originals: dict) -> tuple:
         """(keep, prior, kept) of matrix `name` on its owner: rank 0's choice from the stored weights."""
@@ -199,26 +246,29 @@ def decided_by_rank_0(name: str, weight: torch.Tensor) -> tuple:
 
 @torch.no_grad()
 def reconstruct(job: Job, model: nn.Module, choice: Callable[[str, torch.Tensor], tuple] | None,
-                obs: ObsSettings, state_dir: str) -> list[dict]:
+                steps: PassSteps, state_dir: str) -> list[dict]:
     """Reconstruct the planned matrices of the job's meta-device skeleton `model`, block by block (read from
     the checkpoint, released afterwards), writing each finished block to `state_dir`; the others keep their
     weights. Returns per-block timings. Masks are cut from the stored weights (as mask-only export does), and
     the pruned stream runs the reconstructed weights as they will be stored (in the checkpoint's dtype).
-    obs: the sweep's dampening and block size, and the order of the groups' Hessians."""
-    return for_each_block(job, model, _Reconstruction(job, model, choice, obs, state_dir))
+    steps: the refinement and the sweep (its dampening and block size), and the order of the groups' Hessians."""
+    return for_each_block(job, model, _Reconstruction(job, model, choice, steps, state_dir))
 
 
 def reconstructed_files(state_dir: str) -> dict[str, str]:
-    """{matrix name: the block file holding its reconstructed weight and mask}."""
+    """{matrix name: the block file holding its mask (and reconstructed weight, when the pass swept)}."""
     files = {}
     for entry in sorted(os.listdir(state_dir)):
         if entry.endswith(".safetensors"):
             with safe_open(os.path.join(state_dir, entry), framework="pt") as handle:
-                files.update({k: os.path.join(state_dir, entry) for k in handle.keys() if not k.endswith(".keep")})
+                files.update({k.removesuffix(".keep"): os.path.join(state_dir, entry) for k in handle.keys()
+                              if k.endswith(".keep")})
     return files
 
 
-def reconstructed(path: str, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weight in the checkpoint's dtype, keep mask) of a reconstructed matrix, from its block file."""
+def reconstructed(path: str, name: str, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight in the checkpoint's dtype, keep mask) of a matrix from its block file: the reconstructed weight,
+    or, in a file of masks alone (refinement without the sweep), `weight` (as stored) masked."""
     with safe_open(path, framework="pt") as handle:
-        return handle.get_tensor(name), handle.get_tensor(f"{name}.keep")
+        keep = handle.get_tensor(f"{name}.keep")
+        return (handle.get_tensor(name) if name in handle.keys() else masked(weight, keep)), keep
