@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import os
 
 import pytest
@@ -152,3 +153,25 @@ def in_memory_job(windows, config, device, offload="auto"):
 
     return Job(checkpoint=None, plan={}, device=device, dtype=torch.float32, backend="torch", windows=windows,
                batch_size=config.batch_size, offload=offload)
+
+
+def assert_within_twin_error(kernel: torch.Tensor, twin: torch.Tensor, exact: torch.Tensor, what: str = "") -> None:
+    """flash-attention's rule for a kernel that is not bit-identical to its twin (another order of summation,
+    another matmul): against `exact`, a float64 or exactly rounded reference of the same quantity, the kernel's
+    largest error is at most twice the twin's own low-precision error, plus twice the rounding of `exact` to
+    the compared dtype at its magnitude (flash-attention's atol, 2 * |(ref + 0.3) - 0.3 - ref|)."""
+    assert kernel.shape == twin.shape == exact.shape and kernel.dtype == twin.dtype, what
+    exact = exact.to(torch.float64).cpu()
+    kernel_err = (kernel.to(torch.float64).cpu() - exact).abs().max().item()
+    twin_err = (twin.to(torch.float64).cpu() - exact).abs().max().item()
+    low = exact.to(kernel.dtype)
+    rounding = (low + 0.3 - 0.3 - low).abs().max().item()
+    assert kernel_err <= 2 * twin_err + 2 * rounding, (
+        f"{what}: kernel error {kernel_err:.3g} > 2 x twin error {twin_err:.3g} + 2 x rounding {rounding:.3g}")
+
+
+def exact_sums(values: torch.Tensor, dim: int) -> torch.Tensor:
+    """The correctly rounded float64 sums of `values` along `dim` (math.fsum: no rounding but the last)."""
+    rows = values.to(torch.float64).cpu().movedim(dim, -1).reshape(-1, values.shape[dim]).tolist()
+    return torch.tensor([math.fsum(r) for r in rows], dtype=torch.float64).reshape(
+        values.movedim(dim, -1).shape[:-1])

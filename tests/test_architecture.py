@@ -122,3 +122,15 @@ def test_no_function_of_the_orchestrator_takes_more_than_seven_parameters():
         if count > MAX_PARAMETERS:
             long.append(f"{module}.{node.name}: {count} parameters")
     assert not long, long
+
+
+def test_no_triton_file_imports_the_oracle():
+    """kernels/reference.py is the oracle the kernel tests compare with: a Triton launcher (or the Triton
+    backend) that called into it would be compared with itself. What both need lives in kernels/shared.py."""
+    modules = _modules()
+    oracle = "unipruning.kernels.reference"
+    triton_side = [m for m, p in modules.items() if m.startswith("unipruning.kernels.")
+                   and ("import triton" in open(p).read() or m.endswith("triton_backend"))]
+    assert len(triton_side) >= 7, triton_side  # act_stats, metrics, mirror, select, nm, obs, library, ...
+    offenders = sorted(m for m in triton_side if oracle in _imports(m, modules[m], set(modules)))
+    assert not offenders, offenders

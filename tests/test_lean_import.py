@@ -51,3 +51,24 @@ def test_unknown_names_are_attribute_errors():
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
         unipruning.nothing  # noqa: B018
     assert unipruning.progress.Progress is not None  # a submodule, imported on first use
+
+
+def test_the_clone_s_kernels_directory_does_not_shadow_hugging_face_kernels():
+    """Run from the clone's root (`python -m`, a script beside the README), the repository root is on sys.path
+    and `kernels/` is importable as bare `kernels`, the name of Hugging Face's package that transformers >= 5.25
+    imports: ours steps aside for the installed distribution, or says it is absent."""
+    import importlib.metadata
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = ("import sys; sys.path.insert(0, sys.argv[1])\n"
+            "try:\n    import kernels\nexcept ModuleNotFoundError:\n    print('absent')\n"
+            "else:\n    print(kernels.__file__)")
+    out = subprocess.run([sys.executable, "-c", code, root], capture_output=True, text=True, timeout=300, check=True)
+    try:
+        importlib.metadata.distribution("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        assert out.stdout.strip() == "absent"
+    else:
+        assert not out.stdout.strip().startswith(os.path.join(root, "kernels")), out.stdout
+        assert out.stdout.strip().endswith("__init__.py")

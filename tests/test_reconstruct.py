@@ -8,7 +8,8 @@ import os
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
-from unipruning.kernels.reference import hessian_accumulate_, nm_mask, obs_inverse_factor, obs_sweep_
+from unipruning.kernels.reference import hessian_accumulate_, nm_mask, obs_sweep_
+from unipruning.kernels.shared import obs_inverse_factor
 
 from tests._utils import prunable, read_all
 from unipruning import PruneConfig, UsageError, prune
@@ -118,8 +119,9 @@ def runs(tmp_path_factory, tiny_llama, text_file):
         "sparsegpt": ["--metric", "sparsegpt", "--reconstruct", "obs"],
     }.items():
         out[key] = str(base / key)
+        # one budget per matrix, the count the tests check (the default, auto, is tested in test_defaults.py)
         assert run_cli("prune", "--model", tiny_llama, "--out", out[key], "--sparsity", "0.7", "--calib", text_file,
-                       *SMALL, *extra) == 0
+                       "--allocation", "layer", *SMALL, *extra) == 0
     return out
 
 
@@ -153,7 +155,7 @@ def test_reconstruction_brings_the_model_closer_to_the_dense_one(runs, tiny_llam
 def test_mask_with_reconstruction_equals_prune_with_it(runs, tiny_llama, text_file, tmp_path):
     out = tmp_path / "remasked"
     assert run_cli("mask", "--model", tiny_llama, "--saliency", os.path.join(runs["obs"], "saliency"), "--out", out,
-                   "--sparsity", "0.7", "--reconstruct", "obs", "--calib", text_file) == 0
+                   "--sparsity", "0.7", "--allocation", "layer", "--reconstruct", "obs", "--calib", text_file) == 0
     a, b = read_all(out), read_all(runs["obs"])
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -163,7 +165,7 @@ def test_interrupted_reconstruction_resumes_to_the_same_bytes(runs, tiny_llama, 
 
     out = tmp_path / "resumed"
     argv = ["prune", "--model", tiny_llama, "--out", out, "--sparsity", "0.7", "--calib", text_file, *SMALL,
-            "--reconstruct", "obs"]
+            "--allocation", "layer", "--reconstruct", "obs"]
     original, calls = recon.reconstruct_weight, {"n": 0}
 
     def dies_in_block_1(*args, **kwargs):
@@ -236,7 +238,7 @@ def test_guide_prior_is_the_saliency_rank():
 def test_guided_reconstruction_end_to_end(tiny_llama, text_file, tmp_path):
     out = tmp_path / "guided"
     assert run_cli("prune", "--model", tiny_llama, "--out", out, "--calib", text_file, *SMALL, "--sparsity", "0.6",
-                   "--reconstruct", "obs", "--guide-alpha", "0.5") == 0
+                   "--allocation", "layer", "--reconstruct", "obs", "--guide-alpha", "0.5") == 0
     tensors = read_all(out)
     for name in prunable(tiny_llama):
         w = tensors[name]
@@ -253,13 +255,14 @@ def test_without_true_sequential_every_group_sees_the_block_as_it_came_in(runs, 
     output, computed here independently from the dense model; q/k/v (first group) are as before."""
     from transformers import AutoTokenizer
 
-    from unipruning.algorithm.obs import reconstruct_weight
+    from unipruning.algorithm.obs import reconstruct_weight, sweep_rule
     from unipruning.config import MaskSpec
     from unipruning.data import calibration_windows
 
     out = tmp_path / "llmc-order"
     assert run_cli("mask", "--model", tiny_llama, "--saliency", os.path.join(runs["obs"], "saliency"), "--out", out,
-                   "--sparsity", "0.7", "--reconstruct", "obs", "--calib", text_file, "--no-true-sequential") == 0
+                   "--sparsity", "0.7", "--allocation", "layer", "--reconstruct", "obs", "--calib", text_file,
+                   "--no-true-sequential") == 0
     ours, sequential, masked_only = read_all(out), read_all(runs["obs"]), read_all(runs["mask"])
     block = "model.layers.0."
     for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
@@ -275,8 +278,9 @@ def test_without_true_sequential_every_group_sees_the_block_as_it_came_in(runs, 
     h = torch.zeros(x.shape[1], x.shape[1])
     hessian_accumulate_(h, x)
     name = f"{block}self_attn.o_proj.weight"
-    expected, _ = reconstruct_weight(model.model.layers[0].self_attn.o_proj.weight.data, h.mul_(2 / x.shape[0]),
-                                     masked_only[name] != 0, MaskSpec(0.7), name, "torch")
+    weight = model.model.layers[0].self_attn.o_proj.weight.data
+    rule = sweep_rule(MaskSpec(0.7), weight.numel(), masked_only[name] != 0)
+    expected, _ = reconstruct_weight(weight, h.mul_(2 / x.shape[0]), rule, name, backend="torch")
     assert torch.allclose(ours[name], expected, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(sequential[name], expected, rtol=1e-4, atol=1e-5)
     report = json.loads((out / "pruning_report.json").read_text())

@@ -195,7 +195,9 @@ def _calibration_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seqlen", type=int, default=None,
                    help="tokens per window (default: the model's max_position_embeddings, at most 4096, as the "
                         "papers use it: 2048 for LLaMA-1 and OPT, 4096 for Llama-2)")
-    p.add_argument("--batch-size", type=int, default=1, help="windows per mirror step (must divide --nsamples)")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="windows per mirror step (must divide --nsamples; under torchrun a multiple of the "
+                        "process count)")
     p.add_argument("--seed", type=int, default=0, help="seed of the windows and of stochria's subsets")
 
 
@@ -270,7 +272,9 @@ def _mask_parser(sub) -> None:
     p.add_argument("--nsamples", type=int, default=None, help="windows of --reconstruct obs (default: the saliency's)")
     p.add_argument("--seqlen", type=int, default=None, help="their length (default: the saliency's)")
     p.add_argument("--seed", type=int, default=None, help="their seed (default: the saliency's)")
-    p.add_argument("--batch-size", type=int, default=1, help="windows per forward of the reconstruction")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="lanes of the reconstruction's Hessian sums (each forward runs one window; under "
+                        "torchrun a multiple of the process count)")
     _compute_arguments(p, device_help="where the masks are computed (auto: cuda if present)")
     _targeting_arguments(p)
     _hub_arguments(p)
@@ -540,6 +544,8 @@ def _mask(args) -> None:
             calibration = Calibration(args.calib, args.nsamples, args.seqlen, args.tokenizer, args.seed)
         report = mask_checkpoint(args.model, args.saliency, args.out, config, calibration,
                                  _run_options(args, progress=args.reconstruct == "obs"), _targeting(args))
+    if report.rank:  # a worker of the OBS pass (torchrun): rank 0 reports
+        return
     print_summary(report)
     print(f"wrote {args.out}")
 
@@ -689,6 +695,8 @@ def _failure(args, exc: BaseException) -> tuple[str, int]:
         return f"{name}: interrupted" + (_partial_note(exc) or " (nothing written)"), 130
     if isinstance(exc, OSError):
         return f"{name}: error: {_os_error(exc)}{_partial_note(exc)}", 1
+    if type(exc).__name__ == "PeerLost":  # pipeline/distributed.py: its message is the line
+        return f"{name}: error: {exc}{_partial_note(exc)}", 1
     first = str(exc).splitlines()[0] if str(exc) else ""
     return (f"{name}: error: {type(exc).__name__}: {first[:300]}{_partial_note(exc)} (rerun with --verbose for the "
             "traceback)"), 1
@@ -714,7 +722,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.verbose and not isinstance(exc, (UsageError, KeyboardInterrupt)):
                 traceback.print_exc()
             line, code = _failure(args, exc)
-            print(line, file=sys.stderr)
+            if not getattr(exc, "said_by_rank_0", False) or os.environ.get("RANK", "0") == "0":  # torchrun
+                print(line, file=sys.stderr)
             return code
 
 

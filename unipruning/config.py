@@ -11,18 +11,19 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 
 from .errors import UsageError
+from .kernels import metric_registry
 
-# the saliency's local scores (kernels/reference.py implements them), and SparseGPT's rule (masks chosen
+# the saliency's local scores (their registry: kernels/metric_registry.py), and SparseGPT's rule (masks chosen
 # during the OBS sweep, no saliency)
-SALIENCY_METRICS = ("magnitude", "wanda", "ria", "stochria")
+SALIENCY_METRICS = metric_registry.METRICS
 METRICS = (*SALIENCY_METRICS, "sparsegpt")
 RECONSTRUCTIONS = ("none", "obs")
 ALLOCATIONS = ("auto", "layer", "row", "global", "owl", "owl-row")
 # what `allocation` auto (the default) means for an unstructured mask: the best mask-only budget measured on
-# SmolLM2-135M's calibration-domain check windows (README, results); N:M masks are cut per group of M
+# SmolLM2-135M's calibration-domain check windows (docs/results.md); N:M masks are cut per group of M
 DEFAULT_ALLOCATION = "owl-row"
 # named choices of what to run, chosen between their candidates on SmolLM2-135M's calibration-domain check
-# windows (README, results): quality = the Γ-guided OBS reconstruction with OWL's block sparsities (a second
+# windows (docs/results.md): quality = the Γ-guided OBS reconstruction with OWL's block sparsities (a second
 # pass over the blocks); fast = mask only, OWL's block sparsities cut per output row, which `mask` re-cuts
 # from the saliency in seconds. With an N:M pattern both keep the per-group cut (apply_settings).
 PRESETS = {"fast": {"allocation": "owl-row"},
@@ -292,10 +293,11 @@ class PruneConfig:
     """Calibration settings (docs/method.md) plus the mask to cut at the end.
 
     metric: local score S (or 'sparsegpt': SparseGPT's own masks, no saliency); kappa: mirror step
-    size; lam: fraction of entries below the threshold t; batch_size: windows per mirror step (and per
-    forward of the reconstruction); seed: calibration windows and stochria subsets; reconstruct: 'obs'
-    updates the kept weights after masking; guide_alpha (with reconstruct 'obs'): instead of the saliency's
-    mask, let the sweep choose the pruned entries by SparseGPT's score times (saliency rank)^guide_alpha.
+    size; lam: fraction of entries below the threshold t; batch_size: windows per mirror step (and the
+    reconstruction's lanes, docs/method.md; under torchrun a multiple of the process count); seed:
+    calibration windows and stochria subsets; reconstruct: 'obs' updates the kept weights after masking;
+    guide_alpha (with reconstruct 'obs'): instead of the saliency's mask, let the sweep choose the pruned
+    entries by SparseGPT's score times (saliency rank)^guide_alpha.
     saliency_update: 'exact' runs the recursion step by step over
     every entry; 'closed-form' (feedback none only) gets the same saliency from per-step vectors in one
     product per matrix (docs/method.md, "The closed form"); 'auto' is closed-form for feedback none.
@@ -393,8 +395,9 @@ class PruneConfig:
 @dataclass(frozen=True)
 class MaskConfig:
     """What `mask_checkpoint` cuts from a saved saliency (`mask`) and how it computes: reconstruct 'obs' runs
-    the OBS pass (it needs a Calibration), batch_size windows per forward of that pass, guide_alpha, percdamp,
-    blocksize and true_sequential as PruneConfig's, and where (device, dtype, backend)."""
+    the OBS pass (it needs a Calibration), batch_size its lanes (a multiple of the process count under
+    torchrun), guide_alpha, percdamp, blocksize and true_sequential as PruneConfig's, and where (device,
+    dtype, backend)."""
 
     mask: MaskSpec = field(default_factory=MaskSpec)
     reconstruct: str = "none"

@@ -51,6 +51,7 @@ from .models import FAMILIES, family_for, fingerprint, model_matrices, num_block
 from .pipeline import distributed
 from .pipeline.calibrate import calibrate
 from .pipeline.export import (
+    RECON_STATE,
     Pruned,
     export_checkpoint,
     finish,
@@ -66,6 +67,7 @@ from .pipeline.export import (
 )
 from .pipeline.job import Job
 from .pipeline.learn import BLOCK_STATE, learn_from_checkpoint, learn_in_memory
+from .pipeline.reconstruct import decided_by_rank_0, reconstruct
 from .targeting import Targeting
 from .version import __version__
 
@@ -110,13 +112,7 @@ def prune(model: nn.Module, calibration_batches: torch.Tensor | Iterable[torch.T
     if config.reconstruct != "none" or not config.has_saliency:
         raise UsageError("prune(): weight reconstruction changes weights and runs on checkpoints: use "
                          "prune_checkpoint(model_dir, out, config, calibration)")
-    windows = _as_windows(calibration_batches)
-    check_window_ids(windows, int(getattr(model.config, "vocab_size", 0) or 0))
-    Calibration(nsamples=int(windows.shape[0])).steps(config.batch_size)
-    matrices = model_matrices(model)
-    for m in matrices:
-        check_weight("model", m.name, weight_of(model, m))
-        check_finite(m.name, weight_of(model, m), "model")
+    windows, matrices = _checked_inputs(model, calibration_batches, config.batch_size)
     config = replace(config, mask=targeting.settle(config.mask))
     plan, skipped = targeting.plan(matrices, num_blocks(model.config), config.mask)
     check_plan({m.name: m.shape for m in matrices}, plan)
@@ -139,6 +135,18 @@ def prune(model: nn.Module, calibration_batches: torch.Tensor | Iterable[torch.T
         report.blocks = calibration
     report.wall_seconds = time.perf_counter() - start
     return PruneResult(saliency=saliency, masks=masks, report=report)
+
+
+def _checked_inputs(model: nn.Module, calibration_batches, batch_size: int):
+    """(windows, the model's matrices) once the windows' ids and every matrix's weights are checked."""
+    windows = _as_windows(calibration_batches)
+    check_window_ids(windows, int(getattr(model.config, "vocab_size", 0) or 0))
+    Calibration(nsamples=int(windows.shape[0])).steps(batch_size)
+    matrices = model_matrices(model)
+    for m in matrices:
+        check_weight("model", m.name, weight_of(model, m))
+        check_finite(m.name, weight_of(model, m), "model")
+    return windows, matrices
 
 
 @torch.no_grad()
@@ -223,11 +231,22 @@ def _run_key(source: _Source, job: Job, config: PruneConfig, windows_sha: str, t
     }, sort_keys=True).encode()).hexdigest()
 
 
-def _check_processes(config: PruneConfig) -> None:
-    rank, processes = distributed.world()
-    if processes > 1 and (config.batch_size % processes or not config.has_saliency or config.feedback == "full"):
-        raise UsageError(f"{processes} processes: `batch_size` must be a multiple of the process count and the "
-                         "saliency must be layer-streamed (not `metric` sparsegpt, not `feedback` full)")
+def _check_processes(batch_size: int, unshared: str | None = None) -> None:
+    """Under torchrun, before any work: a job that shares its work (`unshared` says why one does not), each
+    step's windows split evenly over the processes. Every process finds the same: rank 0 alone says it."""
+    processes = distributed.world()[1]
+    if processes > 1 and unshared:
+        raise distributed.said_by_rank_0(UsageError(f"{processes} processes: {unshared}; run it in one process"))
+    if processes > 1 and batch_size % processes:
+        raise distributed.said_by_rank_0(UsageError(
+            f"{processes} processes: `batch_size` {batch_size} must be a multiple of the process count (each step's "
+            "windows are split evenly among them)"))
+
+
+def _check_same_source(source: _Source, device: torch.device) -> None:
+    """Every process computes on the weights rank 0 computes on (each node hashes its copy, one process per node
+    reading the files, the others its cached digests)."""
+    distributed.check_same("model_dir", distributed.node_first(source.checkpoint.content_sha256), device)
 
 
 def prune_checkpoint(model_dir: str, out: str, config: PruneConfig, calibration: Calibration | None = None,
@@ -245,7 +264,7 @@ def prune_checkpoint(model_dir: str, out: str, config: PruneConfig, calibration:
     device = distributed.init_from_env(resolve_device(config.device))
     preflight(out, run.overwrite, sources, lock=distributed.is_main())  # rank 0 takes the lock, soon
     job = _job(source, config, device, run)
-    _check_processes(config)
+    _check_processes(config.batch_size, "`feedback` full runs in one process" if config.feedback == "full" else None)
     if config.feedback == "full":
         from .pipeline.feedback import check_fits
 
@@ -256,8 +275,10 @@ def prune_checkpoint(model_dir: str, out: str, config: PruneConfig, calibration:
         from .pipeline.planning import dry_run_plan
 
         return dry_run_plan(job, config, calibration)
+    _check_same_source(source, device)
+    distributed.check_same("calib", calib_entry["windows_sha256"], device)  # the windows every process draws
     run_key = _run_key(source, job, config, calib_entry["windows_sha256"], targeting)
-    if distributed.world()[0] != 0:  # a data-parallel worker: its share of every step, nothing written
+    if distributed.world()[0] != 0:  # a worker: its share of every step and of the OBS pass, nothing written
         return _prune_worker(replace(job, progress=None), config, partial_directory(out, run_key))
     report = Report(command="prune", model=os.path.abspath(model_dir), targeting=targeting.to_dict(),
                     settings={**config.to_dict(), "backend_used": job.backend, "device_used": str(device)},
@@ -267,9 +288,14 @@ def prune_checkpoint(model_dir: str, out: str, config: PruneConfig, calibration:
 
 
 def _prune_worker(job: Job, config: PruneConfig, partial: str) -> Report:
-    state_dir = os.path.join(partial, BLOCK_STATE)
+    """A worker's part of a prune: its share of the calibration, then of the OBS pass. It reads nothing rank 0
+    wrote (rank 0 tells it which blocks are done: it may run on another node) and writes nothing."""
     distributed.barrier()  # rank 0 holds the lock and has made the partial directory
-    calibrate(job, job.skeleton(), config, state_dir if os.path.isdir(state_dir) else None)
+    if config.has_saliency:
+        calibrate(job, job.skeleton(), config, keep=False)
+    if config.reconstruct == "obs":
+        reconstruct(job, job.skeleton(), decided_by_rank_0 if config.has_saliency else None, _obs_settings(config),
+                    os.path.join(partial, RECON_STATE))
     rank, processes = distributed.world()
     return Report(command="prune", rank=rank, processes=processes)
 
@@ -320,8 +346,11 @@ def mask_checkpoint(model_dir: str, saliency_dir: str, out: str, config: MaskCon
     if config.reconstruct == "obs" and calibration is None:
         raise UsageError("`reconstruct` obs: pass `calib` (the windows are run through the pruned model)")
     sources = _inputs(model_dir, calibration, targeting, saliency_dir)
-    preflight(out, run.overwrite, sources)
-    job = _job(source, config, resolve_device(config.device), run)
+    device = distributed.init_from_env(resolve_device(config.device))
+    preflight(out, run.overwrite, sources, lock=distributed.is_main())
+    _check_processes(config.batch_size, None if config.reconstruct == "obs" else "mask without `reconstruct` obs")
+    _check_same_source(source, device)
+    job = _job(source, config, device, run)
     saliency = _saliency(source, saliency_dir)
     report = Report(command="mask", model=os.path.abspath(model_dir), saliency=os.path.abspath(saliency_dir),
                     settings={**saliency.metadata, "reconstruct": config.reconstruct, "guide_alpha": config.guide_alpha,
@@ -329,17 +358,29 @@ def mask_checkpoint(model_dir: str, saliency_dir: str, out: str, config: MaskCon
                     targeting=targeting.to_dict())
     if config.reconstruct == "obs":
         job = replace(job, windows=_saliency_windows(source, saliency, calibration, config.batch_size, report))
+        distributed.check_same("calib", report.calibration["windows_sha256"], device)
+    if distributed.world()[0] != 0:  # a worker: its share of the OBS pass, nothing written
+        reconstruct(replace(job, progress=None), job.skeleton(), decided_by_rank_0, _obs_settings(config), "")
+        return Report(command="mask", rank=distributed.world()[0], processes=distributed.world()[1])
+    if distributed.world()[1] > 1:
+        report.processes = distributed.world()[1]
     report.open_seconds = time.perf_counter() - start
     with writing(out, run.overwrite, sources) as staging:
-        cut = saliency_cutter(job, saliency, spec)
-        note_allocation(report, cut, spec)
-        pruned, recon_dir = masked_by(cut), None
-        if job.windows is not None:
-            recon_dir, pruned = _reconstruction(job, staging, cut, config, report)
-        writer = pruned_writer(job, staging)
-        report = export_checkpoint(job, staging, writer, pruned, saliency, spec, report)
-        report.cut_seconds = time.perf_counter() - start - report.open_seconds
-        return finish(staging, report, start, recon_dir)
+        return _mask_into(staging, job, config, saliency, spec, report, start)
+
+
+def _mask_into(staging: str, job: Job, config: MaskConfig, saliency: Saliency, spec: MaskSpec, report: Report,
+               start: float) -> Report:
+    """The mask job inside its staging directory: cut, reconstruct (if asked), export."""
+    cut = saliency_cutter(job, saliency, spec)
+    note_allocation(report, cut, spec)
+    pruned, recon_dir = masked_by(cut), None
+    if job.windows is not None:
+        recon_dir, pruned = _reconstruction(job, staging, cut, config, report)
+    writer = pruned_writer(job, staging)
+    report = export_checkpoint(job, staging, writer, pruned, saliency, spec, report)
+    report.cut_seconds = time.perf_counter() - start - report.open_seconds
+    return finish(staging, report, start, recon_dir)
 
 
 def _saliency(source: _Source, saliency_dir: str) -> Saliency:

@@ -42,6 +42,18 @@ def open_stream(job: Job, model: nn.Module, shared: bool = False) -> BlockStream
     return stream
 
 
+def open_lanes(job: Job, model: nn.Module) -> tuple[BlockStream, list[range]]:
+    """Block 0's inputs one window per entry, lane by lane (weight_parallel.py: lane p holds the p-th window of
+    every step, in step order), for this process's lanes (those of its calibration share); returns the stream
+    and the entries of each lane."""
+    steps = job.steps()
+    positions = distributed.share(torch.arange(job.batch_size)).tolist()
+    windows = [step[p : p + 1] for p in positions for step in steps]
+    stream = capture_block_inputs(model, windows, job.device, job.offload)
+    stream.on_step = steps_of_progress(job.progress)
+    return stream, [range(i * len(steps), (i + 1) * len(steps)) for i in range(len(positions))]
+
+
 @contextlib.contextmanager
 def resident(job: Job, model: nn.Module, index: int) -> Iterator[nn.Module]:
     """Block `index` on the job's device for the duration: read from the checkpoint and released to the meta

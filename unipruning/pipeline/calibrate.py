@@ -94,10 +94,10 @@ def _closed_form_block(model, matrices: list[Matrix], stream: BlockStream, index
                        backend: str):
     """(z, t, unseen) of one block's matrices from the closed form (algorithm/closed_form.py)."""
     history = _step_history(model, matrices, stream, index, config, backend)
-    return saliency_from_history(model, matrices, history, len(stream.hidden), config)
+    return saliency_from_history(model, matrices, history, len(stream.hidden), config, backend)
 
 
-def _closed_form(model, matrices: list[Matrix], history: dict, steps: int, config: PruneConfig):
+def _closed_form(model, matrices: list[Matrix], history: dict, steps: int, config: PruneConfig, backend: str):
     """(z, t, unseen) in closed form; a step in which a matrix's input saw no token is left out, as the
     exact recursion leaves it."""
     z, t, unseen = {}, {}, []
@@ -112,7 +112,8 @@ def _closed_form(model, matrices: list[Matrix], history: dict, steps: int, confi
         vectors = closed_form.step_vectors(weight, [records[k][0] for k in informative],
                                            [records[k][1] for k in informative], config.metric,
                                            [step_key(config.seed, m.name, k) for k in informative])
-        zm, tm = closed_form.saliency(weight, *vectors, config.kappa, max(1, floor_count(config.lam, weight.numel())))
+        zm, tm = closed_form.saliency(weight, vectors, config.kappa, max(1, floor_count(config.lam, weight.numel())),
+                                      backend)
         z[m.name], t[m.name] = zm.cpu(), float(tm)  # the host waits here, once per matrix and block
     return z, t, unseen
 
@@ -136,7 +137,7 @@ def saliency_from_history(model, matrices: list[Matrix], history: dict[str, list
     for each of the `steps` steps}; no entry for magnitude, which ignores X): in closed form, or (config not
     closed_form) by the exact recursion on `backend`. What a calibration pass computes from the same steps."""
     if config.closed_form:
-        return _closed_form(model, matrices, history, steps, config)
+        return _closed_form(model, matrices, history, steps, config, backend)
     return _recursion(model, matrices, history, steps, config, backend)
 
 
@@ -184,8 +185,10 @@ class _Calibration:
     (or, found in `state_dir`, replayed to rebuild the next block's inputs), collected into one Saliency;
     on_block(index, z) once the block has left the device."""
 
-    def __init__(self, job: Job, model: nn.Module, config: PruneConfig, state_dir: str | None, on_block):
+    def __init__(self, job: Job, model: nn.Module, config: PruneConfig, state_dir: str | None, on_block,
+                 keep: bool = True):
         self.job, self.model, self.config, self.state_dir, self.on_block = job, model, config, state_dir, on_block
+        self.keep = keep  # False: a torchrun worker, which only takes its part in every step
         self.stream = open_stream(job, model, shared=True)
         self.z: dict = {}  # {name: z}; with a state_dir {name: (block file, key)}: memory holds one block's z
         self.t: dict[str, float] = {}
@@ -195,17 +198,20 @@ class _Calibration:
     def visit(self, index: int, block: nn.Module, started: float) -> dict:
         matrices = block_matrices(self.model, index)
         saved = store.load_block(self.state_dir, index, [m.name for m in matrices]) if self.state_dir else None
-        if saved is None:
+        if not distributed.agree(saved is not None, self.job.device):  # rank 0's state decides for every process
             z, t, unseen = learn_block(self.model, matrices, self.stream, index, self.config, self.job.backend)
             seconds = time.perf_counter() - started
             if self.state_dir and distributed.is_main():
                 store.save_block(self.state_dir, index, z, t, seconds, unseen)
-            self.done = _Block(z, t, seconds, unseen, resumed=False)
+            self.done = _Block(z if self.keep else {}, t, seconds, unseen, resumed=False)
         else:
-            saved_t, seconds, unseen = saved  # the file lists names sorted: restore the family's order
             for k in range(len(self.stream.hidden)):
                 self.stream.advance(block, index, k)
-            self.done = _Block(None, {m.name: saved_t[m.name] for m in matrices}, seconds, unseen, resumed=True)
+            if saved is None:  # a worker, whose rank 0 replays this block: nothing of it to keep
+                self.done = _Block({}, {}, 0.0, [], resumed=True)
+            else:
+                saved_t, seconds, unseen = saved  # the file lists names sorted: restore the family's order
+                self.done = _Block(None, {m.name: saved_t[m.name] for m in matrices}, seconds, unseen, resumed=True)
         return {"block": index, "seconds": self.done.seconds, "matrices": len(matrices),
                 "resumed": self.done.resumed}
 
@@ -226,14 +232,15 @@ class _Calibration:
 
 
 def calibrate(job: Job, model: nn.Module, config: PruneConfig, state_dir: str | None = None,
-              on_block: Callable[[int, Mapping[str, torch.Tensor]], None] | None = None
+              on_block: Callable[[int, Mapping[str, torch.Tensor]], None] | None = None, keep: bool = True
               ) -> tuple[Saliency, list[dict]]:
     """Learn the saliency of every prunable matrix of `model` (the job's skeleton, or a model in memory),
     block by block; returns it and per-block timings.
 
     The job's windows make the steps (`job.batch_size` windows each; this process's share of each under
-    torchrun). The model's weights are not changed. on_block(index, z of its matrices) is called when a
-    block's saliency is final (also for blocks found done in `state_dir`)."""
-    calibration = _Calibration(job, model, config, state_dir, on_block)
+    torchrun, where rank 0's `state_dir` says which blocks are done). The model's weights are not changed.
+    on_block(index, z of its matrices) is called when a block's saliency is final (also for blocks found
+    done in `state_dir`). keep False: a torchrun worker's part in the steps, no saliency kept."""
+    calibration = _Calibration(job, model, config, state_dir, on_block, keep)
     per_block = for_each_block(job, model, calibration)
     return calibration.saliency(), per_block

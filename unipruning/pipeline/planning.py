@@ -1,9 +1,11 @@
 """`prune --dry-run`: what would be pruned, with which sparsity, and what it would cost; nothing written.
 
 Memory is arithmetic on the checkpoint's shapes (the shard headers): feedback none: the largest decoder
-block in the compute dtype, the activations between blocks (on the device unless offloaded), one
-micro-batch's MLP intermediate and the block's float32 saliency state; feedback full: the whole model
-with gradients and AdamW moments (feedback.py).
+block in the compute dtype, the weights outside the blocks (embeddings, final norm, head: resident while
+the windows enter the first block), the activations between blocks (on the device unless offloaded), one
+micro-batch's MLP intermediate and attention scores, and the block's float32 saliency state; feedback
+full: the whole model with gradients and AdamW moments (feedback.py). The runtime's own memory (the
+interpreter and torch's libraries on a CPU, the CUDA context on a GPU) is not counted.
 
 Time, for the layer-streamed calibration (feedback none), comes from a probe of this device: block 0 is
 read from the checkpoint and calibrated for real, by the code a prune runs, on PROBE_STEPS[0] and then
@@ -58,8 +60,8 @@ def _throughput(device: torch.device, dtype: torch.dtype) -> tuple[float, float]
     return 2 * n**3 / best_mm, 2 * big.numel() / best_copy
 
 
-def _block_bytes(checkpoint, dtype: torch.dtype) -> int:
-    """Bytes of the largest decoder block in `dtype` (from the stored shapes)."""
+def _block_sizes(checkpoint) -> dict[int, int]:
+    """{block index: its parameter count} (from the stored shapes)."""
     per_block: dict[int, int] = {}
     prefix = checkpoint.matrices[0].param.split(".")
     depth = next(i for i, part in enumerate(prefix) if part.isdigit())
@@ -67,7 +69,7 @@ def _block_bytes(checkpoint, dtype: torch.dtype) -> int:
         parts = key.split(".")
         if len(parts) > depth and parts[:depth] == prefix[:depth] and parts[depth].isdigit():
             per_block[int(parts[depth])] = per_block.get(int(parts[depth]), 0) + math.prod(shape)
-    return max(per_block.values()) * dtype.itemsize
+    return per_block
 
 
 def _matrix_plan(checkpoint, plan: dict, skipped: dict) -> list[dict]:
@@ -92,15 +94,21 @@ def _memory(checkpoint, config: PruneConfig, seqlen: int, tokens: int, dtype: to
                 "what": "whole model + gradients + AdamW moments + float32 z"}
     hidden = int(model_config.hidden_size)
     intermediate = int(getattr(model_config, "intermediate_size", None) or getattr(model_config, "ffn_dim", hidden))
-    block = _block_bytes(checkpoint, dtype)
+    sizes = _block_sizes(checkpoint)
+    block = max(sizes.values()) * dtype.itemsize
+    outside = max(0, checkpoint.num_parameters - sum(sizes.values())) * dtype.itemsize
     activations = tokens * hidden * dtype.itemsize
-    micro = min(MAX_TOKENS, config.batch_size * seqlen) * (intermediate * 3 + hidden * 4) * dtype.itemsize
+    windows = max(1, min(config.batch_size, MAX_TOKENS // seqlen))  # one micro-batch's windows
+    heads = int(getattr(model_config, "num_attention_heads", 1) or 1)
+    micro = (windows * seqlen * (intermediate * 3 + hidden * 4) + windows * heads * seqlen * seqlen) * dtype.itemsize
     state = max(sum(m.shape[0] * m.shape[1] for m in checkpoint.matrices if m.block == b)
                 for b in range(num_blocks(model_config))) * 4
-    return {"total_bytes": block + activations + micro + state, "largest_block_bytes": block,
-            "activations_bytes": activations, "micro_batch_bytes": micro, "saliency_state_bytes": state,
-            "what": "one block + activations between blocks + one micro-batch + that block's z "
-                    "(activations move to pinned CPU memory with --offload-activations)"}
+    return {"total_bytes": block + outside + activations + micro + state, "largest_block_bytes": block,
+            "outside_blocks_bytes": outside, "activations_bytes": activations, "micro_batch_bytes": micro,
+            "saliency_state_bytes": state,
+            "what": "one block + embeddings and head + activations between blocks + one micro-batch + that "
+                    "block's z; not the runtime's own (activations move to pinned CPU memory with "
+                    "--offload-activations)"}
 
 
 def _sync(device: torch.device) -> None:
