@@ -54,7 +54,12 @@ def _reference(checkpoint: str, windows: torch.Tensor, **options) -> dict:
 
 @needs_llmc
 @pytest.mark.parametrize("ours, theirs", [({"sparsity": 0.5}, {"sparsity": 0.5}),  # owl-row: across blocks
-                                          ({"mask_structure": "2:4"}, {"pattern": "2:4"})])
+                                          ({"mask_structure": "2:4"}, {"pattern": "2:4"}),
+                                          ({"sparsity": 0.5, "saliency_update": "exact", "metric": "wanda"},
+                                           {"sparsity": 0.5, "saliency_update": "exact", "metric": "wanda"}),
+                                          ({"sparsity": 0.5, "metric": "magnitude", "allocation": "global"},
+                                           {"sparsity": 0.5, "metric": "magnitude", "allocation": "global"})],
+                         ids=["owl-row", "2:4", "exact-wanda", "magnitude-global"])
 def test_alone_its_masks_are_unipruning_prunes(tiny_llama, windows, ours, theirs):
     from unipruning.integrations.llmcompressor import UniPruningModifier
 
