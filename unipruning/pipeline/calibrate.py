@@ -92,10 +92,14 @@ def _step_history(model, matrices: list[Matrix], stream: BlockStream, index: int
 
 def _closed_form_block(model, matrices: list[Matrix], stream: BlockStream, index: int, config: PruneConfig,
                        backend: str):
-    """(z, t, unseen) of one block's matrices from the closed form (algorithm/closed_form.py); a step in
-    which a matrix's input saw no token is left out, as the exact recursion leaves it."""
+    """(z, t, unseen) of one block's matrices from the closed form (algorithm/closed_form.py)."""
     history = _step_history(model, matrices, stream, index, config, backend)
-    steps = len(stream.hidden)
+    return saliency_from_history(model, matrices, history, len(stream.hidden), config, backend)
+
+
+def _closed_form(model, matrices: list[Matrix], history: dict, steps: int, config: PruneConfig, backend: str):
+    """(z, t, unseen) in closed form; a step in which a matrix's input saw no token is left out, as the
+    exact recursion leaves it."""
     z, t, unseen = {}, {}, []
     for m in matrices:
         weight = weight_of(model, m)
@@ -112,6 +116,29 @@ def _closed_form_block(model, matrices: list[Matrix], stream: BlockStream, index
                                       backend)
         z[m.name], t[m.name] = zm.cpu(), float(tm)  # the host waits here, once per matrix and block
     return z, t, unseen
+
+
+def _recursion(model, matrices: list[Matrix], history: dict, steps: int, config: PruneConfig, backend: str):
+    """(z, t, unseen) by the exact recursion, step by step from the recorded statistics."""
+    state = mirror_state(model, matrices, config, backend)
+    weights, sources = {m.name: weight_of(model, m) for m in matrices}, {m.name: m.source for m in matrices}
+    for k in range(steps):
+        stats = {}
+        for source, records in history.items():
+            stats[source] = ActivationStats(records[k][0].numel(), records[k][0].device, backend)
+            stats[source].sqsum, stats[source].tokens = records[k]
+        state.update(k, weights, sources, stats)
+    return {name: value.cpu() for name, value in state.z.items()}, dict(state.t), state.unseen()
+
+
+def saliency_from_history(model, matrices: list[Matrix], history: dict[str, list[tuple[torch.Tensor, int]]],
+                          steps: int, config: PruneConfig, backend: str | None = None):
+    """(z, t, unseen) of `matrices` from their inputs' statistics recorded per step ({source: [(sqsum, tokens)]
+    for each of the `steps` steps}; no entry for magnitude, which ignores X): in closed form, or (config not
+    closed_form) by the exact recursion on `backend`. What a calibration pass computes from the same steps."""
+    if config.closed_form:
+        return _closed_form(model, matrices, history, steps, config, backend)
+    return _recursion(model, matrices, history, steps, config, backend)
 
 
 def learn_block(model, matrices: list[Matrix], stream: BlockStream, index: int, config: PruneConfig, backend: str):
