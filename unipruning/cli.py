@@ -26,6 +26,7 @@ from .config import (
     BACKENDS,
     BLOCKSIZE,
     DEVICES,
+    DIAG_DAMP,
     DTYPES,
     FEEDBACKS,
     METRICS,
@@ -121,6 +122,10 @@ def _overwrite_argument(p: argparse.ArgumentParser) -> None:
 def _obs_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--percdamp", type=float, default=PERCDAMP,
                    help="--reconstruct obs: dampening, a fraction of the mean Hessian diagonal (SparseGPT's)")
+    p.add_argument("--diag-damp", type=float, default=DIAG_DAMP,
+                   help="--reconstruct obs: dampening of each input by this fraction of its own Hessian diagonal "
+                        "(shrinks the update toward mask-only: it fits the calibration text's input correlations "
+                        "less; 0 = SparseGPT's Hessian)")
     p.add_argument("--blocksize", type=int, default=BLOCKSIZE,
                    help="--reconstruct obs: columns per lazy batch of the OBS sweep (SparseGPT's)")
     p.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=True,
@@ -466,7 +471,8 @@ def _prune(args) -> None:
                          batch_size=args.batch_size, seed=args.seed, device=args.device, dtype=args.dtype,
                          backend=args.backend, reconstruct=args.reconstruct, feedback=args.feedback,
                          saliency_update=args.saliency_update, guide_alpha=args.guide_alpha,
-                         percdamp=args.percdamp, blocksize=args.blocksize, true_sequential=args.true_sequential)
+                         percdamp=args.percdamp, blocksize=args.blocksize, true_sequential=args.true_sequential,
+                         diag_damp=args.diag_damp)
     calibration = Calibration(args.calib, args.nsamples, args.seqlen, args.tokenizer)
     report = prune_checkpoint(args.model, args.out, config, calibration, _run_options(args, dry_run=args.dry_run),
                               _targeting(args))
@@ -495,7 +501,8 @@ def _mask(args) -> None:
     _resolve_sources(args, "mask")
     config = MaskConfig(reconstruct=args.reconstruct, batch_size=args.batch_size, device=args.device,
                         dtype=args.dtype, backend=args.backend, guide_alpha=args.guide_alpha,
-                        percdamp=args.percdamp, blocksize=args.blocksize, true_sequential=args.true_sequential)
+                        percdamp=args.percdamp, blocksize=args.blocksize, true_sequential=args.true_sequential,
+                        diag_damp=args.diag_damp)
     calibration = None
     if args.calib is not None:
         calibration = Calibration(args.calib, args.nsamples, args.seqlen, args.tokenizer, args.seed)

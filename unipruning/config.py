@@ -24,8 +24,9 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 BACKENDS = ("auto", "torch", "triton")
 OFFLOAD_MODES = ("auto", "always", "never")
 SALIENCY_UPDATES = ("auto", "closed-form", "exact")
-# the OBS pass's defaults (SparseGPT's --percdamp and --blocksize; algorithm/obs.py)
-PERCDAMP, BLOCKSIZE = 0.01, 128
+# the OBS pass's defaults (SparseGPT's --percdamp and --blocksize; algorithm/obs.py), and the dampening
+# in proportion to each input's own H_ii (algorithm/obs.py, dampen_diagonal; 0: none, SparseGPT's Hessian)
+PERCDAMP, BLOCKSIZE, DIAG_DAMP = 0.01, 128, 0.0
 
 _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
@@ -141,20 +142,27 @@ def check_guide(guide_alpha: float | None, spec: MaskSpec) -> None:
                          f"{spec.allocation} does (use layer, global or owl, or an N:M pattern)")
 
 
-def _check_obs(percdamp, blocksize, true_sequential) -> None:
+def _check_obs(percdamp, blocksize, true_sequential, diag_damp) -> None:
     if not (isinstance(percdamp, (int, float)) and not isinstance(percdamp, bool) and 0 < percdamp
             and math.isfinite(percdamp)):
         raise UsageError(f"`percdamp`: expected a positive fraction of the mean Hessian diagonal, got {percdamp!r}")
+    if not (isinstance(diag_damp, (int, float)) and not isinstance(diag_damp, bool) and 0 <= diag_damp
+            and math.isfinite(diag_damp)):
+        raise UsageError(f"`diag_damp`: expected a non-negative fraction of each input's Hessian diagonal, got "
+                         f"{diag_damp!r}")
     _positive_int("blocksize", blocksize)
     if not isinstance(true_sequential, bool):
         raise UsageError(f"`true_sequential`: expected true or false, got {true_sequential!r}")
 
 
-def obs_settings(percdamp: float, blocksize: int, true_sequential: bool) -> dict:
-    """The OBS settings as a report records them: only those that differ from the defaults, so that
-    reports (and run keys) of runs with the defaults are what they were before the settings existed."""
-    return {k: v for k, v in (("percdamp", percdamp), ("blocksize", blocksize), ("true_sequential", true_sequential))
-            if v != {"percdamp": PERCDAMP, "blocksize": BLOCKSIZE, "true_sequential": True}[k]}
+OBS_DEFAULTS = {"percdamp": PERCDAMP, "blocksize": BLOCKSIZE, "true_sequential": True, "diag_damp": DIAG_DAMP}
+
+
+def obs_settings(settings: dict) -> dict:
+    """The OBS settings (OBS_DEFAULTS' keys) of `settings` as a report records them: only those that differ
+    from the defaults, so that reports (and run keys) of runs with the defaults are what they were before
+    the settings existed. Removes them from `settings`."""
+    return {k: v for k in OBS_DEFAULTS if (v := settings.pop(k)) != OBS_DEFAULTS[k]}
 
 
 @dataclass(frozen=True)
@@ -170,7 +178,9 @@ class PruneConfig:
     every entry; 'closed-form' (feedback none only) gets the same saliency from per-step vectors in one
     product per matrix (docs/method.md, "The closed form"); 'auto' is closed-form for feedback none.
     percdamp, blocksize: the OBS pass's dampening (fraction of the mean Hessian diagonal) and columns per
-    lazy batch (SparseGPT's --percdamp and --blocksize); true_sequential: each group of a block (q/k/v, o,
+    lazy batch (SparseGPT's --percdamp and --blocksize); diag_damp: each input's H_ii grows by this fraction
+    of itself (the Hessian shrunk toward its diagonal: a smaller update that fits the calibration text's
+    input correlations less; 0 = SparseGPT's); true_sequential: each group of a block (q/k/v, o,
     gate/up, down) takes its Hessian from the block as reconstructed so far (GPTQ's --true-sequential), or,
     False, every group from the block as it came in, before any of it was pruned (llm-compressor's way).
     """
@@ -191,10 +201,11 @@ class PruneConfig:
     percdamp: float = PERCDAMP
     blocksize: int = BLOCKSIZE
     true_sequential: bool = True
+    diag_damp: float = DIAG_DAMP
 
     def __post_init__(self) -> None:
         _choice("metric", self.metric, METRICS)
-        _check_obs(self.percdamp, self.blocksize, self.true_sequential)
+        _check_obs(self.percdamp, self.blocksize, self.true_sequential, self.diag_damp)
         _choice("saliency_update", self.saliency_update, SALIENCY_UPDATES)
         if not (isinstance(self.kappa, (int, float)) and self.kappa > 0 and math.isfinite(self.kappa)):
             raise UsageError(f"`kappa`: expected a positive number, got {self.kappa!r}")
@@ -230,14 +241,14 @@ class PruneConfig:
 
     def to_dict(self) -> dict:
         settings = asdict(self)
-        del settings["percdamp"], settings["blocksize"], settings["true_sequential"]
-        return {**settings, **obs_settings(self.percdamp, self.blocksize, self.true_sequential)}
+        obs = obs_settings(settings)  # first: it takes the OBS settings out of `settings`
+        return {**settings, **obs}
 
 
 @dataclass(frozen=True)
 class MaskConfig:
     """How `mask_checkpoint` computes: reconstruct 'obs' runs the OBS pass (it needs a Calibration),
-    batch_size windows per forward of that pass, guide_alpha, percdamp, blocksize and true_sequential as
+    batch_size windows per forward of that pass, guide_alpha, percdamp, blocksize, true_sequential and diag_damp as
     PruneConfig's, and where (device, dtype, backend)."""
 
     reconstruct: str = "none"
@@ -249,10 +260,11 @@ class MaskConfig:
     percdamp: float = PERCDAMP
     blocksize: int = BLOCKSIZE
     true_sequential: bool = True
+    diag_damp: float = DIAG_DAMP
 
     def __post_init__(self) -> None:
         _check_compute(self.device, self.dtype, self.backend, self.reconstruct, self.batch_size, self.guide_alpha)
-        _check_obs(self.percdamp, self.blocksize, self.true_sequential)
+        _check_obs(self.percdamp, self.blocksize, self.true_sequential, self.diag_damp)
 
 
 @dataclass(frozen=True)

@@ -143,7 +143,7 @@ class _Source:
 
 
 def _obs_settings(config: PruneConfig | MaskConfig) -> ObsSettings:
-    return ObsSettings(config.percdamp, config.blocksize, config.true_sequential)
+    return ObsSettings(config.percdamp, config.blocksize, config.true_sequential, config.diag_damp)
 
 
 def _open(model_dir: str, spec: MaskSpec, targeting: Targeting, trust_remote_code: bool, reconstruct: str) -> _Source:

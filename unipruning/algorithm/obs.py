@@ -18,7 +18,7 @@ import torch
 
 from .. import ops
 from ..config import BLOCKSIZE as _BLOCKSIZE
-from ..config import PERCDAMP, MaskSpec
+from ..config import DIAG_DAMP, PERCDAMP, MaskSpec
 from .masks import keep_count
 
 log = logging.getLogger("unipruning")
@@ -35,6 +35,21 @@ class ObsSettings:
     damp: float = DAMP
     blocksize: int = BLOCKSIZE
     true_sequential: bool = True  # each group's Hessian from the block as reconstructed so far
+    diag_damp: float = DIAG_DAMP  # `dampen_diagonal`'s strength
+
+
+def dampen_diagonal(h: torch.Tensor, strength: float) -> torch.Tensor:
+    """H + strength * Diag(H): each input dampened in proportion to its own energy (the mean-diagonal `damp`
+    is negligible beside the outlier channels of an LLM and dominant beside its quiet ones). A ridge on
+    the update that charges each kept weight's change by the output energy it moves, i.e. H shrunk toward
+    its diagonal (the inputs' correlations, which a calibration text of another domain does not share,
+    count 1 / (1 + strength) as much; strength -> inf leaves the mask with no update, chosen by Wanda's
+    w^2 H_ii). benchmarks/results/obs-generalize-*.md measures why and how much. A new tensor; 0 returns h."""
+    if strength == 0:
+        return h
+    out = h.clone()
+    out.diagonal().mul_(1.0 + strength)
+    return out
 
 
 def inverse_factor(h: torch.Tensor, name: str, damp: float = DAMP) -> tuple[torch.Tensor | None, torch.Tensor]:

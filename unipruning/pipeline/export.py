@@ -121,6 +121,7 @@ def reconstruct_pass(staging: str, checkpoint: LazyCheckpoint, windows: torch.Te
     groups = len(family_for(checkpoint.config).sequential)
     # the order is recorded only when it is not the default, so that default reports stay as they were
     order = {} if obs.true_sequential else {"true_sequential": False}
+    order.update({"diag_damp": obs.diag_damp} if obs.diag_damp else {})
     return recon_dir, {
         "method": "obs", "damp": obs.damp, "blocksize": obs.blocksize, **order, "seconds": time.perf_counter() - start,
         "blocks": blocks,

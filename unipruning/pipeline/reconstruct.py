@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .. import ops
-from ..algorithm.obs import ObsSettings, reconstruct_weight
+from ..algorithm.obs import ObsSettings, dampen_diagonal, reconstruct_weight
 from ..config import MaskSpec
 from ..io.checkpoint import LazyCheckpoint
 from ..io.staging import atomic_file
@@ -99,7 +99,7 @@ def _reconstruct_block(block: nn.Module, index: int, prefix: str, linears: dict[
     # held all at once (one matrix per group): the price of the llm-compressor order
     early = [] if obs.true_sequential else [hessian(members) for members in members_of]
     for g, members in enumerate(members_of):
-        h = early[g] if early else hessian(members)
+        h = dampen_diagonal(early[g] if early else hessian(members), obs.diag_damp)
         for name, lin in members.items():
             keep, prior, kept = choice(name, originals[name]) if choice is not None else (None, None, None)
             weight, mask = reconstruct_weight(lin.weight.data, h, keep, plan[name], name, backend, prior, kept,
