@@ -20,6 +20,8 @@ import zlib
 
 import torch
 from unipruning.kernels import reference as R
+from unipruning.kernels import shared as S
+from unipruning.kernels.metric_registry import stochria_tau
 
 from unipruning.algorithm import closed_form
 from unipruning.algorithm.masks import floor_count, keep_count
@@ -48,13 +50,13 @@ def _exact(weight, sqsums, metric, keys, kappa, m):
 
 def _closed(weight, sqsums, metric, keys, kappa, m):
     vectors = closed_form.step_vectors(weight, sqsums, [512] * len(sqsums), metric, keys)
-    return closed_form.saliency(weight, *vectors, kappa, m)[0]
+    return closed_form.saliency(weight, vectors, kappa, m)[0]
 
 
 def _agreement(z_a, z_b, weight, sparsity: float) -> float:
     keep = keep_count(sparsity, weight.numel())
-    a = R.topk_mask(R.rank_keys(z_a, weight), keep)
-    b = R.topk_mask(R.rank_keys(z_b, weight), keep)
+    a = S.topk_mask(R.rank_keys(z_a, weight), keep)
+    b = S.topk_mask(R.rank_keys(z_b, weight), keep)
     return float((a == b).float().mean())
 
 
@@ -64,7 +66,7 @@ def block_costs(steps: int, metric: str) -> dict:
     for name, shape in BLOCK.items():
         weight = torch.randn(*shape, generator=gen) * 0.02
         sqsums = [torch.rand(shape[1], generator=gen, dtype=torch.float64) * 512 for _ in range(steps)]
-        keys = [R.derive_key(0, zlib.crc32(name.encode()), k) for k in range(steps)]
+        keys = [S.derive_key(0, zlib.crc32(name.encode()), k) for k in range(steps)]
         m = max(1, floor_count(0.001, weight.numel()))
         z_exact = _exact(weight, sqsums, metric, keys, 0.01, m)
         z_closed = _closed(weight, sqsums, metric, keys, 0.01, m)
@@ -84,8 +86,8 @@ def subset_costs() -> dict:
     out = {}
     for rows, cols in SUBSET_SHAPES:
         wabs = torch.randn(rows, cols, generator=gen).abs()
-        tau = R.stochria_tau(rows, cols)
-        out[f"{rows}x{cols}"] = {"tau": tau, "seconds": _best(lambda w=wabs, t=tau: R.stochastic_subset_sums(w, 7, t),
+        tau = stochria_tau(rows, cols)
+        out[f"{rows}x{cols}"] = {"tau": tau, "seconds": _best(lambda w=wabs, t=tau: S.stochastic_subset_sums(w, 7, t),
                                                                5)}
     return out
 

@@ -36,9 +36,8 @@ def write_checkpoint(directory: str, shape: str, layers: int, texts: list[str]) 
     """A Llama checkpoint of `layers` decoder layers with the shape's dimensions, random bf16 weights
     (std 0.02), one safetensors shard per layer plus one for the rest, and a BPE tokenizer."""
     from safetensors.torch import save_file
+    from toy_model import train_tokenizer
     from transformers import AutoModelForCausalLM, LlamaConfig
-
-    from unipruning.demo import train_tokenizer
 
     dims = dict(SHAPES[shape])
     dims.pop("layers")

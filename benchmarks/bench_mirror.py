@@ -51,3 +51,25 @@ def test_step_vectors(measure, provider, metric, shape):
     sq = torch.rand(shape[1], device="cuda", dtype=torch.float64, generator=gen)
     impl = implementation(provider)
     measure(lambda: impl.step_vectors(w, sq, 2048, metric, base_key=1), w.numel() * 2)
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("shape", [(8192, 8192), (28672, 8192)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_candidate_step(measure, provider, shape):
+    """One step of the closed form's candidate recursion (1% of the matrix, m = 10% of them), steady state:
+    z read and written, |W| and two int32 indices read (the vector entries are gathered from L2):
+    20 bytes per candidate. The torch twin's kthvalue is the cost docs/gpu-cost-model.md predicts."""
+    w, vec, _ = _setup(shape, "ria")
+    impl = implementation(provider)
+    count = w.numel() // 100
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    flat = torch.randperm(w.numel(), device="cuda", generator=gen)[:count]
+    rows, cols = (flat // shape[1]).to(torch.int32), (flat % shape[1]).to(torch.int32)
+    a = w.reshape(-1)[flat].abs().float()
+    z = torch.zeros(count, device="cuda")
+    state = list(impl.candidate_step_(z, a, rows, cols, *vec, 0.01, 0.0, count // 10, -1))
+
+    def step():
+        state[:] = impl.candidate_step_(z, a, rows, cols, *vec, 0.01, state[0], count // 10, state[1])
+
+    measure(step, count * 20)

@@ -98,13 +98,15 @@ def _pytest(junit: str, *args: str) -> list[str]:
 
 
 def cuda_home() -> str | None:
-    """CUDA_HOME, else the toolkit holding the nvcc on PATH, else /usr/local/cuda if present."""
-    if os.environ.get("CUDA_HOME"):
-        return os.environ["CUDA_HOME"]
+    """CUDA_HOME, else the toolkit holding the nvcc on PATH, else /usr/local/cuda: the first with bin/nvcc and
+    include/cuda_runtime.h (an nvcc on PATH may be a wrapper script outside the toolkit)."""
     nvcc = shutil.which("nvcc")
-    if nvcc:
-        return os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
-    return "/usr/local/cuda" if os.path.isdir("/usr/local/cuda") else None
+    for home in (os.environ.get("CUDA_HOME"), nvcc and os.path.dirname(os.path.dirname(os.path.realpath(nvcc))),
+                 "/usr/local/cuda"):
+        if home and os.path.isfile(os.path.join(home, "bin", "nvcc")) and \
+                os.path.isfile(os.path.join(home, "include", "cuda_runtime.h")):
+            return home
+    return os.environ.get("CUDA_HOME")
 
 
 def _install_steps(work: str) -> list[Step]:
@@ -128,7 +130,12 @@ def _install_steps(work: str) -> list[Step]:
 def _test_steps(work: str) -> list[Step]:
     installed = ("install", "install-plain")
     gpu_xml, obs_xml = os.path.join(work, "gpu-tests.xml"), os.path.join(work, "obs-kernels.xml")
+    aot = os.path.join(work, "aot-device.json")
     return [
+        Step("aot-registers", 45, "every Triton variant of the AOT table compiled for this GPU and loaded: the "
+             "driver's registers and spills against benchmarks/results/kernels-aot.json",
+             [Command(_py(os.path.join(ROOT, "benchmarks", "aot_compile.py"), "--device-check", aot))],
+             needs=[installed], artifacts={"json": aot}, figures=_aot_figures),
         Step("gpu-tests", 75, 'every test marked gpu or cuda_ext (sparsify_, load_packed, the extension, bf16, >2^31)',
              [Command(_pytest(gpu_xml, "-m", "gpu or cuda_ext", os.path.join(ROOT, "tests")))],
              needs=[installed], artifacts={"junit": gpu_xml}, figures=_junit_figures),
@@ -147,6 +154,15 @@ def _bench_step(work: str, name: str, budget: float, what: str, files: list[str]
                 [Command(_pytest(xml, *args)), Command(_py(os.path.join(ROOT, "benchmarks", "summarize.py"),
                                                            raw, summary))],
                 needs=[("install", "install-plain")], artifacts={"junit": xml, "bench": summary}, figures=figures)
+
+
+def _fp8_step(work: str) -> Step:
+    out = os.path.join(work, "fp8-24.json")
+    return Step("fp8-24", 50, "FP8 + 2:4 (torchao) against bf16 dense, bf16 2:4 and FP8 dense: 70B linears at "
+                "128/2048/8192 tokens and a 4-layer prefill (a 9.x GPU)",
+                [Command(_py(os.path.join(ROOT, "benchmarks", "bench_fp8_24.py"), "--json", out, "--tokens",
+                             "128,2048,8192", "--prefill", "4:1x2048"))],
+                needs=[("install", "install-plain")], artifacts={"json": out}, figures=lambda a: a.get("json", {}))
 
 
 def _benchmark_steps(work: str, full: bool) -> list[Step]:
@@ -230,7 +246,7 @@ def build_plan(args: argparse.Namespace, work: str) -> list[Step]:
                [Command(_py(SCRIPT, "--helper", "probe", os.path.join(work, "probe.json")))],
                artifacts={"json": os.path.join(work, "probe.json")}, figures=lambda a: a["json"])
     benches = _benchmark_steps(work, args.full)
-    steps = [env, *_install_steps(work), *_test_steps(work), *benches[:2],
+    steps = [env, *_install_steps(work), *_test_steps(work), *benches[:2], _fp8_step(work),
              *_prune_steps(work, args.model, args.nsamples), _e2e_step(work, args.e2e_layers), benches[2]]
     for step in steps:
         step.budget_s *= args.budget_scale
@@ -516,6 +532,14 @@ def _kernel_figures(art: dict) -> dict:
              "of_copy": round(r["fraction_of_copy"], 3) if r.get("fraction_of_copy") else None}
             for r in bench.get("results", [])]
     return {"copy_bandwidth_gbps": bench.get("copy_bandwidth_gbps"), "rows": rows}
+
+
+def _aot_figures(art: dict) -> dict:
+    rows = (art.get("json") or {}).get("results", [])
+    return {"device": (art.get("json") or {}).get("device"), "variants": len(rows),
+            "differ": [f"{r['kernel']} [{r['variant']}]: {r['device_registers']} registers on the device, "
+                       f"{r['table_registers']} in the table" for r in rows if not r["same"]],
+            "spills": sum(r["device_spills"] for r in rows)}
 
 
 def _gib(n: int | None) -> float | None:

@@ -155,19 +155,21 @@ def variants(w, g, z, spec, obs):
 
     h = (2 * g).to(torch.float32)
     per_row = spec if spec.nm else MaskSpec(spec.sparsity, allocation="row")
+    spec = spec if spec.nm else MaskSpec(spec.sparsity, allocation="layer")  # the sweep's count per matrix
     fixed = matrix_mask(z, w, per_row)
     prior = obs.guide_prior(z, w, 1.0, "torch")
+    guided = obs.sweep_rule(spec, w.numel(), None, prior)
     out = {"mask-only (fast)": (torch.where(fixed, w, 0.0), fixed),
-           "obs fixed mask": obs.reconstruct_weight(w, h, fixed, spec, "m", "torch")}
+           "obs fixed mask": obs.reconstruct_weight(w, h, obs.sweep_rule(spec, w.numel(), fixed), "m", None, "torch")}
     for damp in (0.01, 0.1, 1.0):
-        out[f"guided damp {damp:g}"] = obs.reconstruct_weight(w, h, None, spec, "m", "torch", prior, damp=damp)
-    guided, keep = out["guided damp 0.01"]
+        out[f"guided damp {damp:g}"] = obs.reconstruct_weight(w, h, guided, "m", obs.ObsSettings(damp=damp), "torch")
+    updated, keep = out["guided damp 0.01"]
     out["guided mask, no update"] = (torch.where(keep, w, 0.0), keep)
     for frac in (0.5,):
-        out[f"guided update x{frac:g}"] = (torch.where(keep, w + frac * (guided - w), 0.0), keep)
+        out[f"guided update x{frac:g}"] = (torch.where(keep, w + frac * (updated - w), 0.0), keep)
     for rel in (0.1, 0.3, 1.0):
-        hr = h + rel * torch.diag(h.diagonal())
-        out[f"guided diag-damp {rel:g}"] = obs.reconstruct_weight(w, hr, None, spec, "m", "torch", prior)
+        settings = obs.ObsSettings(diag_damp=rel)
+        out[f"guided diag-damp {rel:g}"] = obs.reconstruct_weight(w, h, guided, "m", settings, "torch")
     return out
 
 

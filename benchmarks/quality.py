@@ -66,7 +66,7 @@ NOT_RUN: dict[str, str] = {}
 
 
 def quality_recipe():
-    from unipruning.demo import TinyLlama
+    from toy_model import TinyLlama
 
     return TinyLlama(vocab_size=4096, hidden_size=256, intermediate_size=704, num_layers=6, num_heads=8,
                      seqlen=128, batch_size=16, train_steps=1500, lr=2e-3, seed=0)
@@ -74,7 +74,7 @@ def quality_recipe():
 
 def trained_model(text_dir: str) -> str:
     """The harness's model, trained on every text of `text_dir` except the held-out plays (cached)."""
-    from unipruning.demo import cached_trained_model
+    from toy_model import cached_trained_model
 
     files = sorted(f for f in os.listdir(text_dir) if f.endswith(".txt") and f != "metadata.txt")
     heldout = [f for f in files if f.removesuffix("_gut.txt").removesuffix(".txt") in HELDOUT]
@@ -111,9 +111,10 @@ def _cli(args: list[str]) -> dict:
 
 
 def _perplexity(model_dir: str, data: str, seqlen: int, device: str) -> float:
+    from unipruning.config import EvalOptions
     from unipruning.evaluate import evaluate_checkpoint
 
-    return evaluate_checkpoint(model_dir, data, seqlen, device, "auto", None, 8)["perplexity"]
+    return evaluate_checkpoint(model_dir, data, seqlen, EvalOptions(device=device))["perplexity"]
 
 
 def run(args) -> dict:

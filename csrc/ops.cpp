@@ -82,7 +82,8 @@ at::Tensor cslt_compress(const at::Tensor& dense) {
   TORCH_CHECK(status == 0, "cslt_compress: cuSPARSELt compress failed (status ", status, ")");
   return compressed;
 #else
-  TORCH_CHECK(false, "cslt_compress: unipruning._C was built without cuSPARSELt (set CUSPARSELT_HOME and rebuild)");
+  TORCH_CHECK(false, "cslt_compress: unipruning._C was built without cuSPARSELt (UNIPRUNING_CUSPARSELT=0 or no "
+              "cusparseLt.h): rebuild with it, or use torch._cslt_compress");
 #endif
 }
 
@@ -98,8 +99,19 @@ TORCH_LIBRARY_IMPL(unipruning, CUDA, m) {
   m.impl("cslt_compress", &cslt_compress);
 }
 
-// `import unipruning._C` loads this library, which registers the ops above; the module is empty.
+// `import unipruning._C` loads this library, which registers the ops above; the module holds one flag,
+// with_cusparselt, so that pack_24 falls back to torch._cslt_compress where cslt_compress would refuse.
 extern "C" PyObject* PyInit__C(void) {
   static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module);
+  PyObject* m = PyModule_Create(&module);
+#ifdef UNIPRUNING_WITH_CUSPARSELT
+  const long with_cusparselt = 1;
+#else
+  const long with_cusparselt = 0;
+#endif
+  if (m != nullptr && PyModule_AddIntConstant(m, "with_cusparselt", with_cusparselt) != 0) {
+    Py_DECREF(m);
+    return nullptr;
+  }
+  return m;
 }

@@ -1,7 +1,7 @@
 // 2:4 packing into the CUTLASS layout of PyTorch's semi-structured tensors, in one pass.
 //
 // Plain CUDA (no torch headers): the torch binding is ops.cpp. The maths is the torch twin's,
-// unipruning/packing.py (pack_cutlass_torch), which pins the format bit for bit.
+// unipruning/packing/formats.py (pack_cutlass_torch), which pins the format bit for bit.
 //
 // Weight (m, k) of 16-bit floats (fp16 or bf16: the kernel moves bit patterns and tests
 // (bits & 0x7fff) != 0 for "non-zero", so one kernel serves both), row-major, m % 32 == 0,

@@ -16,7 +16,8 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+# token counts vary from call to call (the last micro-batch): never specialised on, one compile per dtype
+@triton.jit(do_not_specialize=["tokens", "chunk"])
 def _act_sqsum_kernel(
     partial_ptr,
     x_ptr,

@@ -22,7 +22,8 @@ from .act_stats import act_sqsum_triton
 from .mirror import mirror_update_triton
 from .nm import nm_mask_triton
 from .obs import hessian_accumulate_triton
-from .select import kth_smallest_triton, rank_keys_triton, row_topk_mask_triton, topk_mask_triton
+from .select import kth_smallest_triton, rank_keys_triton, topk_mask_triton
+from .shared import row_topk_mask
 
 _NS = "unipruning"
 
@@ -118,7 +119,7 @@ def topk_mask_op(keys: torch.Tensor, k: int) -> torch.Tensor:
 
 @torch.library.custom_op(f"{_NS}::row_topk_mask", mutates_args=())
 def row_topk_mask_op(keys: torch.Tensor, k: int) -> torch.Tensor:
-    return row_topk_mask_triton(keys, k).clone()
+    return row_topk_mask(keys, k).clone()
 
 
 @torch.library.custom_op(f"{_NS}::nm_mask", mutates_args=())

@@ -1,7 +1,14 @@
-"""Torch twins of every unipruning kernel: the CPU fallback and the oracle of the fused kernels.
+"""The oracle: the torch twin of every kernel, the statement the tests hold the Triton kernels to.
 
 Pure compute: tensors in, tensors out (or updated in place, trailing underscore). No nn.Module, no
-transformers, no autograd. The fused Triton kernels keep these signatures exactly.
+transformers, no autograd. Each Triton launcher keeps its twin's signature; where no kernel can run, the
+torch backend (torch_backend.py) runs these twins. What the launchers and the twins both run (keyed
+subsets, the float64 finish of the step vectors, the selection hint, the OBS factor, the selections done
+in torch on every backend) is in shared.py: no Triton file imports this module
+(tests/test_architecture.py), so a kernel test never compares the oracle with itself.
+
+Adding a kernel: its twin goes here, the pieces its launcher needs from torch go to shared.py, and both
+backend modules (torch_backend.py, triton_backend.py) export it under the same name.
 
 Maths (docs/method.md), for one prunable matrix W (out, in) and one calibration step:
     n_j        = E_tokens[x_j^2]                        activation statistics of the step
@@ -10,23 +17,12 @@ Maths (docs/method.md), for one prunable matrix W (out, in) and one calibration 
                                                          g = n^p / mean)
     z         <- z + kappa * (S - max(z - t, 0))         mirror step, Gamma = max(z - t, 0) implicit
     t         <- m-th smallest z, m = max(1, floor(lam * numel))
+(the metrics' exponents and normalisers: metric_registry.py; `metric_score` writes S out in float64).
 
 Arithmetic contract, so that every backend agrees bit for bit: the small vectors (ir, ic, g) are
-computed once per step in float64 by `step_vectors` (shared code, every backend calls it) and cast to
+computed once per step in float64 by `shared.finish_step_vectors` (every backend calls it) and cast to
 float32; the elementwise update uses only correctly rounded float32 operations in the order written in
 `mirror_update_` (no fused multiply-add: each product is rounded before it is added).
-
-stochria's sums run over keyed subsets of exactly tau = max(1, floor(0.2 min(out, in))) entries of
-every row and every column (`subset_vectors`, keyed by derive_key(seed, matrix, step)). pos_c is a
-keyed order of the columns (ranks under the unique sort keys hash(j) * 2^31 + j) and off_r[i] a
-keyed offset mod in; row i takes the columns at positions off_r[i], ..., off_r[i] + tau - 1 (mod in)
-of that order. A window of tau distinct positions of a permutation holds exactly tau columns, and
-for a random order it is a uniformly random tau-subset; columns are symmetric (pos_r, off_c mod
-out). Rows are not independent draws: all windows of one order, so two rows overlap by
-max(0, tau - cyclic offset distance) (tau^2 / in on average, as for independent subsets) and share
-their subset when their offsets agree (probability 1 / in). Every backend reads the same four
-int32 vectors, made by the same torch code from unique sort keys, so the subsets are identical on
-every device, rank and resume.
 
 Masks rank entries by a total order: z descending, then |W| descending, then flat index ascending
 (`rank_keys` packs the first two into one int64; ties on it go to the lower index).
@@ -38,157 +34,15 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = [
-    "MASK32",
-    "mix32",
-    "derive_key",
-    "subset_vectors",
-    "stochastic_subset_sums",
-    "act_sqsum_",
-    "channel_factor",
-    "step_sums",
-    "finish_step_vectors",
-    "step_vectors",
-    "mirror_update_",
-    "mirror_step_",
-    "threshold_hint",
-    "kth_smallest",
-    "rank_keys",
-    "topk_mask",
-    "row_topk_mask",
-    "nm_mask",
-    "global_keep_counts",
-    "hessian_accumulate_",
-    "obs_inverse_factor",
-    "obs_sweep_",
-]
-
-MASK32 = 0xFFFFFFFF
-# Multipliers below 2**31 (and odd, so that mix32 is a bijection): a 32-bit value times one of them
-# fits in int64 without overflow, on Python ints and torch tensors alike.
-_M1 = 0x21F0AAAD
-_M2 = 0x735A2D97
-_GOLDEN = 0x9E3779B9
-
-METRICS = ("magnitude", "wanda", "ria", "stochria")
-RIA_EXPONENT = 0.25  # n_j ** (a / 2) with a = 0.5
-STOCHRIA_EXPONENT = 0.35
-STOCHRIA_BETA = 0.2
-SUM_FLOOR = 1e-12
-
-
-# --------------------------------------------------------------------------------------------------
-# Keyed hashing and the stochria subsets
-# --------------------------------------------------------------------------------------------------
-def mix32(x: torch.Tensor | int) -> torch.Tensor | int:
-    """A 32-bit integer hash (xorshift-multiply). Works on Python ints and int64 tensors alike.
-
-    A bijection of [0, 2^32): each step (xorshift, product with an odd multiplier mod 2^32) is one."""
-    x = x ^ (x >> 16)
-    x = (x * _M1) & MASK32
-    x = x ^ (x >> 15)
-    x = (x * _M2) & MASK32
-    x = x ^ (x >> 15)
-    return x
-
-
-def derive_key(*parts: int) -> int:
-    """Fold a tuple of non-negative integers (seed, matrix id, step, axis...) into one 32-bit key."""
-    key = 0x6A09E667
-    for part in parts:
-        part = int(part)
-        if part < 0:
-            raise ValueError(f"key parts must be non-negative, got {part}")
-        while True:  # fold arbitrarily large ints 32 bits at a time
-            key = mix32(key ^ mix32((part & MASK32) ^ _GOLDEN))
-            part >>= 32
-            if part == 0:
-                break
-    return key
-
-
-# The roles of the four keyed vectors of one matrix and step (the last part of their derived keys).
-_ORDER, _OFFSET = 0, 1
-
-
-def _index_hash(key: int, count: int, device: torch.device) -> torch.Tensor:
-    """(count,) int64 32-bit hashes of the indices 0..count-1 under `key`: a bijection of the index
-    (mix32 is one), so distinct indices get distinct hashes."""
-    idx = torch.arange(count, dtype=torch.int64, device=device)
-    return mix32(mix32(idx ^ key) ^ _GOLDEN)
-
-
-def _keyed_positions(key: int, count: int, device: torch.device) -> torch.Tensor:
-    """pos[j] = the rank of j when 0..count-1 are sorted by hash(j) * 2^31 + j. The sort keys are
-    unique, so every correct sort (stable or not, any device) yields the same permutation. (A shift
-    by 31, not 32: the keys stay below 2^63, no signed overflow; count < 2^31 keeps j in the low bits.)"""
-    idx = torch.arange(count, dtype=torch.int64, device=device)
-    sort_key = (_index_hash(key, count, device) << 31) | idx
-    pos = torch.empty_like(idx)
-    pos[sort_key.argsort()] = idx
-    return pos.to(torch.int32)
-
-
-def subset_vectors(
-    base_key: int, rows: int, cols: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The stochria subsets of one matrix (rows, cols) and step, as four int32 vectors
-    (pos_r (rows,), off_r (rows,), pos_c (cols,), off_c (cols,)):
-
-        row i's subset    = { j : (pos_c[j] - off_r[i]) mod cols < tau }
-        column j's subset = { i : (pos_r[i] - off_c[j]) mod rows < tau }
-
-    pos_c is a keyed order of the columns, off_r[i] a keyed offset in [0, cols): row i takes the tau
-    consecutive (cyclically) columns of that order from off_r[i] on; symmetrically for the columns.
-    The only code that makes subsets: every backend reads these vectors, so all see the same ones.
-    """
-    pos_c = _keyed_positions(derive_key(base_key, 0, _ORDER), cols, device)
-    off_r = (_index_hash(derive_key(base_key, 0, _OFFSET), rows, device) % cols).to(torch.int32)
-    pos_r = _keyed_positions(derive_key(base_key, 1, _ORDER), rows, device)
-    off_c = (_index_hash(derive_key(base_key, 1, _OFFSET), cols, device) % rows).to(torch.int32)
-    return pos_r, off_r, pos_c, off_c
-
-
-# Gathered elements per chunk: on a CPU, index temporaries that stay in cache are faster; on a GPU,
-# every chunk costs kernel launches, so the work goes in one piece.
-_CHUNK = {"cpu": 1 << 16}
-_CHUNK_DEFAULT = 1 << 26
-
-
-def _window_sums(a: torch.Tensor, pos: torch.Tensor, off: torch.Tensor, tau: int) -> torch.Tensor:
-    """(n,) float64: sum_t a[i, order[(off[i] + t) mod m]] for t < tau, a (n, m), order = pos^-1."""
-    m = a.shape[1]
-    order = torch.empty(m + tau, dtype=torch.int64, device=a.device)
-    order[pos.to(torch.int64)] = torch.arange(m, dtype=torch.int64, device=a.device)
-    order[m:] = order[:tau]  # the cyclic wrap, so that window k is order[k:k + tau]
-    windows = order.unfold(0, tau, 1)  # (m + 1, tau) view: windows[k] = members of offset k
-    off = off.to(torch.int64)
-    per_chunk = max(1, _CHUNK.get(a.device.type, _CHUNK_DEFAULT) // tau)
-    parts = [
-        a[i0:i0 + per_chunk].gather(1, windows[off[i0:i0 + per_chunk]]).sum(dim=1, dtype=torch.float64)
-        for i0 in range(0, a.shape[0], per_chunk)
-    ]
-    return torch.cat(parts)
-
-
-def stochastic_subset_sums(
-    weight_abs: torch.Tensor, base_key: int, tau: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row and column sums of |W| over the keyed subsets of exactly `tau` entries (float64).
-
-    Row i's members are order_c[(off_r[i] + t) mod cols], t < tau (order_c the inverse of pos_c of
-    `subset_vectors`): gathers, (rows + cols) * tau work, no data-dependent loop."""
-    rows, cols = weight_abs.shape
-    if not 1 <= tau <= min(rows, cols):
-        raise ValueError(f"tau must be in [1, {min(rows, cols)}] for a {rows}x{cols} matrix, got {tau}")
-    pos_r, off_r, pos_c, off_c = subset_vectors(base_key, rows, cols, weight_abs.device)
-    row_sums = _window_sums(weight_abs, pos_c, off_r, tau)
-    col_sums = _window_sums(weight_abs.t(), pos_r, off_c, tau)
-    return row_sums, col_sums
-
-
-def stochria_tau(rows: int, cols: int, beta: float = STOCHRIA_BETA) -> int:
-    return max(1, int(beta * min(rows, cols)))
+from .metric_registry import SUM_FLOOR, metric_spec, stochria_tau
+from .shared import (
+    StepVectors,
+    channel_factor,
+    finish_step_vectors,
+    prune_block,
+    stochastic_subset_sums,
+    threshold_hint,
+)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -205,63 +59,25 @@ def act_sqsum_(sqsum: torch.Tensor, x: torch.Tensor) -> int:
     return x2.shape[0]
 
 
-def channel_factor(act_sqsum: torch.Tensor | None, tokens: int, metric: str, cols: int,
-                   device: torch.device) -> torch.Tensor:
-    """f_j (in,) float64: 1 (magnitude), n_j^0.5 (wanda), n_j^0.25 (ria), n_j^0.35 (stochria)."""
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
-    if metric == "magnitude":
-        return torch.ones(cols, dtype=torch.float64, device=device)
-    if act_sqsum is None or tokens <= 0:
-        raise ValueError(f"metric {metric!r} needs activation statistics")
-    n = act_sqsum.to(torch.float64) / tokens
-    return n.pow({"wanda": 0.5, "ria": RIA_EXPONENT, "stochria": STOCHRIA_EXPONENT}[metric])
-
-
 def step_sums(
-    weight: torch.Tensor, factor: torch.Tensor, metric: str, base_key: int = 0
+    weight: torch.Tensor, factor: torch.Tensor, name: str, base_key: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """The reductions of one step over W, float64: (col_abs (in,), row_sum (out,), col_sum (in,),
     weighted_rows (out,)). col_abs = sum_i |W_ij|; row_sum/col_sum are the ria normalisers (full sums,
-    or stochria's keyed subsets); weighted_rows = |W| @ factor. The last three are None for magnitude
-    and wanda. Twin of the reduction kernel (kernels/metrics.py)."""
+    or stochria's keyed subsets); weighted_rows = |W| @ factor. The last three are None for a metric
+    without normaliser. Twin of the reduction kernel (kernels/metrics.py)."""
     rows, cols = weight.shape
+    spec = metric_spec(name)
     wabs = weight.abs()
     col_abs = wabs.sum(dim=0, dtype=torch.float64)
-    if metric in ("magnitude", "wanda"):
+    if not spec.row_sums:
         return col_abs, None, None, None
-    if metric == "ria":
+    if spec.normaliser == "full":
         row_sum, col_sum = wabs.sum(dim=1, dtype=torch.float64), col_abs
     else:
         row_sum, col_sum = stochastic_subset_sums(wabs, base_key, stochria_tau(rows, cols))
     weighted_rows = wabs.to(torch.float64) @ factor
     return col_abs, row_sum, col_sum, weighted_rows
-
-
-def finish_step_vectors(
-    rows: int,
-    cols: int,
-    factor: torch.Tensor,
-    col_abs: torch.Tensor,
-    row_sum: torch.Tensor | None,
-    col_sum: torch.Tensor | None,
-    weighted_rows: torch.Tensor | None,
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
-    """From the step's sums to the float32 vectors of the elementwise update (shared by every
-    backend, float64 throughout): S has mean 1 by construction of col_scale."""
-    row_inv = col_inv = None
-    if row_sum is None:
-        total = (factor * col_abs).sum()
-    else:
-        row_inv64 = 1.0 / row_sum.clamp_min(SUM_FLOOR)
-        col_inv64 = 1.0 / col_sum.clamp_min(SUM_FLOOR)
-        # sum_ij |W_ij| (ir_i + ic_j) f_j = sum_j f_j ic_j colabs_j + ir . (|W| f)
-        total = (factor * col_inv64 * col_abs).sum() + (row_inv64 * weighted_rows).sum()
-        row_inv, col_inv = row_inv64.to(torch.float32), col_inv64.to(torch.float32)
-    # kept on the device (no host sync per step): the same float64 division as on the host
-    mean = total / (rows * cols)
-    col_scale = torch.where(mean > 0, factor / mean, torch.zeros_like(factor)).to(torch.float32)
-    return row_inv, col_inv, col_scale
 
 
 def step_vectors(
@@ -270,7 +86,7 @@ def step_vectors(
     tokens: int,
     metric: str,
     base_key: int = 0,
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+) -> StepVectors:
     """The small vectors of one step for one matrix, computed in float64 and returned in float32.
 
     weight: (out, in); act_sqsum: (in,) sum of x^2 over the step's `tokens` tokens (unused by
@@ -282,6 +98,24 @@ def step_vectors(
     factor = channel_factor(act_sqsum, tokens, metric, cols, weight.device)
     sums = step_sums(weight, factor, metric, base_key)
     return finish_step_vectors(rows, cols, factor, *sums)
+
+
+def metric_score(name: str, weight: torch.Tensor, act_sqmean: torch.Tensor | None,
+                 row_sum: torch.Tensor | None = None, col_sum: torch.Tensor | None = None) -> torch.Tensor:
+    """S (out, in) float64, normalised to mean 1: the registry's formula written out for reading, with no
+    factoring into step vectors (tests hold the kernels' S to it). act_sqmean: n_j (in,); row_sum/col_sum:
+    the normalisers of a "subsets" metric (`shared.stochastic_subset_sums`), else the full sums."""
+    spec = metric_spec(name)
+    a = weight.abs().to(torch.float64)
+    factor = torch.ones(a.shape[1], dtype=torch.float64, device=a.device) if not spec.needs_activations else \
+        act_sqmean.to(torch.float64).pow(spec.channel_exponent)
+    if not spec.row_sums:
+        score = a * factor
+    else:
+        rows = (a.sum(dim=1) if row_sum is None else row_sum).clamp_min(SUM_FLOOR)
+        cols = (a.sum(dim=0) if col_sum is None else col_sum).clamp_min(SUM_FLOOR)
+        score = (a / cols[None, :] + a / rows[:, None]) * factor
+    return score / score.mean()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -315,30 +149,19 @@ def mirror_update_(
     Every operation is a separately rounded float32 op (z + (kappa * (S - gamma))): the Triton kernel
     is launched without fp fusion so that it rounds identically.
     """
-    s = local_score(weight, row_inv, col_inv, col_scale)
+    _update_(z, local_score(weight, row_inv, col_inv, col_scale), kappa, threshold)
+
+
+def _update_(z: torch.Tensor, s: torch.Tensor, kappa: float, threshold: float) -> None:
+    """z <- z + kappa * (s - max(z - threshold, 0)), each float32 operation rounded in this order; s is spent."""
     gamma = (z - torch.tensor(threshold, dtype=torch.float32, device=z.device)).clamp_min_(0.0)
     s.sub_(gamma).mul_(torch.tensor(kappa, dtype=torch.float32, device=z.device))
     z.add_(s)
 
 
-def _signed_key(value: float) -> int:
-    """The order-preserving signed 32-bit key of a float32 value (as rank_keys uses)."""
-    bits = int(torch.tensor([value], dtype=torch.float32).view(torch.int32).item())
-    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
-
-
-_HINT_MIN_HALF = 1 << 14  # +-2^14 ulps: about +-0.2% around the predicted threshold at the least
-
-
-def threshold_hint(new: float, old: float) -> int:
-    """Where to look for the next step's threshold: linear extrapolation of the last change of the
-    threshold's key (about log-linear), with a window of half that change plus a margin. Encoded as
-    center << 32 | half width (keys of z >= 0 are >= 0); shared by every backend."""
-    k1 = _signed_key(new)
-    delta = k1 - _signed_key(old) if old > 0 else 1 << 23  # no previous threshold: guess a doubling
-    center = min(max(k1 + delta, 0), (1 << 31) - 1)
-    half = min(abs(delta) // 2 + _HINT_MIN_HALF, (1 << 32) - 1)
-    return (center << 32) | half
+def _next_threshold(z: torch.Tensor, m: int, threshold: float) -> tuple[float, int]:
+    t = float(kth_smallest(z, m))
+    return t, threshold_hint(t, threshold)
 
 
 def mirror_step_(
@@ -358,8 +181,28 @@ def mirror_step_(
     kernel where to gather the candidates of t' during the update pass; the result never depends
     on it (`threshold_hint`)."""
     mirror_update_(z, weight, row_inv, col_inv, col_scale, kappa, threshold)
-    t = float(kth_smallest(z, m))
-    return t, threshold_hint(t, threshold)
+    return _next_threshold(z, m, threshold)
+
+
+def candidate_step_(
+    z: torch.Tensor,
+    a: torch.Tensor,
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    row_inv: torch.Tensor | None,
+    col_inv: torch.Tensor | None,
+    col_scale: torch.Tensor,
+    kappa: float,
+    threshold: float,
+    m: int,
+    hint: int = -1,
+) -> tuple[float, int]:
+    """The mirror step of the entries (rows[k], cols[k]) of a matrix (the closed form's candidates): z (K,)
+    float32 in place, a = their |W| (K,) float32, S gathered from the step vectors in `local_score`'s order;
+    then t' = the exact m-th smallest z. Returns (t', hint for the next step), as `mirror_step_`."""
+    cs = col_scale[cols]
+    _update_(z, a * cs if row_inv is None else (a * (row_inv[rows] + col_inv[cols])) * cs, kappa, threshold)
+    return _next_threshold(z, m, threshold)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -385,28 +228,23 @@ def rank_keys(z: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return zkey * (1 << 31) + wkey
 
 
-def _keep_top(keys: torch.Tensor, k: int, dim: int) -> torch.Tensor:
-    n = keys.shape[dim]
-    if k <= 0:
-        return torch.zeros_like(keys, dtype=torch.bool)
-    if k >= n:
-        return torch.ones_like(keys, dtype=torch.bool)
-    kth = keys.kthvalue(n - k + 1, dim=dim, keepdim=True).values
-    above = keys > kth
-    need = k - above.sum(dim=dim, keepdim=True)
-    tie = keys == kth
-    # ties at the boundary go to the lowest indices, so the count is exact and the order total
-    return above | (tie & (tie.cumsum(dim=dim) <= need))
+def _keep_first(order: torch.Tensor, k: int, shape: tuple[int, ...], dim: int) -> torch.Tensor:
+    keep = torch.zeros(shape, dtype=torch.bool, device=order.device)
+    return keep.scatter_(dim, order.narrow(dim, 0, k), True)
 
 
 def topk_mask(keys: torch.Tensor, k: int) -> torch.Tensor:
-    """bool mask (same shape) keeping the k largest keys of the whole tensor, ties to lower index."""
-    return _keep_top(keys.reshape(-1), k, 0).reshape(keys.shape)
+    """bool mask (same shape) keeping the k largest keys of the whole tensor, ties to lower index: a stable
+    descending sort keeps equal keys in index order."""
+    flat = keys.reshape(-1)
+    k = min(max(k, 0), flat.numel())
+    return _keep_first(flat.sort(descending=True, stable=True).indices, k, flat.shape, 0).reshape(keys.shape)
 
 
 def row_topk_mask(keys: torch.Tensor, k: int) -> torch.Tensor:
-    """keys: (out, in). Keep the k largest of every row, ties to lower column index."""
-    return _keep_top(keys, k, 1)
+    """keys: (out, in). Keep the k largest of every row, ties to lower column index (a stable sort per row)."""
+    k = min(max(k, 0), keys.shape[1])
+    return _keep_first(keys.sort(dim=1, descending=True, stable=True).indices, k, keys.shape, 1)
 
 
 def nm_mask(keys: torch.Tensor, n: int, m: int) -> torch.Tensor:
@@ -422,75 +260,27 @@ def nm_mask(keys: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return keep.reshape(rows, cols)
 
 
-_KEY_OFFSET = 1 << 62  # rank keys lie in [-2^62, 2^62): shift them to [0, 2^63)
-_KEY_BITS = 63
-_DIGIT_BITS = 16  # 4 passes over the keys (which may be recomputed from disk for every pass)
-
-
-def _digit_counts(keys: torch.Tensor, prefix: int, prefix_shift: int, digit_shift: int) -> torch.Tensor:
-    """Counts (2^_DIGIT_BITS,) int64 on the CPU of the digit at `digit_shift` of the shifted rank keys
-    whose bits above `prefix_shift` equal `prefix` (prefix_shift >= 63: every key)."""
-    u = keys.reshape(-1) + _KEY_OFFSET
-    if prefix_shift < _KEY_BITS:
-        u = u[(u >> prefix_shift) == prefix]
-    digits = (u >> digit_shift) & ((1 << _DIGIT_BITS) - 1)
-    return torch.bincount(digits, minlength=1 << _DIGIT_BITS).cpu()
-
-
 def global_keep_counts(
     keys: Sequence[torch.Tensor], total_keep: int, lower: list[int], upper: list[int]
 ) -> list[int]:
-    """Per-matrix kept counts for one global threshold with per-matrix bounds (water-filling).
-
-    keys: rank keys of each matrix, in the tie-break order of matrices (name order); any sequence, read
-    once per pass, one matrix at a time (it may compute them on access). Matrix i keeps
-    clamp(#entries above the global cut, lower[i], upper[i]); the cut runs through the total order
-    (key desc, matrix order, index asc) so that the counts sum to exactly `total_keep`. Found by radix
-    select on the key bits (16 bits a pass, per-matrix histograms on the keys' device): no sort, no
-    concatenation.
-    """
+    """Per-matrix kept counts for one global cut with per-matrix bounds, by walking the total order (key
+    desc, matrix order, index asc) entry by entry: after the first p entries matrix i keeps
+    clamp(its entries among them, lower[i], upper[i]); the answer is the first p where the kept total
+    reaches `total_keep` (it grows by 0 or 1 per entry). Memory (entries x matrices): for tests."""
     lo = torch.tensor(lower, dtype=torch.int64)
     hi = torch.tensor(upper, dtype=torch.int64)
     if bool((lo > hi).any()) or not int(lo.sum()) <= total_keep <= int(hi.sum()):
         raise ValueError(
             f"infeasible bounds: the kept total {total_keep} must lie in [{int(lo.sum())}, {int(hi.sum())}]"
         )
-    if total_keep == int(lo.sum()):
-        return [int(v) for v in lo]
-    if total_keep == int(hi.sum()):
-        return [int(v) for v in hi]
-
-    def clamped_total(counts: torch.Tensor) -> torch.Tensor:  # counts: (..., matrices)
-        return torch.minimum(torch.maximum(counts, lo), hi).sum(dim=-1)
-
-    above = torch.zeros(len(keys), dtype=torch.int64)  # entries strictly above the current prefix
-    prefix = 0
-    digit_bits = _DIGIT_BITS
-    passes = -(-_KEY_BITS // digit_bits)
-    for p in range(passes):
-        digit_shift = (passes - 1 - p) * digit_bits
-        hist = torch.stack([_digit_counts(keys[i], prefix, digit_shift + digit_bits, digit_shift)
-                            for i in range(len(keys))])
-        # counts from bucket b upwards (inclusive) and above b (exclusive), for every b at once
-        from_b = above[:, None] + hist.flip(1).cumsum(1).flip(1)  # (matrices, buckets)
-        above_b = from_b - hist
-        reach = clamped_total(from_b.T) >= total_keep  # (buckets,) monotone: true for low buckets
-        bucket = int(reach.nonzero().max())
-        above = above_b[:, bucket]
-        prefix = (prefix << digit_bits) | bucket
-    ties = from_b[:, bucket] - above_b[:, bucket]
-    counts = torch.minimum(torch.maximum(above, lo), hi)
-    remaining = total_keep - int(counts.sum())
-    for i in range(len(keys)):  # walk the tied entries in matrix order, then index order
-        if remaining == 0:
-            break
-        grown = int(min(max(int(above[i] + ties[i]), lower[i]), upper[i]))
-        take = min(remaining, grown - int(counts[i]))
-        counts[i] += take
-        remaining -= take
-    return [int(v) for v in counts]
-
-
+    flat = torch.cat([k.reshape(-1).cpu() for k in keys])
+    owner = torch.cat([torch.full((k.numel(),), i, dtype=torch.int64) for i, k in enumerate(keys)])
+    order = flat.sort(descending=True, stable=True).indices  # ties stay in (matrix, index) order
+    above = torch.nn.functional.one_hot(owner[order], len(keys)).cumsum(0)
+    above = torch.cat([torch.zeros(1, len(keys), dtype=torch.int64), above])
+    kept = torch.minimum(torch.maximum(above, lo), hi)
+    first = int((kept.sum(dim=1) == total_keep).nonzero()[0])
+    return [int(v) for v in kept[first]]
 
 
 # ------------------------------------------------------- OBS reconstruction (docs/method.md)
@@ -498,29 +288,6 @@ def hessian_accumulate_(h: torch.Tensor, x: torch.Tensor) -> None:
     """h (in, in) float32 += x^T x over the tokens of x (..., in), accumulated in float32."""
     xf = x.reshape(-1, x.shape[-1]).to(torch.float32)
     h.addmm_(xf.T, xf)
-
-
-def obs_inverse_factor(h: torch.Tensor, damp: float) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """(U, dead): U the upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, or None when a
-    factorisation fails (the caller retries with more dampening); dead: inputs with H_ii == 0, whose
-    diagonal is set to 1 first (their weight columns are to be zeroed)."""
-    h = h.to(torch.float32).clone()
-    diag = h.diagonal()
-    dead = diag == 0
-    diag[dead] = 1.0
-    diag += damp * diag.mean()
-    lower, info = torch.linalg.cholesky_ex(h)
-    if int(info) != 0:
-        return None, dead
-    u, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
-    if int(info) != 0 or not bool(torch.isfinite(u).all()):
-        return None, dead
-    return u, dead
-
-
-def _smallest_flat(score: torch.Tensor, count: int) -> torch.Tensor:
-    """Flat indices of the `count` smallest scores, ties to the lower index."""
-    return score.reshape(-1).sort(stable=True).indices[:count]
 
 
 def obs_sweep_(
@@ -546,6 +313,8 @@ def obs_sweep_(
     rows, cols = w.shape
     choose = keep is None
     keep = torch.ones_like(w, dtype=torch.bool) if choose else keep.clone()
+    if choose and nm is not None and (not 0 < nm[0] < nm[1] or cols % nm[1]):
+        raise ValueError(f"need 0 < n < m and in_features % m == 0, got n={nm[0]}, m={nm[1]}, in={cols}")
     if nm is not None:
         blocksize = max(nm[1], blocksize // nm[1] * nm[1])  # a group never straddles two blocks
     d = u.diagonal()
@@ -553,11 +322,8 @@ def obs_sweep_(
         i2 = min(i1 + blocksize, cols)
         w1, u1, k1 = w[:, i1:i2].clone(), u[i1:i2, i1:i2], keep[:, i1:i2]
         err1 = torch.zeros_like(w1)
-        if choose and nm is None:
-            count = prune_count * i2 // cols - prune_count * i1 // cols
-            score = w1.square() / d[i1:i2].square()
-            flat = _smallest_flat(score if prior is None else score * prior[:, i1:i2], count)
-            k1[flat // (i2 - i1), flat % (i2 - i1)] = False
+        if choose and nm is None:  # the block's share of the count, from the weights as the sweep reaches it
+            prune_block(w, keep, d, prune_count, prior, (i1, i2))
         for i in range(i2 - i1):
             if choose and nm is not None and i % nm[1] == 0:
                 n, m = nm

@@ -13,11 +13,9 @@ Keys: float32 values (mapped to their order-preserving key in [0, 2^32)) or the 
 Serves:
   kth_smallest_triton(values, k)            the lam threshold (first step, and when its window misses)
   topk_mask_triton(keys, k)                 keep the k largest keys, ties to the lower flat index
-  row_topk_mask_triton(keys, k)             per row: torch's row-wise kthvalue (one block per row,
-                                            already bandwidth-efficient on a GPU) and the same tie rule
-  global_keep_counts_triton(...)            the global budget with bounds: the shared water-filling
-                                            logic with digit histograms (torch bincount on the device)
-Twins: `reference.kth_smallest`, `topk_mask`, `row_topk_mask`, `global_keep_counts`.
+  rank_keys_triton(z, weight)               the int64 (z, |W|) rank keys, one elementwise pass
+(The per-row top-k and the global water-filling are torch code both backends run: shared.py.)
+Twins: `reference.kth_smallest`, `topk_mask`, `rank_keys`.
 """
 
 from __future__ import annotations
@@ -47,16 +45,18 @@ def _ordered_key(raw, KIND: tl.constexpr):
         return raw + 4611686018427387904  # 2^62
 
 
-@triton.jit
+# Integer arguments that are data (bracket bounds, keys, capacities) or may pass 2^31 (counts) get a fixed
+# type and no specialisation on their value: one compile per kind and arch, never a new one mid-run.
+@triton.jit(do_not_specialize=["lo", "hi", "cap", "tiles_per_program"])
 def _bracket_kernel(
     below_ptr,
     cand_ptr,
     cand_count_ptr,
     keys_ptr,
-    n,
-    lo,
-    hi,
-    cap,
+    n: tl.int64,
+    lo: tl.int64,
+    hi: tl.int64,
+    cap: tl.int64,
     tiles_per_program,
     KIND: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -182,15 +182,15 @@ def kth_smallest_triton(values: torch.Tensor, k: int) -> torch.Tensor:
     raise ValueError(f"values must be float32 or int64, got {values.dtype}")
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["kth", "tie_cap"])
 def _threshold_mask_kernel(
     keep_ptr,
     tie_ptr,
     tie_count_ptr,
     keys_ptr,
-    n,
-    kth,
-    tie_cap,
+    n: tl.int64,
+    kth: tl.int64,
+    tie_cap: tl.int64,
     BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
@@ -229,25 +229,6 @@ def topk_mask_triton(keys: torch.Tensor, k: int) -> torch.Tensor:
         chosen = (flat == kth).nonzero().flatten()[:need]
     keep[chosen] = 1
     return keep.view(torch.bool).reshape(keys.shape)
-
-
-def row_topk_mask_triton(keys: torch.Tensor, k: int) -> torch.Tensor:
-    """keys (out, in) int64: keep the k largest of every row, ties to the lower column index.
-
-    A row is at most a few ten thousand keys: torch's row-wise kthvalue runs one block per row, which
-    already streams the matrix at a good fraction of bandwidth, so it is reused here."""
-    from .reference import row_topk_mask
-
-    return row_topk_mask(keys, k)
-
-
-def global_keep_counts_triton(
-    keys, total_keep: int, lower: list[int], upper: list[int]
-) -> list[int]:
-    """Per-matrix kept counts of the global budget with bounds (see `reference.global_keep_counts`)."""
-    from .reference import global_keep_counts
-
-    return global_keep_counts(keys, total_keep, lower, upper)
 
 
 @triton.jit

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import functools
+import math
 import os
 
 import pytest
 import torch
 from safetensors import safe_open
 
-from unipruning.demo import packaged_text, train_tokenizer
+from unipruning.data import packaged_text
 
 TEXT_PLAYS = ("macbeth", "tempest")
 
@@ -18,6 +19,27 @@ def requires_gpu(test):
     """Skip unless a CUDA device is visible (queried when the test runs, never at import)."""
     return pytest.mark.gpu(pytest.mark.skipif("not __import__('torch').cuda.is_available()",
                                               reason="needs a CUDA GPU")(test))
+
+
+def train_tokenizer(texts: list[str], vocab_size: int):
+    """A byte-level BPE tokenizer trained on `texts`, as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<s>", "</s>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    core.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        model_max_length=1 << 20,
+    )
 
 
 @functools.lru_cache(maxsize=1)
@@ -122,3 +144,34 @@ def weight_files(directory) -> dict[str, bytes]:
     """{file name: bytes} of a checkpoint's weight shards and index: what must match byte for byte."""
     return {name: (directory / name).read_bytes() for name in sorted(os.listdir(directory))
             if name.endswith(".safetensors") or name.endswith(".safetensors.index.json")}
+
+
+def in_memory_job(windows, config, device, offload="auto"):
+    """The job of a pass over a model held in memory (the blocks moved to `device` in their turn): nothing
+    planned, the torch kernels, `config.batch_size` windows per step."""
+    from unipruning.pipeline.job import Job
+
+    return Job(checkpoint=None, plan={}, device=device, dtype=torch.float32, backend="torch", windows=windows,
+               batch_size=config.batch_size, offload=offload)
+
+
+def assert_within_twin_error(kernel: torch.Tensor, twin: torch.Tensor, exact: torch.Tensor, what: str = "") -> None:
+    """flash-attention's rule for a kernel that is not bit-identical to its twin (another order of summation,
+    another matmul): against `exact`, a float64 or exactly rounded reference of the same quantity, the kernel's
+    largest error is at most twice the twin's own low-precision error, plus twice the rounding of `exact` to
+    the compared dtype at its magnitude (flash-attention's atol, 2 * |(ref + 0.3) - 0.3 - ref|)."""
+    assert kernel.shape == twin.shape == exact.shape and kernel.dtype == twin.dtype, what
+    exact = exact.to(torch.float64).cpu()
+    kernel_err = (kernel.to(torch.float64).cpu() - exact).abs().max().item()
+    twin_err = (twin.to(torch.float64).cpu() - exact).abs().max().item()
+    low = exact.to(kernel.dtype)
+    rounding = (low + 0.3 - 0.3 - low).abs().max().item()
+    assert kernel_err <= 2 * twin_err + 2 * rounding, (
+        f"{what}: kernel error {kernel_err:.3g} > 2 x twin error {twin_err:.3g} + 2 x rounding {rounding:.3g}")
+
+
+def exact_sums(values: torch.Tensor, dim: int) -> torch.Tensor:
+    """The correctly rounded float64 sums of `values` along `dim` (math.fsum: no rounding but the last)."""
+    rows = values.to(torch.float64).cpu().movedim(dim, -1).reshape(-1, values.shape[dim]).tolist()
+    return torch.tensor([math.fsum(r) for r in rows], dtype=torch.float64).reshape(
+        values.movedim(dim, -1).shape[:-1])

@@ -21,7 +21,8 @@ def windows(text_file):
 
 @pytest.fixture(scope="module")
 def result(model, windows):
-    return prune(model, windows, PruneConfig(mask=MaskSpec(sparsity=0.6)))
+    # one budget per matrix (the default, owl-row, is tested in test_defaults.py)
+    return prune(model, windows, PruneConfig(mask=MaskSpec(sparsity=0.6, allocation="layer")))
 
 
 def test_prune_leaves_the_model_untouched(tiny_llama, model, result):
@@ -48,7 +49,7 @@ def test_threshold_is_the_lam_quantile_of_z(result):
 
 
 def test_same_seed_same_masks_other_seed_other_saliency(model, windows, result):
-    again = prune(model, windows, PruneConfig(mask=MaskSpec(sparsity=0.6)))
+    again = prune(model, windows, PruneConfig(mask=MaskSpec(sparsity=0.6, allocation="layer")))
     for name in result.masks:
         assert torch.equal(result.masks[name], again.masks[name])
         assert torch.equal(result.saliency.z[name], again.saliency.z[name])
@@ -97,7 +98,7 @@ def test_saliency_round_trip(tmp_path, model, result):
     for name in loaded.z:
         assert torch.equal(loaded.z[name], result.saliency.z[name])
         assert loaded.t[name] == result.saliency.t[name]
-    spec = MaskSpec(sparsity=0.6)
+    spec = MaskSpec(sparsity=0.6, allocation="layer")
     for name, keep in compute_masks(loaded, dict(model.named_parameters()), spec).items():
         assert torch.equal(keep, result.masks[name])
     with pytest.raises(UsageError, match="different model"):
@@ -133,7 +134,8 @@ def test_every_metric_runs(model, windows, metric):
 
 def test_magnitude_saliency_ranks_like_magnitude(model, windows):
     """With S = |W| / mean every step, z is monotone in |W|: the masks are plain magnitude masks."""
-    result = prune(model, windows[:4], PruneConfig(metric="magnitude", mask=MaskSpec(sparsity=0.5)))
+    result = prune(model, windows[:4], PruneConfig(metric="magnitude", mask=MaskSpec(sparsity=0.5,
+                                                                                     allocation="layer")))
     params = dict(model.named_parameters())
     for name, keep in result.masks.items():
         w = params[name].detach().abs()

@@ -1,6 +1,7 @@
 """The shape of the code (docs/architecture.md): imports point one way, jobs -> pipeline -> io -> algorithm ->
 ops -> kernels, with no import circle (function-level imports included), and no function of the
-orchestrator is 50 lines or longer."""
+orchestrator is 50 lines or longer or takes more than 7 parameters (settings travel in a resolved Job or an
+option object, not in long argument lists)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RANKS = [
     ("unipruning.kernels", 0),
     ("unipruning.errors", 1), ("unipruning.lazy", 1), ("unipruning.version", 1), ("unipruning.offline", 1),
-    ("unipruning.progress", 1),
+    ("unipruning.progress", 1), ("unipruning.files", 1), ("unipruning.patterns", 1),
     ("unipruning.config", 2), ("unipruning.models", 2), ("unipruning.backends", 2), ("unipruning.targeting", 2),
     ("unipruning.data", 2), ("unipruning.llmc", 2),
     ("unipruning.ops", 3),
@@ -22,9 +23,11 @@ RANKS = [
     ("unipruning.io", 5),
     ("unipruning.pipeline", 6),
     ("unipruning.jobs", 7), ("unipruning.packing", 7), ("unipruning.evaluate", 7),
-    ("unipruning.cli", 8), ("unipruning.demo", 8), ("unipruning.__main__", 8), ("unipruning", 9),
+    ("unipruning.cli", 8), ("unipruning.demo", 8), ("unipruning.demo_model", 8), ("unipruning.__main__", 8),
+    ("unipruning", 9),
 ]
 MAX_FUNCTION_LINES = 50
+MAX_PARAMETERS = 7  # self and cls not counted; *args and **kwargs count one each
 
 
 def _modules() -> dict[str, str]:
@@ -93,12 +96,41 @@ def test_imports_point_one_way_without_circles():
 
 def test_no_function_of_the_orchestrator_is_too_long():
     long = []
+    for module, node in _orchestrator_functions():
+        lines = node.end_lineno - node.lineno + 1
+        if lines >= MAX_FUNCTION_LINES:
+            long.append(f"{module}.{node.name}: {lines} lines")
+    assert not long, long
+
+
+def _orchestrator_functions():
+    """(module, function node) of every function outside kernels/ (one Triton program per function there)."""
     for module, path in _modules().items():
         if module.startswith("unipruning.kernels"):
-            continue  # kernels: one Triton program per function, by design
+            continue
         for node in ast.walk(ast.parse(open(path).read())):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                lines = node.end_lineno - node.lineno + 1
-                if lines >= MAX_FUNCTION_LINES:
-                    long.append(f"{module}.{node.name}: {lines} lines")
+                yield module, node
+
+
+def test_no_function_of_the_orchestrator_takes_more_than_seven_parameters():
+    long = []
+    for module, node in _orchestrator_functions():
+        args = node.args
+        names = [a.arg for a in (*args.posonlyargs, *args.args, *args.kwonlyargs) if a.arg not in ("self", "cls")]
+        count = len(names) + (args.vararg is not None) + (args.kwarg is not None)
+        if count > MAX_PARAMETERS:
+            long.append(f"{module}.{node.name}: {count} parameters")
     assert not long, long
+
+
+def test_no_triton_file_imports_the_oracle():
+    """kernels/reference.py is the oracle the kernel tests compare with: a Triton launcher (or the Triton
+    backend) that called into it would be compared with itself. What both need lives in kernels/shared.py."""
+    modules = _modules()
+    oracle = "unipruning.kernels.reference"
+    triton_side = [m for m, p in modules.items() if m.startswith("unipruning.kernels.")
+                   and ("import triton" in open(p).read() or m.endswith("triton_backend"))]
+    assert len(triton_side) >= 7, triton_side  # act_stats, metrics, mirror, select, nm, obs, library, ...
+    offenders = sorted(m for m in triton_side if oracle in _imports(m, modules[m], set(modules)))
+    assert not offenders, offenders

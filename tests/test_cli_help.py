@@ -42,6 +42,23 @@ def test_no_arguments_lists_the_commands_one_line_each(capsys):
     assert "--help" in out
 
 
+@pytest.mark.parametrize("argv,needle", [
+    (["prune", "--model", "m", "--save", "out/wanda/", "--out", "o"], "unrecognized arguments: --save"),
+    (["prune", "--model", "m", "--save", "out/wanda/"], "required: --out/--save_model"),
+    (["prune", "--model", "m", "--out", "o", "--nsampl", "4"], "unrecognized arguments: --nsampl"),
+    (["mask", "--mod", "m", "--saliency", "s", "--out", "o"], "--model"),
+    (["--verb", "eval", "--model", "m"], "unrecognized arguments: --verb"),
+], ids=["save-is-not-save_model", "save-alone", "nsampl", "mask-mod", "top-level-verb"])
+def test_abbreviated_options_are_refused_not_guessed(argv, needle, capsys, tmp_path):
+    """argparse took `--save out/wanda/` (Wanda's log folder) for `--save_model`: with abbreviations off on
+    every parser an option is spelled out or refused, in one line, exit 2, before anything is read."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err, err
+    for parser in [build_parser(), *_subparsers().values()]:
+        assert parser.allow_abbrev is False
+
+
 def _prune_args(*extra):
     return build_parser().parse_args(["prune", "--model", "m", "--out", "o", *extra])
 

@@ -40,7 +40,7 @@ def test_closed_form_of_one_matrix_equals_the_recursion(metric):
                 torch.testing.assert_close(batched[k], single, rtol=1e-6, atol=0)
     m = 4
     z_exact, t_exact = _exact_recursion(weight, vectors, 0.01, m)
-    z, t = closed_form.saliency(weight, *vectors, 0.01, m)
+    z, t = closed_form.saliency(weight, vectors, 0.01, m)
     assert float(t) == t_exact  # the candidates carry the exact thresholds
     torch.testing.assert_close(z, z_exact, rtol=2e-6, atol=0)
     bottom = z_exact.reshape(-1).argsort()[:4 * m]  # the entries near the threshold run the exact recursion

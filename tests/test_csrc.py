@@ -1,8 +1,11 @@
 """The CUDA sources compile without a GPU: every .cu with nvcc, the torch binding against torch's headers,
-and the packing kernel's own per-element code, built for the host, gives the torch twin's bits.
+and the packing kernel's own per-element code, built for the host, gives the torch twin's bits; setup.py
+refuses a build that cannot work in one line; the built extension (CI builds it against PyPI's CUDA torch)
+loads on a CPU and its ops' fake implementations give ops.cpp's shapes and refusals.
 
 Skipped where nvcc (or, for cslt_compress.cu, CUSPARSELT_HOME) is missing, unless
-UNIPRUNING_REQUIRE_NVCC=1 (as in CI), which turns those skips into failures.
+UNIPRUNING_REQUIRE_NVCC=1 (as in CI), which turns those skips into failures; the extension's test is
+skipped where it is not built, unless UNIPRUNING_REQUIRE_EXTENSION=1 (CI's extension step).
 """
 
 import ctypes
@@ -24,11 +27,11 @@ CSRC = os.path.join(ROOT, "csrc")
 ARCHS = ["-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90"]
 
 
-def _need(ok: bool, what: str) -> None:
+def _need(ok: bool, what: str, required_by: str = "UNIPRUNING_REQUIRE_NVCC") -> None:
     if ok:
         return
-    if os.environ.get("UNIPRUNING_REQUIRE_NVCC") == "1":
-        pytest.fail(f"{what} (required by UNIPRUNING_REQUIRE_NVCC=1)")
+    if os.environ.get(required_by) == "1":
+        pytest.fail(f"{what} (required by {required_by}=1)")
     pytest.skip(what)
 
 
@@ -134,3 +137,68 @@ def test_kernel_code_flags_what_is_not_24(host_packer):
     three = torch.zeros(32, 64, dtype=torch.bool)
     three[:, 0::4] = three[:, 1::4] = three[:, 2::4] = True
     assert host_packer(dense, three)[2] == 1
+
+
+def _setup_py(tmp_path, **env) -> subprocess.CompletedProcess:
+    """`python setup.py --name` with the extension requested and `env` on top: what pip runs first."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("UNIPRUNING_", "CUSPARSELT_", "TORCH_CUDA"))}
+    cuda = tmp_path / "cuda"
+    for part in ("bin/nvcc", "include/cuda_runtime.h"):
+        (cuda / part).parent.mkdir(parents=True, exist_ok=True)
+        (cuda / part).write_text("")
+    (tmp_path / "wrapper" / "bin").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "wrapper" / "bin" / "nvcc").write_text("")
+    full = {**base, "UNIPRUNING_BUILD_CUDA": "1", "CUDA_HOME": str(cuda), **env}
+    return subprocess.run([sys.executable, "setup.py", "--name"], cwd=ROOT, env=full, capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.mark.parametrize("env,needle", [
+    ({"CUSPARSELT_HOME": "{tmp}"}, "has no include/cusparseLt.h"),
+    ({"UNIPRUNING_CUSPARSELT": "maybe"}, "UNIPRUNING_CUSPARSELT='maybe': expected auto, 0 or 1"),
+    ({"UNIPRUNING_CUDA_ARCHS": " ; "}, "names no architecture"),
+    ({"CUDA_HOME": "{tmp}/nowhere"}, "needs CUDA_HOME with bin/nvcc"),
+    ({"CUDA_HOME": "{tmp}/wrapper"}, "has no include/cuda_runtime.h"),
+])
+def test_setup_refuses_a_build_that_cannot_work_in_one_line(tmp_path, env, needle):
+    done = _setup_py(tmp_path, **{k: v.format(tmp=tmp_path) for k, v in env.items()})
+    assert done.returncode != 0
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and lines[0].startswith("unipruning: cannot build"), done.stderr
+
+
+def test_setup_refuses_a_cpu_torch_in_one_line(tmp_path):
+    if torch.version.cuda is not None:
+        pytest.skip("this torch is a CUDA build")
+    done = _setup_py(tmp_path, UNIPRUNING_CUSPARSELT="0")
+    assert done.returncode != 0 and done.stderr.strip().splitlines() == [
+        f"unipruning: cannot build unipruning._C: torch {torch.__version__} is a CPU build: install a CUDA build "
+        "of torch first, then build with --no-build-isolation (so that the build uses it)"]
+
+
+@pytest.mark.cuda_ext
+def test_the_built_extension_loads_on_a_cpu_and_its_fakes_follow_ops_cpp():
+    """The ops trace with fake CUDA tensors (no GPU): the shapes and dtypes ops.cpp allocates, and its refusals."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from unipruning.packing.formats import extension
+
+    ext = extension()
+    if ext is None:
+        _need(False, "unipruning._C is not built (UNIPRUNING_BUILD_CUDA=1)", "UNIPRUNING_REQUIRE_EXTENSION")
+    with FakeTensorMode():
+        w = torch.empty(64, 128, dtype=torch.bfloat16, device="cuda")
+        for mask in (None, torch.empty(64, 128, dtype=torch.bool, device="cuda")):
+            values, meta = torch.ops.unipruning.pack24_cutlass(w, mask)
+            assert (values.shape, values.dtype, meta.shape, meta.dtype) == ((64, 64), w.dtype, (64, 8), torch.int16)
+            assert values.device.type == meta.device.type == "cuda"
+        compressed = torch.ops.unipruning.cslt_compress(w.half())
+        assert compressed.shape == (64 * 128 * 9 // 16,) and compressed.dtype == torch.float16
+        for bad, needle in ((torch.empty(63, 128, dtype=torch.half, device="cuda"), "rows % 32 == 0"),
+                            (torch.empty(64, 128, device="cuda"), "float16 or bfloat16")):
+            for op in (torch.ops.unipruning.pack24_cutlass, torch.ops.unipruning.cslt_compress):
+                with pytest.raises(RuntimeError, match=needle):
+                    op(bad, None) if op is torch.ops.unipruning.pack24_cutlass else op(bad)
+        with pytest.raises(RuntimeError, match="mask must be bool"):
+            torch.ops.unipruning.pack24_cutlass(w, torch.empty(64, 128, device="cuda"))
+    assert ext.with_cusparselt in (0, 1)

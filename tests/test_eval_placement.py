@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from tests._utils import read_all
+from unipruning.config import EvalOptions
 from unipruning.evaluate import _need_bytes, evaluate_checkpoint, placement
 from unipruning.io.checkpoint import load_config
 
@@ -29,8 +30,8 @@ def test_the_need_counts_weights_with_margin_and_a_batch_of_logits(tiny_llama):
 
 
 def test_a_device_map_gives_the_perplexity_of_the_plain_path(tiny_llama, text_file):
-    plain = evaluate_checkpoint(tiny_llama, text_file, 64, device_name="cpu", where="device")
-    mapped = evaluate_checkpoint(tiny_llama, text_file, 64, device_name="cpu", where={"": "cpu"})
+    plain = evaluate_checkpoint(tiny_llama, text_file, 64, EvalOptions(device="cpu"), where="device")
+    mapped = evaluate_checkpoint(tiny_llama, text_file, 64, EvalOptions(device="cpu"), where={"": "cpu"})
     assert plain["placement"] == "device" and mapped["placement"] == {"": "cpu"}
     assert mapped["perplexity"] == pytest.approx(plain["perplexity"], rel=1e-6)
-    assert evaluate_checkpoint(tiny_llama, text_file, 64, device_name="cpu")["placement"] == "device"
+    assert evaluate_checkpoint(tiny_llama, text_file, 64, EvalOptions(device="cpu"))["placement"] == "device"

@@ -9,11 +9,13 @@ that is not resumable; resumed runs must equal uninterrupted ones byte for byte.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
 import math
 import os
+import re
 import shutil
 import signal
 import struct
@@ -28,6 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from tests._utils import make_checkpoint
 from unipruning.cli import main
+from unipruning.io import staging
 
 SMALL = ["--nsamples", "4", "--seqlen", "16"]
 WEIGHTS = "model.safetensors"
@@ -70,14 +73,14 @@ def run(capsys, *argv) -> tuple[int, str, str]:
 def expect_fault(capsys, root, code: int, needle: str, *argv, written_ok: bool = False) -> str:
     """Run a command that must fail: exit `code`, one line on stderr containing `needle`, no traceback,
     every file under `root` unchanged, nothing new (unless `written_ok`) and no partial state left."""
-    before = snapshot(root)
+    before, left = snapshot(root), set(leftovers(root))
     got, _, err = run(capsys, *argv)
     lines = err.strip().splitlines()
     assert got == code and len(lines) == 1 and "Traceback" not in err and needle in err, (got, err)
     after = snapshot(root)
     assert {p: after.get(p) for p in before} == before, "a file that existed before changed or vanished"
     assert written_ok or set(after) == set(before), sorted(set(after) - set(before))
-    assert not leftovers(root), leftovers(root)
+    assert set(leftovers(root)) == left, sorted(set(leftovers(root)) ^ left)  # the user's own are theirs
     return lines[0]
 
 
@@ -343,8 +346,9 @@ def test_mask_leaves_no_partial_and_a_killed_ones_is_cleared(capsys, tmp_path, s
     monkeypatch.undo()
     assert code == 130 and "nothing written" in err and len(err.strip().splitlines()) == 1, err
     assert not leftovers(tmp_path) and not (tmp_path / "o").exists()
-    killed = tmp_path / ".o.partial-staged"  # what SIGKILL in the middle of a mask leaves
+    killed = tmp_path / ".o.partial-staged"  # what SIGKILL in the middle of a mask leaves: its marker inside
     killed.mkdir()
+    staging._mark(str(killed), str(tmp_path / "o"), staging.STAGED)
     (killed / "model-00002-of-00003.safetensors").write_bytes(b"half")
     assert run(capsys, *argv)[0] == 0
     assert not leftovers(tmp_path), leftovers(tmp_path)
@@ -456,7 +460,8 @@ def test_config_that_disagrees_with_the_weights(capsys, tmp_path, source, text_f
     edit_config(model, hidden_size=32, vocab_size=256)  # config vocab smaller than the embedding's 512 rows
     expect_fault(capsys, tmp_path, 2, "model.embed_tokens.weight", *prune_args(model, tmp_path / "o", text_file))
     edit_config(model, vocab_size=512, num_hidden_layers=3)  # a block the weights do not have
-    expect_fault(capsys, tmp_path, 2, "lacks", *prune_args(model, tmp_path / "o", text_file))
+    expect_fault(capsys, tmp_path, 2, "num_hidden_layers 3, but the weights hold 2 decoder blocks",
+                 *prune_args(model, tmp_path / "o", text_file))
     edit_config(model, num_hidden_layers=2, num_attention_heads=5)  # transformers cannot build it
     expect_fault(capsys, tmp_path, 2, "config.json", *prune_args(model, tmp_path / "o", text_file))
     (tmp_path / "model" / "config.json").write_text("[1, 2]")
@@ -910,3 +915,527 @@ def test_a_full_filesystem_under_pack_leaves_nothing(capsys, tmp_path, pruned24)
             line = expect_fault(capsys, full, 1, "No space left on device", "pack", "--model", pruned24, "--out",
                                 full / "o", *fmt)
             assert "free space and rerun" in line and os.statvfs(full).f_bavail == free
+
+
+# ------------------------------------------------------------------------------------------ issue 25: nothing lost
+def _user_dir(path, content: str) -> None:
+    path.mkdir()
+    (path / "mine.txt").write_text(content)
+
+
+def test_directories_named_like_partial_state_are_never_taken_for_ours(capsys, tmp_path, source, pruned, text_file):
+    """The stale-state cleanup removed `.NAME.old-XXXXXXXX` / `.NAME.partial-XXXXXXXX` by their names alone:
+    only a directory holding a run's marker is ours; the user's survive every successful run, byte for byte."""
+    for name in (".o.old-20261201", ".o.partial-abcdefgh", ".o.partial-0123456789abcdef", ".o.old-output"):
+        _user_dir(tmp_path / name, name)
+    mine = snapshot(tmp_path)
+    assert run(capsys, *prune_args(source, tmp_path / "o", text_file))[0] == 0
+    saliency = shutil.copytree(f"{pruned}/saliency", tmp_path / "sal")
+    code, _, err = run(capsys, "mask", "--model", source, "--saliency", saliency, "--out", tmp_path / "o",
+                       "--overwrite", "--sparsity", "0.6")  # moves the earlier output aside, then removes it
+    assert code == 0 and "removed stale" not in err, err
+    after = snapshot(tmp_path)
+    assert {p: after.get(p) for p in mine} == mine
+    assert sorted(p for p in os.listdir(tmp_path) if p.startswith(".o.")) == sorted(
+        os.path.basename(os.path.dirname(p)) for p in mine if "/.o." in p)
+
+
+def test_a_user_directory_or_file_where_a_run_stages_or_locks_is_refused(capsys, tmp_path, source, pruned,
+                                                                         text_file, monkeypatch):
+    mask = ["mask", "--model", source, "--saliency", f"{pruned}/saliency", "--out", tmp_path / "o"]
+    _user_dir(tmp_path / ".o.partial-staged", "not a run's")
+    start = time.perf_counter()
+    expect_fault(capsys, tmp_path, 2, "no unipruning run made it", *mask)
+    assert time.perf_counter() - start < 30
+    shutil.rmtree(tmp_path / ".o.partial-staged")
+    (tmp_path / ".o.lock").write_text("my notes on o\n")  # a lock file holds a PID, and nothing else
+    expect_fault(capsys, tmp_path, 2, "not a unipruning lock file", *mask)
+    os.remove(tmp_path / ".o.lock")
+    os.symlink(tmp_path / "elsewhere", tmp_path / ".o.lock")
+    expect_fault(capsys, tmp_path, 2, "not a unipruning lock file", *mask)
+    os.remove(tmp_path / ".o.lock")
+    args = prune_args(source, tmp_path / "p", text_file)  # a resumable run's directory, its marker gone
+    interrupt_after_first_block(monkeypatch)
+    assert run(capsys, *args)[0] == 130
+    monkeypatch.undo()
+    (partial,) = [tmp_path / p for p in os.listdir(tmp_path) if p.startswith(".p.partial-")]
+    os.remove(partial / staging.MARKER)
+    expect_fault(capsys, tmp_path, 2, "no unipruning run made it", *args)
+    assert partial.is_dir()
+
+
+def test_a_failed_final_rename_leaves_no_unmentioned_staging(capsys, tmp_path, source, pruned, text_file,
+                                                            monkeypatch):
+    """A rename into place that fails (EBUSY: a mount point found too late, EXDEV...): the earlier output is
+    put back, a staged directory removed, a resumable one kept and named in the one line."""
+    real = os.rename
+
+    def busy(src, dst):
+        if os.path.basename(str(dst)) == "o" and ".partial-" in os.path.basename(str(src)):
+            raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), str(dst))
+        return real(src, dst)
+
+    earlier = shutil.copytree(pruned, tmp_path / "o")
+    before = snapshot(earlier)
+    monkeypatch.setattr(staging.os, "rename", busy)
+    code, _, err = run(capsys, "mask", "--model", source, "--saliency", f"{pruned}/saliency", "--out", earlier,
+                       "--overwrite")
+    assert code == 1 and "Device or resource busy" in err and len(err.strip().splitlines()) == 1, err
+    assert snapshot(earlier) == before and not leftovers(tmp_path), leftovers(tmp_path)
+    code, _, err = run(capsys, *prune_args(source, earlier, text_file), "--overwrite")
+    monkeypatch.undo()
+    (partial,) = [p for p in leftovers(tmp_path) if ".partial-" in p]
+    assert code == 1 and partial in err and "resumes" in err and len(err.strip().splitlines()) == 1, err
+    assert snapshot(earlier) == before
+    assert run(capsys, *prune_args(source, earlier, text_file), "--overwrite")[0] == 0  # and it does
+    assert not leftovers(tmp_path), leftovers(tmp_path)
+
+
+def test_a_link_deep_inside_an_input_directory_into_out_is_refused(capsys, tmp_path, source, pruned, text_file):
+    """--calib texts where texts/sub/part.txt links into --out: replacing --out would delete what the run
+    reads; every entry of an input directory counts, at any depth, files and directories alike."""
+    earlier = shutil.copytree(pruned, tmp_path / "prev2")
+    (earlier / "extra").mkdir()
+    shutil.copy(text_file, earlier / "extra" / "part.txt")
+    texts = tmp_path / "texts"
+    (texts / "sub").mkdir(parents=True)
+    shutil.copy(text_file, texts / "a.txt")
+    os.symlink(earlier / "extra" / "part.txt", texts / "sub" / "part.txt")
+    line = expect_fault(capsys, tmp_path, 2, "--calib", *prune_args(source, earlier, texts), "--overwrite")
+    assert "part.txt" in line
+    os.remove(texts / "sub" / "part.txt")
+    os.symlink(earlier / "extra", texts / "sub" / "linked")  # a directory link, one level down
+    expect_fault(capsys, tmp_path, 2, "--calib", *prune_args(source, earlier, texts), "--overwrite")
+
+
+@contextlib.contextmanager
+def bind_mount(source_dir, target):
+    """`mount --bind source_dir target` (root only; the test skips where mounting is not allowed)."""
+    if os.geteuid() != 0:
+        pytest.skip("a bind mount needs root")
+    os.makedirs(target, exist_ok=True)
+    done = subprocess.run(["mount", "--bind", str(source_dir), str(target)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot bind-mount here: {done.stderr.decode().strip()}")
+    try:
+        yield target
+    finally:
+        subprocess.run(["umount", "-l", str(target)], check=False)
+
+
+def test_out_that_is_a_mount_point_or_an_alias_of_an_input_is_refused_before_any_work(capsys, tmp_path, source,
+                                                                                       pruned, text_file):
+    """Inputs and --out compared by (st_dev, st_ino), not by path; a mount point refused at once (the run
+    used to complete, fail to rename, and leave its staging directory on the parent filesystem)."""
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    shutil.copy(text_file, texts / "a.txt")
+    with bind_mount(texts, tmp_path / "alias") as alias:
+        expect_fault(capsys, tmp_path / "texts", 2, "--calib", *prune_args(source, alias, texts), "--overwrite")
+        expect_fault(capsys, tmp_path / "texts", 2, "--calib", *prune_args(source, alias / "o", texts))
+    earlier = shutil.copytree(pruned, tmp_path / "earlier")
+    (earlier / "extra").mkdir()
+    shutil.copy(text_file, earlier / "extra" / "b.txt")
+    with bind_mount(earlier / "extra", texts / "mounted"):  # a mount inside an input reaches into --out
+        expect_fault(capsys, earlier, 2, "--calib", *prune_args(source, earlier, texts), "--overwrite")
+    with tmpfs(tmp_path / "volume", "4m") as volume:
+        for argv in (prune_args(source, volume, text_file), ["pack", "--model", pruned, "--out", volume],
+                     ["mask", "--model", source, "--saliency", f"{pruned}/saliency", "--out", volume]):
+            start = time.perf_counter()
+            expect_fault(capsys, tmp_path, 2, "is a mount point", *argv)
+            assert time.perf_counter() - start < 30
+        (volume / "keep.txt").write_text("on the volume")
+        code, _, err = run(capsys, *prune_args(source, volume / "pruned", text_file))  # inside it: fine
+        assert code == 0 and (volume / "keep.txt").read_text() == "on the volume", err
+
+
+# ------------------------------------------------------------------------------------------ issue 25: bounded
+def test_a_config_with_a_million_blocks_is_refused_before_anything_is_built(capsys, tmp_path, source, pruned,
+                                                                           text_file):
+    model = copy_model(source, tmp_path)
+    edit_config(model, num_hidden_layers=1_000_000)
+    for argv in (prune_args(model, tmp_path / "o", text_file), [*prune_args(model, tmp_path / "o", text_file),
+                 "--dry-run"], ["mask", "--model", model, "--saliency", f"{pruned}/saliency", "--out", tmp_path / "o"],
+                 ["eval", "--model", model, "--data", text_file, "--seqlen", "16"],
+                 ["pack", "--model", model, "--out", tmp_path / "o"]):
+        start = time.perf_counter()
+        expect_fault(capsys, tmp_path, 2, "num_hidden_layers 1000000", *argv)
+        assert time.perf_counter() - start < 30
+    edit_config(model, num_hidden_layers="2")
+    expect_fault(capsys, tmp_path, 2, "num_hidden_layers", *prune_args(model, tmp_path / "o", text_file))
+
+
+def test_expert_counts_beyond_the_weights_are_refused():
+    from types import SimpleNamespace
+
+    from unipruning.errors import UsageError
+    from unipruning.io.checkpoint import check_counts
+
+    held = {f"model.layers.{b}.mlp.experts.{e}.up_proj.weight": [8, 4] for b in range(2) for e in range(4)}
+    check_counts(SimpleNamespace(model_type="qwen2_moe", num_hidden_layers=2, num_experts=4), held)
+    for config in (SimpleNamespace(model_type="qwen2_moe", num_hidden_layers=2, num_experts=10**6),
+                   SimpleNamespace(model_type="mixtral", num_hidden_layers=2, num_local_experts=5)):
+        with pytest.raises(UsageError, match="the weights hold 4 experts"):
+            check_counts(config, held)
+    fused = {"model.layers.0.mlp.experts.gate_up_proj": [6, 8, 4]}  # experts stored as one 3-D tensor
+    check_counts(SimpleNamespace(model_type="qwen2_moe", num_hidden_layers=1, num_experts=6), fused)
+
+
+def _anchor_bomb(levels: int = 9) -> str:
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, levels)]
+    return "\n".join(lines).replace("a0: &a0", "targets: &a0", 1) + f"\ndense_layers: [*a{levels - 1}]\n"
+
+
+@pytest.mark.parametrize("body,needle", [
+    (_anchor_bomb(), "aliases expand"),
+    ("dense_layers: &d [0, *d]\n", "aliases expand"),
+    ("ignore: ['" + "x" * (1 << 20) + "']\n", "more than a file of its kind"),
+    ("targets: mlp\n", "expected a list of regular expressions"),
+    ("overrides: 5\n", "overrides must be a list"),
+    ("dense_layers: {a: 1}\n", "block indices"),
+], ids=["anchor-bomb", "self-reference", "over-1MiB", "targets-string", "overrides-number", "layers-mapping"])
+def test_a_recipe_that_would_exhaust_memory_or_mislead_is_one_line(capsys, tmp_path, source, text_file, body, needle):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(body)
+    start = time.perf_counter()
+    expect_fault(capsys, tmp_path, 2, needle, *prune_args(source, tmp_path / "o", text_file), "--recipe", recipe)
+    assert time.perf_counter() - start < 30
+
+
+def test_a_catastrophic_regular_expression_is_one_line_in_bounded_time(capsys, tmp_path, source, text_file):
+    """`(.+)+Z` backtracked for minutes in `re` and ignored Ctrl-C: the patterns are matched in a child
+    process killed after patterns.MATCH_SECONDS."""
+    from unipruning.patterns import MATCH_SECONDS
+
+    start = time.perf_counter()
+    line = expect_fault(capsys, tmp_path, 2, "takes more than", *prune_args(source, tmp_path / "o", text_file),
+                        "--ignore", "mlp", "(.+)+Z")
+    assert "--ignore" in line and "(.+)+Z" in line and time.perf_counter() - start < MATCH_SECONDS + 25
+
+
+@pytest.mark.parametrize("pattern", ["(.+)+Z", ".*.*.*.*.*.*.*.*.*.*Z", "([\\w.]+)+!"])
+def test_catastrophic_patterns_are_stopped_and_named(pattern, monkeypatch):
+    import unipruning.patterns as patterns
+    from unipruning.errors import UsageError
+
+    monkeypatch.setattr(patterns, "MATCH_SECONDS", 1.0)
+    names = [f"model.layers.{i}.self_attn.q_proj.weight" for i in range(30)]
+    start = time.perf_counter()
+    with pytest.raises(UsageError, match=r"`ignore`: .* takes more than 1 s"):
+        patterns.Matches({(patterns.SEARCH, "mlp", re.compile("mlp").flags): "`targets`",
+                          (patterns.SEARCH, pattern, re.compile(pattern).flags): "`ignore`"}, names)
+    assert time.perf_counter() - start < 10
+
+
+def test_ctrl_c_stops_a_catastrophic_match_at_once(monkeypatch):
+    import threading
+
+    import unipruning.patterns as patterns
+
+    monkeypatch.setattr(patterns, "MATCH_SECONDS", 120.0)
+    names = [f"model.layers.{i}.mlp.down_proj.weight" for i in range(30)]
+    children = []
+    real = subprocess.Popen
+    monkeypatch.setattr(patterns.subprocess, "Popen", lambda *a, **k: children.append(real(*a, **k)) or children[-1])
+    threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT)).start()
+    start = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        patterns.Matches({(patterns.SEARCH, "(.+)+Z", re.compile("(.+)+Z").flags): "`targets`"}, names)
+    assert time.perf_counter() - start < 10 and children[0].poll() is not None  # the child is gone too
+
+
+def test_matching_keeps_the_results_of_re(tmp_path):
+    import unipruning.patterns as patterns
+
+    names = ["model.layers.0.mlp.up_proj.weight", "model.layers.1.self_attn.q_proj.weight", "Mlp"]
+    cases = [(patterns.SEARCH, "mlp\\.", 0), (patterns.SEARCH, "(?i)^mlp", 0), (patterns.MATCH, "layers", 0),
+             (patterns.MATCH, "model\\.layers\\.1", 0), (patterns.SEARCH, "MLP", re.IGNORECASE)]
+    found = patterns.Matches({(how, text, re.compile(text, flags).flags): "`targets`" for how, text, flags in cases},
+                             names)
+    for how, text, flags in cases:
+        regex = re.compile(text, flags)
+        expected = {n for n in names if getattr(regex, how)(n)}
+        assert {n for n in names if found(how, text, regex.flags, n)} == expected
+
+
+def test_a_fifo_or_device_in_a_calibration_directory_is_skipped_and_named(capsys, caplog, tmp_path, source,
+                                                                          text_file):
+    texts = tmp_path / "texts"
+    (texts / "sub").mkdir(parents=True)
+    shutil.copy(text_file, texts / "a.txt")
+    os.mkfifo(texts / "sub" / "pipe.txt")
+    os.symlink("/dev/zero", texts / "zero.txt")
+    start = time.perf_counter()
+    with caplog.at_level(logging.WARNING, logger="unipruning"):
+        code, out, err = run(capsys, *prune_args(source, tmp_path / "o", texts), "--dry-run")
+    assert code == 0 and "dry run" in out, err
+    assert "skipped 2" in caplog.text and "pipe.txt" in caplog.text and "zero.txt" in caplog.text
+    assert time.perf_counter() - start < 30
+    expect_fault(capsys, tmp_path, 2, "not a regular file", *prune_args(source, tmp_path / "o",
+                                                                       texts / "sub" / "pipe.txt"))
+    model = copy_model(source, tmp_path)
+    os.remove(os.path.join(model, "tokenizer.json"))
+    os.mkfifo(os.path.join(model, "tokenizer.json"))  # transformers would open it and wait
+    for argv in (prune_args(model, tmp_path / "o", text_file), ["eval", "--model", model, "--data", text_file,
+                                                                  "--seqlen", "16"]):
+        start = time.perf_counter()
+        expect_fault(capsys, tmp_path, 2, "tokenizer.json is not a regular file", *argv)
+        assert time.perf_counter() - start < 30
+
+
+def test_text_of_nothing_but_whitespace_or_far_too_large_is_refused(capsys, tmp_path, source, text_file):
+    blank = tmp_path / "blank.txt"
+    blank.write_text(" \n\t\n" * 300_000)
+    expect_fault(capsys, tmp_path, 2, "only whitespace", *prune_args(source, tmp_path / "o", blank))
+    expect_fault(capsys, tmp_path, 2, "only whitespace", "eval", "--model", source, "--data", blank, "--seqlen", "16")
+    huge = tmp_path / "huge.txt"
+    with open(huge, "wb") as f:
+        f.truncate(300 << 20)  # sparse: no disk, no read
+    start = time.perf_counter()
+    expect_fault(capsys, tmp_path, 2, "MiB of text", *prune_args(source, tmp_path / "o", huge))
+    assert time.perf_counter() - start < 30
+
+
+def test_an_ignore_pattern_that_matches_nothing_is_refused(capsys, tmp_path, source, text_file):
+    expect_fault(capsys, tmp_path, 2, "--ignore: 'mpl' matches no prunable matrix",
+                 *prune_args(source, tmp_path / "o", text_file), "--ignore", "mlp\\.", "mpl")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("overrides:\n  - {match: 'mlp\\.experts', pattern: '2:4'}\n")
+    expect_fault(capsys, tmp_path, 2, "matches no prunable matrix", *prune_args(source, tmp_path / "o", text_file),
+                 "--recipe", recipe)
+
+
+def test_the_lock_is_taken_before_anything_is_loaded(capsys, tmp_path, source, pruned, text_file, monkeypatch):
+    import unipruning.io.checkpoint as checkpoint
+    import unipruning.jobs as jobs
+    import unipruning.packing.assemble as assemble
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model was loaded before the lock was looked at")
+
+    for module in (checkpoint, jobs, assemble):
+        monkeypatch.setattr(module, "load_config", loaded)
+    holder = _hold_lock(tmp_path / ".o.lock")
+    try:
+        for argv in (prune_args(source, tmp_path / "o", text_file), ["pack", "--model", pruned, "--out",
+                                                                      tmp_path / "o"]):
+            start = time.perf_counter()
+            line = expect_fault(capsys, tmp_path, 2, f"PID {holder.pid}", *argv)
+            assert "being written by another unipruning run" in line and time.perf_counter() - start < 30
+    finally:
+        holder.kill()
+        holder.wait()
+        os.remove(tmp_path / ".o.lock")
+
+
+# ------------------------------------------------------------------------------------------ issue 25: wrong results
+@pytest.mark.parametrize("dtype,where", [(torch.int64, "model.layers.1.mlp.up_proj.weight"),
+                                         (torch.float8_e4m3fn, "model.layers.1.mlp.up_proj.weight"),
+                                         (torch.int32, "model.layers.1.post_attention_layernorm.weight")],
+                         ids=["I64-matrix", "F8-matrix", "I32-norm"])
+def test_every_tensor_the_model_is_built_from_is_checked_for_its_dtype(capsys, tmp_path, source, pruned, text_file,
+                                                                       dtype, where):
+    model = copy_model(source, tmp_path)
+    edit_weights(model, lambda t: t.__setitem__(where, t[where].to(dtype)))
+    for argv in (prune_args(model, tmp_path / "o", text_file), ["mask", "--model", model, "--saliency",
+                 f"{pruned}/saliency", "--out", tmp_path / "o"], ["pack", "--model", model, "--out", tmp_path / "o"],
+                 ["eval", "--model", model, "--data", text_file, "--seqlen", "16"]):
+        expect_fault(capsys, tmp_path, 2, f"{where} is stored as", *argv)
+
+
+def test_settings_that_make_the_saliency_diverge_are_refused(capsys, tmp_path, source, pruned, text_file):
+    for kappa in ("1e308", "2.5", "nan", "inf", "0"):
+        expect_fault(capsys, tmp_path, 2, "--kappa", *prune_args(source, tmp_path / "o", text_file), "--kappa", kappa)
+    saliency = shutil.copytree(f"{pruned}/saliency", tmp_path / "sal")
+    shard = sorted(p for p in os.listdir(saliency) if p.endswith(".safetensors"))[-1]
+    tensors = load_file(saliency / shard)
+    name = next(k for k in tensors if k.endswith(".z"))
+    tensors[name].view(-1)[3] = float("nan")
+    save_file(tensors, saliency / shard, metadata={"format": "pt"})
+    line = expect_fault(capsys, tmp_path, 2, "non-finite", "mask", "--model", source, "--saliency", saliency, "--out",
+                        tmp_path / "o")
+    assert name[:-2] in line
+
+
+def test_a_non_finite_saliency_met_mid_run_is_refused_and_not_kept(capsys, tmp_path, source, text_file,
+                                                                    monkeypatch):
+    """A block's z that is not finite (here: its saved state, damaged between two runs) is refused when its
+    masks are cut, naming the matrix, and the partial state, which would fail again, is removed."""
+    args = prune_args(source, tmp_path / "o", text_file)
+    interrupt_after_first_block(monkeypatch)
+    assert run(capsys, *args)[0] == 130
+    monkeypatch.undo()
+    (partial,) = [tmp_path / p for p in os.listdir(tmp_path) if ".partial-" in p]
+    state = partial / ".blocks" / "block-00000.safetensors"
+    with safe_open(state, framework="pt") as handle:
+        metadata = handle.metadata()
+    tensors = load_file(state)
+    tensors[f"{BLOCK0}.z"].view(-1)[5] = float("inf")
+    save_file(tensors, state, metadata=metadata)
+    before = set(os.listdir(tmp_path)) - {partial.name}
+    code, _, err = run(capsys, *args)
+    assert code == 2 and BLOCK0 in err and "non-finite" in err and len(err.strip().splitlines()) == 1, err
+    assert set(os.listdir(tmp_path)) == before
+
+
+@pytest.mark.parametrize("extra", [[], ["--reconstruct", "obs", "--calib", "TEXT"]], ids=["prune", "mask-obs"])
+def test_a_seed_beyond_64_bits_names_the_option(capsys, tmp_path, source, pruned, text_file, extra):
+    seed = str(2**64)
+    if extra:
+        argv = ["mask", "--model", source, "--saliency", f"{pruned}/saliency", "--out", tmp_path / "o", *SMALL,
+                *[text_file if e == "TEXT" else e for e in extra]]
+    else:
+        argv = prune_args(source, tmp_path / "o", text_file)
+    expect_fault(capsys, tmp_path, 2, "--seed", *argv, "--seed", seed)
+    expect_fault(capsys, tmp_path, 2, "--seed", *argv, "--seed", "-1")
+
+
+@contextlib.contextmanager
+def unreadable(path):
+    """`path` unreadable to this process: mode 000, and, as root (who reads anything), an effective uid of
+    nobody for the duration, in a directory chain nobody may traverse."""
+    mode = os.stat(path).st_mode
+    os.chmod(path, 0)
+    try:
+        if os.geteuid() != 0:
+            yield
+            return
+        os.seteuid(65534)
+        try:
+            yield
+        finally:
+            os.seteuid(0)
+    finally:
+        os.chmod(path, mode)
+
+
+def test_an_unreadable_file_says_permission_denied(tmp_path, source, pruned):
+    """The OSError's own reason, not "No such file or directory", for weights, config and saliency."""
+    import tempfile
+
+    from unipruning.errors import UsageError
+    from unipruning.io.checkpoint import load_config, shard_headers
+    from unipruning.io.saliency import Saliency
+
+    root = tempfile.mkdtemp(prefix="unipruning-perm-")  # world-traversable, unlike pytest's tmp_path
+    try:
+        os.chmod(root, 0o755)
+        model = shutil.copytree(source, os.path.join(root, "model"))
+        saliency = shutil.copytree(f"{pruned}/saliency", os.path.join(root, "saliency"))
+        for directory in (model, saliency):
+            os.chmod(directory, 0o755)
+            for name in os.listdir(directory):
+                os.chmod(os.path.join(directory, name), 0o644)
+        with unreadable(os.path.join(model, WEIGHTS)), pytest.raises(UsageError, match="Permission denied"):
+            shard_headers(model)
+        with unreadable(os.path.join(model, "config.json")), pytest.raises(UsageError, match="Permission denied"):
+            load_config(model)
+        with unreadable(model), pytest.raises(UsageError, match="Permission denied"):
+            load_config(model)
+        shard = sorted(n for n in os.listdir(saliency) if n.endswith(".safetensors"))[0]
+        with unreadable(os.path.join(saliency, shard)), pytest.raises(UsageError, match="Permission denied"):
+            Saliency.load(saliency)
+    finally:
+        shutil.rmtree(root)
+
+
+# ------------------------------------------------------------------------------------------ issue 25: the Python API
+@pytest.fixture(scope="module")
+def tiny_model(source):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+
+
+def test_apply_masks_checks_every_mask_before_touching_any_weight(tiny_model):
+    from unipruning import UsageError, apply_masks
+    from unipruning.models import model_matrices, weight_of
+
+    views = {m.name: weight_of(tiny_model, m) for m in model_matrices(tiny_model)}
+    before = {name: w.detach().clone() for name, w in views.items()}
+    good = {name: torch.rand(w.shape) > 0.5 for name, w in views.items()}
+    last = list(good)[-1]
+    cases = [({**good, last: good[last][:, :-1]}, "has shape"), ({**good, last: good[last].float()}, "bool tensor"),
+             ({**good, "model.layers.9.mlp.up_proj.weight": good[last]}, "does not have"), (list(good), "`masks`")]
+    for masks, needle in cases:
+        with pytest.raises(UsageError, match=needle):
+            apply_masks(tiny_model, masks)
+        assert all(torch.equal(views[n], before[n]) for n in views), "a weight changed before the mask was refused"
+
+
+def _api_cases(source, pruned, pruned24, tmp_path):
+    from unipruning import (
+        Calibration,
+        EvalOptions,
+        MaskConfig,
+        MaskSpec,
+        PruneConfig,
+        RunOptions,
+        Targeting,
+        evaluate_checkpoint,
+        mask_checkpoint,
+        pack_checkpoint,
+        prune_checkpoint,
+    )
+
+    out = tmp_path / "o"
+    return [
+        (lambda: RunOptions(overwrite="no"), "`overwrite`"), (lambda: RunOptions(dry_run=1), "`dry_run`"),
+        (lambda: RunOptions(progress="yes"), "`progress`"), (lambda: PruneConfig(seed=2**64), "`seed`"),
+        (lambda: PruneConfig(kappa=True), "`kappa`"), (lambda: PruneConfig(mask="2:4"), "`mask`"),
+        (lambda: MaskSpec(bounds=(0.1,)), "`bounds`"), (lambda: MaskSpec(pattern=("2", "4")), "`pattern`"),
+        (lambda: MaskSpec(sparsity="0.5"), "`sparsity`"), (lambda: MaskSpec(owl_m=float("inf")), "`owl_m`"),
+        (lambda: MaskConfig(true_sequential="no"), "`true_sequential`"), (lambda: Calibration(calib=None), "`calib`"),
+        (lambda: Calibration(seqlen=2**40), "`seqlen`"), (lambda: Targeting(targets="mlp"), "`targets`"),
+        (lambda: mask_checkpoint(source, f"{pruned}/saliency", out, "2:4"), "`config`"),
+        (lambda: MaskConfig(mask="2:4"), "`mask`"),
+        (lambda: mask_checkpoint(source, f"{pruned}/saliency", out, MaskConfig(), run=RunOptions), "`run`"),
+        (lambda: prune_checkpoint(source, out, MaskSpec()), "`config`"),
+        (lambda: prune_checkpoint(source, None, PruneConfig()), "`out`"),
+        (lambda: pack_checkpoint(pruned24, out, overwrite="no"), "`overwrite`"),
+        (lambda: EvalOptions(trust_remote_code="no"), "`trust_remote_code`"),
+        (lambda: evaluate_checkpoint(source, "wikitext2", 16, "cpu"), "`options`"),
+    ]
+
+
+def test_the_option_objects_and_jobs_check_types_and_name_the_parameter(tmp_path, source, pruned, pruned24):
+    from unipruning import UsageError
+
+    for make, needle in _api_cases(source, pruned, pruned24, tmp_path):
+        with pytest.raises(UsageError) as caught:
+            make()
+        assert needle in str(caught.value), (needle, str(caught.value))
+    assert not os.listdir(tmp_path)
+
+
+def test_the_in_memory_functions_check_their_tensors(tiny_model, source, text_file):
+    from transformers import AutoModelForCausalLM
+
+    from unipruning import MaskSpec, UsageError, compute_masks, prune
+    from unipruning.evaluate import perplexity
+
+    vocab = tiny_model.config.vocab_size
+    with pytest.raises(UsageError, match="`calibration_batches`: token ids must lie in"):
+        prune(tiny_model, torch.full((2, 8), vocab, dtype=torch.int64))
+    with pytest.raises(UsageError, match="`calibration_batches`: token ids must lie in"):
+        prune(tiny_model, torch.full((2, 8), -1, dtype=torch.int64))
+    with pytest.raises(UsageError, match="`windows`: token ids must lie in"):
+        perplexity(tiny_model, torch.full((1, 8), vocab + 3, dtype=torch.int64), torch.device("cpu"))
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(tiny_model.config)
+    with pytest.raises(UsageError, match="meta device"):
+        prune(meta, torch.zeros(2, 8, dtype=torch.int64))
+    quantized = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    layer = quantized.model.layers[0].self_attn.q_proj
+    layer.weight = torch.nn.Parameter(layer.weight.to(torch.int8), requires_grad=False)
+    with pytest.raises(UsageError, match="`model`: model.layers.0.self_attn.q_proj.weight is torch.int8"):
+        prune(quantized, torch.zeros(2, 8, dtype=torch.int64))
+    weights = {"w": torch.randn(8, 16)}
+    for z, needle in (({"w": torch.randn(8, 8)}, "`z`: w has shape"), ({"w": torch.ones(8, 16, dtype=torch.int8)},
+                      "torch.int8"), ({"w": torch.full((8, 16), float("nan"))}, "non-finite"),
+                      ({"v": torch.randn(8, 16)}, "`weights` lacks 'v'")):
+        with pytest.raises(UsageError, match=needle):
+            compute_masks(z, weights, MaskSpec())
+    with pytest.raises(UsageError, match="`spec`"):
+        compute_masks({"w": torch.randn(8, 16)}, weights, "0.5")

@@ -81,13 +81,15 @@ def test_dry_run_lists_every_step_with_budget_and_command(tmp_path):
     done = _cli("--dry-run", "--work", str(tmp_path / "w"))
     assert done.returncode == 0, done.stderr
     text = done.stdout
-    for step in ("env", "install", "install-plain", "gpu-tests", "obs-kernels", "sparse-linear", "pack", "model",
-                 "prune-default", "prune-offload", "torchrun-nccl", "prune-obs", "eval", "e2e-70b", "kernel-bench"):
+    for step in ("env", "install", "install-plain", "aot-registers", "gpu-tests", "obs-kernels", "sparse-linear",
+                 "pack", "fp8-24", "model", "prune-default", "prune-offload", "torchrun-nccl", "prune-obs", "eval",
+                 "e2e-70b", "kernel-bench"):
         assert f"\n{step}  budget " in text
     for command in ("-m 'gpu or cuda_ext'", "UNIPRUNING_BUILD_CUDA=1", "pip install --no-deps --no-build-isolation",
                     "bench_sparse_linear.py --benchmark-json=", "summarize.py", "bench_e2e.py --shape 70b",
                     "--reconstruct obs", "--offload-activations always",
-                    "torch.distributed.run --standalone --nproc_per_node=1 -m unipruning prune"):
+                    "torch.distributed.run --standalone --nproc_per_node=1 -m unipruning prune",
+                    "aot_compile.py --device-check", "bench_fp8_24.py --json"):
         assert command in text, command
     assert f"deadline {gc.DEADLINE_S} s" in text
     assert not (tmp_path / "w").exists()  # a dry run creates nothing

@@ -61,7 +61,7 @@ def test_packed_checkpoint_holds_values_and_metadata_at_9_16_of_the_dense_bytes(
 
 
 def test_load_packed_rebuilds_the_model_without_densifying(packed, pruned_24, monkeypatch):
-    import unipruning.packing.checkpoint as packing
+    import unipruning.packing.packed as packing
 
     def forbidden(*_):
         raise AssertionError("a layer was densified while loading")

@@ -1,7 +1,9 @@
 """Progress bars: every pass over the blocks opens its bar before block 0 starts, steps inside a block report
-to the same object, and bars stay silent with --quiet or when stderr is not a terminal."""
+to the same object, bars stay silent with --quiet, and off a terminal plain lines come at least every
+PLAIN_EVERY seconds (none for a job quicker than that)."""
 
 import io
+import time
 
 import pytest
 
@@ -47,8 +49,33 @@ def test_bars_write_to_a_terminal_only(monkeypatch):
 
     for stream, shown in ((Terminal(), True), (io.StringIO(), False)):
         monkeypatch.setattr("sys.stderr", stream)
-        Progress(disable=None)(0, 3)  # tqdm's own test of the stream: None = only on a terminal
+        Progress(disable=None)(0, 3)  # a bar on a terminal; off one, nothing at once (plain lines come later)
         assert ("blocks, pass 1" in stream.getvalue()) is shown
+
+
+def test_off_a_terminal_a_plain_line_comes_at_least_every_period(monkeypatch):
+    """A log or CI sees a line while a single slow step runs (the heartbeat), none for a quick pass."""
+    import unipruning.progress as progress_module
+
+    monkeypatch.setattr(progress_module, "PLAIN_EVERY", 1.5)
+    stream = io.StringIO()
+    monkeypatch.setattr("sys.stderr", stream)
+    quick = Progress(disable=None)
+    quick(0, 2)
+    quick(2, 2)
+    assert stream.getvalue() == ""
+    slow = Progress(disable=None)
+    slow(0, 2)
+    slow.step(0, 4)
+    deadline = time.monotonic() + 30  # one step that takes long: no update arrives, the heartbeat prints
+    while len(stream.getvalue().splitlines()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    lines = stream.getvalue().splitlines()
+    assert len(lines) >= 2 and all(line.startswith("unipruning: blocks, pass 1 0/2 blocks") for line in lines)
+    assert "steps 0/4 steps" in lines[-1]
+    slow.step(4, 4)
+    slow(2, 2)  # the pass ends: its last state
+    assert stream.getvalue().splitlines()[-1].startswith("unipruning: blocks, pass 1 2/2 blocks")
 
 
 def test_quiet_prints_no_bar_even_on_a_terminal(tiny_llama, text_file, tmp_path, monkeypatch, capsys):

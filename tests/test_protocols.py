@@ -15,7 +15,7 @@ import torch
 from tests._utils import tokenizer
 from unipruning import UsageError, offline
 from unipruning import data as D
-from unipruning.demo import packaged_text
+from unipruning.data import packaged_text
 
 
 def _paragraphs():

@@ -8,7 +8,8 @@ import os
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
-from unipruning.kernels.reference import hessian_accumulate_, nm_mask, obs_inverse_factor, obs_sweep_
+from unipruning.kernels.reference import hessian_accumulate_, nm_mask, obs_sweep_
+from unipruning.kernels.shared import obs_inverse_factor
 
 from tests._utils import prunable, read_all
 from unipruning import PruneConfig, UsageError, prune
@@ -121,7 +122,7 @@ def test_diagonal_dampening_trades_calibration_fit_for_inputs_without_its_correl
     and none of them (Gram = diag H). There any update of the kept weights only adds error (mask-only is
     optimal), so the stronger the diagonal dampening, the smaller the update and that excess, while the
     calibration error grows toward mask-only's."""
-    from unipruning.algorithm.obs import dampen_diagonal, reconstruct_weight
+    from unipruning.algorithm.obs import ObsSettings, reconstruct_weight, sweep_rule
     from unipruning.config import MaskSpec
 
     x, w, h = problem(seed=4)
@@ -136,7 +137,8 @@ def test_diagonal_dampening_trades_calibration_fit_for_inputs_without_its_correl
 
     calib, other, update = [], [], []
     for strength in (0.0, 0.3, 3.0, 1e5):
-        v, kept = reconstruct_weight(w, dampen_diagonal(h, strength), keep, MaskSpec(0.5), "m", "torch")
+        rule = sweep_rule(MaskSpec(0.5), w.numel(), keep)
+        v, kept = reconstruct_weight(w, h, rule, "m", ObsSettings(diag_damp=strength), "torch")
         assert torch.equal(kept, keep)
         calib.append(error(v, h))
         other.append(error(v, torch.diag(h.diagonal())))
@@ -159,8 +161,9 @@ def runs(tmp_path_factory, tiny_llama, text_file):
         "sparsegpt": ["--metric", "sparsegpt", "--reconstruct", "obs"],
     }.items():
         out[key] = str(base / key)
+        # one budget per matrix, the count the tests check (the default, auto, is tested in test_defaults.py)
         assert run_cli("prune", "--model", tiny_llama, "--out", out[key], "--sparsity", "0.7", "--calib", text_file,
-                       *SMALL, *extra) == 0
+                       "--allocation", "layer", *SMALL, *extra) == 0
     return out
 
 
@@ -194,7 +197,7 @@ def test_reconstruction_brings_the_model_closer_to_the_dense_one(runs, tiny_llam
 def test_mask_with_reconstruction_equals_prune_with_it(runs, tiny_llama, text_file, tmp_path):
     out = tmp_path / "remasked"
     assert run_cli("mask", "--model", tiny_llama, "--saliency", os.path.join(runs["obs"], "saliency"), "--out", out,
-                   "--sparsity", "0.7", "--reconstruct", "obs", "--calib", text_file) == 0
+                   "--sparsity", "0.7", "--allocation", "layer", "--reconstruct", "obs", "--calib", text_file) == 0
     a, b = read_all(out), read_all(runs["obs"])
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -204,7 +207,7 @@ def test_interrupted_reconstruction_resumes_to_the_same_bytes(runs, tiny_llama, 
 
     out = tmp_path / "resumed"
     argv = ["prune", "--model", tiny_llama, "--out", out, "--sparsity", "0.7", "--calib", text_file, *SMALL,
-            "--reconstruct", "obs"]
+            "--allocation", "layer", "--reconstruct", "obs"]
     original, calls = recon.reconstruct_weight, {"n": 0}
 
     def dies_in_block_1(*args, **kwargs):
@@ -242,7 +245,8 @@ def test_bad_reconstruction_settings(argv, needle, tiny_llama, text_file, tmp_pa
 def test_mask_with_diagonal_dampening_keeps_the_mask_and_records_it(runs, tiny_llama, text_file, tmp_path):
     out = tmp_path / "diag"
     assert run_cli("mask", "--model", tiny_llama, "--saliency", os.path.join(runs["obs"], "saliency"), "--out", out,
-                   "--sparsity", "0.7", "--reconstruct", "obs", "--calib", text_file, "--diag-damp", "0.5") == 0
+                   "--sparsity", "0.7", "--allocation", "layer", "--reconstruct", "obs", "--calib", text_file,
+                   "--diag-damp", "0.5") == 0
     a, b, masked_only = read_all(out), read_all(runs["obs"]), read_all(runs["mask"])
     for name in prunable(tiny_llama):
         assert torch.equal(a[name] == 0, b[name] == 0), name
@@ -293,7 +297,7 @@ def test_guide_prior_is_the_saliency_rank():
 def test_guided_reconstruction_end_to_end(tiny_llama, text_file, tmp_path):
     out = tmp_path / "guided"
     assert run_cli("prune", "--model", tiny_llama, "--out", out, "--calib", text_file, *SMALL, "--sparsity", "0.6",
-                   "--reconstruct", "obs", "--guide-alpha", "0.5") == 0
+                   "--allocation", "layer", "--reconstruct", "obs", "--guide-alpha", "0.5") == 0
     tensors = read_all(out)
     for name in prunable(tiny_llama):
         w = tensors[name]
@@ -310,13 +314,14 @@ def test_without_true_sequential_every_group_sees_the_block_as_it_came_in(runs, 
     output, computed here independently from the dense model; q/k/v (first group) are as before."""
     from transformers import AutoTokenizer
 
-    from unipruning.algorithm.obs import reconstruct_weight
+    from unipruning.algorithm.obs import reconstruct_weight, sweep_rule
     from unipruning.config import MaskSpec
     from unipruning.data import calibration_windows
 
     out = tmp_path / "llmc-order"
     assert run_cli("mask", "--model", tiny_llama, "--saliency", os.path.join(runs["obs"], "saliency"), "--out", out,
-                   "--sparsity", "0.7", "--reconstruct", "obs", "--calib", text_file, "--no-true-sequential") == 0
+                   "--sparsity", "0.7", "--allocation", "layer", "--reconstruct", "obs", "--calib", text_file,
+                   "--no-true-sequential") == 0
     ours, sequential, masked_only = read_all(out), read_all(runs["obs"]), read_all(runs["mask"])
     block = "model.layers.0."
     for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
@@ -332,8 +337,9 @@ def test_without_true_sequential_every_group_sees_the_block_as_it_came_in(runs, 
     h = torch.zeros(x.shape[1], x.shape[1])
     hessian_accumulate_(h, x)
     name = f"{block}self_attn.o_proj.weight"
-    expected, _ = reconstruct_weight(model.model.layers[0].self_attn.o_proj.weight.data, h.mul_(2 / x.shape[0]),
-                                     masked_only[name] != 0, MaskSpec(0.7), name, "torch")
+    weight = model.model.layers[0].self_attn.o_proj.weight.data
+    rule = sweep_rule(MaskSpec(0.7), weight.numel(), masked_only[name] != 0)
+    expected, _ = reconstruct_weight(weight, h.mul_(2 / x.shape[0]), rule, name, backend="torch")
     assert torch.allclose(ours[name], expected, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(sequential[name], expected, rtol=1e-4, atol=1e-5)
     report = json.loads((out / "pruning_report.json").read_text())

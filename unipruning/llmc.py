@@ -39,6 +39,7 @@ import re
 from dataclasses import dataclass
 
 from .errors import UsageError
+from .patterns import MATCH, Matches, compile_pattern
 
 log = logging.getLogger("unipruning")
 
@@ -163,10 +164,7 @@ def _strings(value, key: str, path: str) -> tuple[str, ...]:
         raise UsageError(f"`recipe` {path}: {key} must be a string or a list of strings, got {value!r}")
     for item in items:
         if item.startswith("re:"):
-            try:
-                re.compile(item[3:])
-            except re.error as exc:
-                raise UsageError(f"`recipe` {path}: {key} {item!r} is not a valid regular expression ({exc})") from None
+            compile_pattern(f"`recipe` {path}: {key} {item!r}", item[3:])
     return tuple(items)
 
 
@@ -186,21 +184,27 @@ def check_targets(targets: tuple[str, ...], ignore: tuple[str, ...], path: str) 
                          "every prunable matrix")
 
 
-def _matches(target: str, module: str) -> bool:
+def ancestors(module: str) -> list[str]:
+    """A module's name and every name above it (model.layers.0.mlp.up_proj: model, model.layers, ...)."""
+    parts = module.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+
+
+def _matches(target: str, module: str, found: Matches) -> bool:
     if target.startswith("re:"):
-        return re.match(target[3:], module) is not None
+        regex = compile_pattern("`recipe`", target[3:])
+        return found(MATCH, regex.pattern, regex.flags, module)
     return target == module
 
 
-def targeted(targets: tuple[str, ...], module: str) -> bool:
-    """Whether a prunable linear `module` lies in (or is) a module that `targets` name."""
+def targeted(targets: tuple[str, ...], module: str, found: Matches) -> bool:
+    """Whether a prunable linear `module` lies in (or is) a module that `targets` name (`found`: their
+    "re:" patterns matched against the module names, patterns.py)."""
     if any(t in _ALL_LINEAR or (_is_class_name(t) and t.endswith("DecoderLayer")) for t in targets):
         return True
-    parts = module.split(".")
-    ancestors = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
-    return any(_matches(t, a) for t in targets for a in ancestors)
+    return any(_matches(t, a, found) for t in targets for a in ancestors(module))
 
 
-def ignored(ignore: tuple[str, ...], module: str) -> str | None:
+def ignored(ignore: tuple[str, ...], module: str, found: Matches) -> str | None:
     """The first `ignore` entry matching the linear `module`, or None."""
-    return next((i for i in ignore if _matches(i, module)), None)
+    return next((i for i in ignore if _matches(i, module, found)), None)

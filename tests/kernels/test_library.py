@@ -62,3 +62,11 @@ def test_fakes_check_the_contract_the_kernels_assume(op, args, needle):
         fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args()]
         with pytest.raises(RuntimeError, match=re.escape(needle)):
             getattr(torch.ops.unipruning, op)(*fake)
+
+
+def test_both_backends_export_every_kernel_under_the_same_names():
+    from unipruning.kernels import torch_backend, triton_backend
+
+    assert sorted(torch_backend.__all__) == sorted(triton_backend.__all__)
+    for name in torch_backend.__all__:
+        assert callable(getattr(torch_backend, name)) and callable(getattr(triton_backend, name)), name

@@ -60,11 +60,11 @@ def test_more_than_2_pow_31_elements_on_gpu():
 def test_steady_state_threshold_comes_from_the_update_pass(monkeypatch):
     """After the first step the new threshold is found among the candidates of the fused pass: the
     fallback select over z (a third full pass) must not run."""
-    from unipruning.kernels import mirror, select
+    from unipruning.kernels import mirror
 
     calls = []
-    real = select.kth_smallest_triton
-    monkeypatch.setattr(select, "kth_smallest_triton", lambda v, k: calls.append(k) or real(v, k))
+    real = mirror.kth_smallest_triton
+    monkeypatch.setattr(mirror, "kth_smallest_triton", lambda v, k: calls.append(k) or real(v, k))
     w = torch.randn(64, 256, device=device())
     vec = R.step_vectors(w, torch.rand(256, dtype=torch.float64, device=device()), 5, "wanda")
     z = torch.zeros(w.shape, device=device())
@@ -73,3 +73,46 @@ def test_steady_state_threshold_comes_from_the_update_pass(monkeypatch):
     for _ in range(3):
         t = mirror.mirror_step_triton(z, w, *vec, 0.01, t[0], 16, t[1])
     assert len(calls) == 1
+
+
+def _candidates(shape, count, seed):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(*shape, generator=gen).to(device())
+    flat = torch.randperm(w.numel(), generator=gen)[:count].to(device())
+    rows, cols = (flat // shape[1]).to(torch.int32), (flat % shape[1]).to(torch.int32)
+    return w, rows, cols, w.reshape(-1)[flat].abs()
+
+
+@pytest.mark.parametrize("metric", ["wanda", "ria", "stochria"])
+@pytest.mark.parametrize("shape,count", [((33, 100), 700), ((7, 12), 5)])
+def test_candidate_steps_match_twin_bit_for_bit(metric, shape, count):
+    """The closed form's candidate recursion: z of the gathered entries and every threshold, step after step
+    (the first without a hint, then through the predicted window), as the twin computes them."""
+    w, rows, cols, a = _candidates(shape, count, 8)
+    z_kernel = torch.zeros(count, device=device())
+    z_twin = z_kernel.clone()
+    m = max(1, count // 10)
+    t_kernel = t_twin = (0.0, -1)
+    gen = torch.Generator().manual_seed(9)
+    for step in range(5):
+        sq = (torch.rand(shape[1], generator=gen, dtype=torch.float64) * 5).to(device())
+        vec = R.step_vectors(w, sq, 7, metric, base_key=step)
+        t_kernel = T.candidate_step_(z_kernel, a, rows, cols, *vec, 0.01, t_kernel[0], m, t_kernel[1])
+        t_twin = R.candidate_step_(z_twin, a, rows, cols, *vec, 0.01, t_twin[0], m, t_twin[1])
+        assert torch.equal(z_kernel, z_twin), step
+        assert t_kernel == t_twin, step
+
+
+def test_candidate_steady_state_threshold_comes_from_the_update_pass(monkeypatch):
+    from unipruning.kernels import mirror
+
+    calls = []
+    real = mirror.kth_smallest_triton
+    monkeypatch.setattr(mirror, "kth_smallest_triton", lambda v, k: calls.append(k) or real(v, k))
+    w, rows, cols, a = _candidates((64, 256), 3000, 10)
+    vec = R.step_vectors(w, torch.rand(256, dtype=torch.float64, device=device()), 5, "ria")
+    z = torch.zeros(3000, device=device())
+    t = (0.0, -1)
+    for _ in range(4):
+        t = mirror.candidate_step_triton(z, a, rows, cols, *vec, 0.01, t[0], 30, t[1])
+    assert len(calls) == 1  # the first step only: then the window holds the threshold

@@ -15,7 +15,9 @@ smallest closed-form value, CANDIDATES times the threshold's count, and at least
 the matrix) runs the exact float32 recursion, and t_k is the m-th smallest z of C. Whenever the bottom
 m entries of every step lie in C (they are the smallest scores, which the smallest closed-form values
 select), C's z and every t_k are those of the exact recursion, bit for bit; every other entry differs
-from it only by float rounding (its closed form is evaluated in float64 and rounded once).
+from it only by float rounding (its closed form is evaluated in float64 and rounded once). The candidates'
+recursion is one `ops.candidate_step_` per step: on a GPU one Triton kernel that also gathers the next
+threshold's neighbourhood, as the mirror step does (docs/gpu-cost-model.md says why).
 """
 
 from __future__ import annotations
@@ -32,23 +34,25 @@ ROWS_PER_CHUNK = 1 << 22  # entries of the float64 closed form evaluated at a ti
 
 
 def step_vectors(weight: torch.Tensor, sqsums: list[torch.Tensor | None], tokens: list[int], metric: str,
-                 keys: list[int]) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+                 keys: list[int]) -> ops.StepVectors:
     """The vectors of n steps at once, float32: (row_inv (n, out) | None, col_inv (n, in) | None,
     col_scale (n, in)), each row equal to that step's `ops.step_vectors` up to the order of float64 sums.
     The reductions over W that do not change with the step (column and ria row sums) run once, the
     weighted row sums of every step in one matrix product."""
     rows, cols = weight.shape
+    spec = ops.metric_spec(metric)
     wabs = weight.abs()
     wabs64 = wabs.to(torch.float64)
     factors = torch.stack([ops.channel_factor(s, t, metric, cols, weight.device) for s, t in zip(sqsums, tokens,
                                                                                                  strict=True)])
     col_abs = wabs.sum(dim=0, dtype=torch.float64)
-    weighted = wabs64 @ factors.T if metric in ("ria", "stochria") else None  # (out, n)
+    weighted = wabs64 @ factors.T if spec.row_sums else None  # (out, n)
+    row_abs = wabs.sum(dim=1, dtype=torch.float64) if spec.normaliser == "full" else None
     vectors = []
     for k, factor in enumerate(factors):
-        if metric == "ria":
-            sums = (wabs.sum(dim=1, dtype=torch.float64), col_abs, weighted[:, k])
-        elif metric == "stochria":
+        if spec.normaliser == "full":
+            sums = (row_abs, col_abs, weighted[:, k])
+        elif spec.normaliser == "subsets":
             row_sum, col_sum = ops.stochastic_subset_sums(wabs, keys[k], ops.stochria_tau(rows, cols))
             sums = (row_sum, col_sum, weighted[:, k])
         else:
@@ -56,7 +60,7 @@ def step_vectors(weight: torch.Tensor, sqsums: list[torch.Tensor | None], tokens
         vectors.append(ops.finish_step_vectors(rows, cols, factor, col_abs, *sums))
     row_inv = None if vectors[0][0] is None else torch.stack([v[0] for v in vectors])
     col_inv = None if vectors[0][1] is None else torch.stack([v[1] for v in vectors])
-    return row_inv, col_inv, torch.stack([v[2] for v in vectors])
+    return ops.StepVectors(row_inv, col_inv, torch.stack([v[2] for v in vectors]))
 
 
 def _ema_weights(n: int, kappa: float, device: torch.device) -> torch.Tensor:
@@ -79,42 +83,33 @@ def _closed_form(weight: torch.Tensor, row_inv, col_inv, col_scale: torch.Tensor
     return out
 
 
-def _exact_candidates(weight: torch.Tensor, flat: torch.Tensor, row_inv, col_inv, col_scale: torch.Tensor,
-                      kappa: float, m: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """The exact float32 recursion on the candidate entries `flat` (flat indices): their final z and the
-    thresholds t_1..t_n (0-d tensors on the device: no host synchronisation)."""
+def _exact_candidates(weight: torch.Tensor, flat: torch.Tensor, vectors: ops.StepVectors, kappa: float, m: int,
+                      backend: str | None) -> tuple[torch.Tensor, list[float]]:
+    """The exact float32 recursion on the candidate entries `flat` (flat indices), one `ops.candidate_step_`
+    per step: their final z and the thresholds t_1..t_n."""
     cols = weight.shape[1]
-    i, j = flat // cols, flat % cols
-    a = weight.reshape(-1)[flat].abs().to(torch.float32)
-    kappa32 = torch.tensor(kappa, dtype=torch.float32, device=weight.device)
-    z = torch.zeros_like(a)
-    t = torch.zeros((), dtype=torch.float32, device=weight.device)
-    thresholds = []
-    for k in range(col_scale.shape[0]):
-        if row_inv is None:
-            s = a * col_scale[k, j]
-        else:
-            s = (a * (row_inv[k, i] + col_inv[k, j])) * col_scale[k, j]  # the twin's operation order
-        gamma = (z - t).clamp_min_(0.0)
-        s.sub_(gamma).mul_(kappa32)
-        z.add_(s)
-        t = z.kthvalue(m).values
-        thresholds.append(t)
-    return z, thresholds
+    candidates = ops.Candidates(torch.zeros(flat.numel(), dtype=torch.float32, device=weight.device),
+                                weight.reshape(-1)[flat].abs().to(torch.float32), (flat // cols).to(torch.int32),
+                                (flat % cols).to(torch.int32))
+    previous, thresholds = (0.0, -1), []
+    for k in range(vectors.col_scale.shape[0]):
+        step = ops.StepVectors(*(None if v is None else v[k] for v in vectors))
+        previous = ops.candidate_step_(candidates, step, kappa, m, previous, backend)
+        thresholds.append(previous[0])
+    return candidates.z, thresholds
 
 
-def saliency(weight: torch.Tensor, row_inv, col_inv, col_scale: torch.Tensor, kappa: float,
-             lam_count: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(z (out, in) float32, t 0-d float32) after the steps whose vectors are given (n rows each), with
+def saliency(weight: torch.Tensor, vectors: ops.StepVectors, kappa: float, lam_count: int,
+             backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z (out, in) float32, t 0-d float32) after the steps whose `vectors` are given (n rows each), with
     m = lam_count entries below the threshold; see the module docstring."""
-    n, numel = col_scale.shape[0], weight.numel()
+    n, numel = vectors.col_scale.shape[0], weight.numel()
     w = _ema_weights(n, kappa, weight.device)
-    ema = _closed_form(weight, row_inv, col_inv, col_scale, w)
+    ema = _closed_form(weight, *vectors, w)
     count = min(numel, max(CANDIDATES * lam_count, math.ceil(CANDIDATE_FRACTION * numel), lam_count))
     flat = ema.reshape(-1).topk(count, largest=False, sorted=False).indices
-    z_exact, thresholds = _exact_candidates(weight, flat, row_inv, col_inv, col_scale, kappa, lam_count)
-    previous = torch.stack([torch.zeros((), dtype=torch.float64, device=weight.device),
-                            *[t.to(torch.float64) for t in thresholds[:-1]]])
+    z_exact, thresholds = _exact_candidates(weight, flat, vectors, kappa, lam_count, backend)
+    previous = torch.tensor([0.0, *thresholds[:-1]], dtype=torch.float64, device=weight.device)
     z = (ema + (w * previous).sum()).to(torch.float32)
     z.view(-1)[flat] = z_exact
-    return z, thresholds[-1]
+    return z, torch.tensor(thresholds[-1], dtype=torch.float32)

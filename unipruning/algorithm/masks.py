@@ -41,6 +41,62 @@ def floor_count(fraction: float, numel: int) -> int:
     return math.floor(exact_fraction(fraction) * numel)
 
 
+def check_weight(option: str, name: str, weight) -> None:
+    """A weight a mask is cut from or applied to: a floating-point matrix that holds data (not the meta
+    device, not integer-quantized); `option` is the argument that supplied it."""
+    if not isinstance(weight, torch.Tensor):
+        raise UsageError(f"`{option}`: {name} is a {type(weight).__name__}, expected a tensor")
+    if weight.is_meta:
+        raise UsageError(f"`{option}`: {name} is on the meta device (no data): load the weights first")
+    if not weight.is_floating_point():
+        raise UsageError(f"`{option}`: {name} is {weight.dtype}, expected floating point (masks are cut from and "
+                         "applied to floating-point tensors: dequantize it first)")
+    if weight.dim() != 2:
+        raise UsageError(f"`{option}`: {name} has shape {tuple(weight.shape)}, expected a matrix (out, in)")
+
+
+def check_saliency(name: str, z) -> torch.Tensor:
+    """z of one matrix, refused in one line unless it is a finite floating-point tensor with data: a NaN or
+    int8 z would rank nothing, and the masks would silently fall back to |W| (the ranking's second key)."""
+    check_weight("z", name, z)
+    if not bool(torch.isfinite(z).all()):
+        bad = int((~torch.isfinite(z)).sum())
+        raise UsageError(f"the saliency z of {name} has {bad} non-finite values (NaN or Inf): calibration diverged "
+                         "(a smaller `kappa`, or `dtype` float32) or its file is damaged; no mask is cut from it")
+    return z
+
+
+def checked_saliency(z: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+    """z as a mapping whose every lookup is checked (`check_saliency`); read as lazily as z itself."""
+    if not isinstance(z, Mapping):
+        raise UsageError(f"`z`: expected {{matrix name: saliency tensor}}, got {type(z).__name__}")
+    return LazyMapping(list(z), lambda name: check_saliency(name, z[name]))
+
+
+def _check_pair(name: str, z: torch.Tensor, weight) -> None:
+    check_weight("weights", name, weight)
+    if tuple(z.shape) != tuple(weight.shape):
+        raise UsageError(f"`z`: {name} has shape {tuple(z.shape)}, but its weight is {tuple(weight.shape)}")
+
+
+def check_masks(weights: Mapping[str, torch.Tensor], masks) -> None:
+    """Every mask fits its weight, all checked before any weight is touched (masks are applied in place):
+    named matrices the model has, bool tensors of the weight's shape, weights with data."""
+    if not isinstance(masks, Mapping):
+        raise UsageError(f"`masks`: expected {{matrix name: bool keep mask}}, got {type(masks).__name__}")
+    missing = [n for n in masks if n not in weights]
+    if missing:
+        raise UsageError(f"`masks` name matrices the model does not have: {missing[:3]}")
+    for name, keep in masks.items():
+        check_weight("model", name, weights[name])
+        if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool or keep.is_meta:
+            got = f"{keep.dtype} on {keep.device}" if isinstance(keep, torch.Tensor) else type(keep).__name__
+            raise UsageError(f"`masks`: {name} is {got}, expected a bool tensor with data (True = keep)")
+        if tuple(keep.shape) != tuple(weights[name].shape):
+            raise UsageError(f"`masks`: {name} has shape {tuple(keep.shape)}, but its weight is "
+                             f"{tuple(weights[name].shape)}")
+
+
 def check_nm_divisible(shapes: Mapping[str, tuple[int, ...]], m: int) -> None:
     for name, shape in shapes.items():
         if shape[-1] % m:
@@ -63,9 +119,10 @@ def global_counts(z: Mapping[str, torch.Tensor], weights: Mapping[str, torch.Ten
     names = sorted(names)
 
     def keys_of(i: int) -> torch.Tensor:
-        weight = weights[names[i]]
+        weight, zi = weights[names[i]], z[names[i]]
+        _check_pair(names[i], zi, weight)
         on = device if device is not None else weight.device
-        return ops.rank_keys(z[names[i]].to(on), weight.to(on), backend=backend)
+        return ops.rank_keys(zi.to(on), weight.to(on), backend=backend)
 
     keys = LazyMapping(range(len(names)), keys_of, KEY_CACHE_BYTES)
     sizes = [numels[n] if numels is not None else weights[n].numel() for n in names]
@@ -156,6 +213,7 @@ class MaskCutter:
     def __init__(self, z: Mapping[str, torch.Tensor], plan: Mapping[str, MaskSpec], spec: MaskSpec,
                  backend: str | None, device: torch.device | None = None,
                  weights: Mapping[str, torch.Tensor] | None = None, numels: Mapping[str, int] | None = None):
+        z = checked_saliency(z)
         self.z, self.plan, self.backend, self.device = z, plan, backend, device
         self.counts, self.block_sparsities = {}, None
         if spec.allocation == "global":
@@ -172,13 +230,24 @@ class MaskCutter:
             count = keep_count(self.block_sparsities[block_of(name)], weight.shape[1])
         else:
             count = self.counts.get(name)
-        return matrix_mask(self.z[name].to(on), weight.to(on), spec, count, self.backend)
+        z = self.z[name]
+        _check_pair(name, z, weight)
+        return matrix_mask(z.to(on), weight.to(on), spec, count, self.backend)
 
 
 def iter_masks(z: Mapping[str, torch.Tensor], weights: Mapping[str, torch.Tensor], spec: MaskSpec,
                backend: str | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, keep mask) of every matrix of z under one spec, in z's order; one mask in memory at a time."""
+    if not isinstance(spec, MaskSpec):
+        raise UsageError(f"`spec`: expected a MaskSpec, got {type(spec).__name__} {spec!r:.100}")
+    if not isinstance(z, Mapping) or not isinstance(weights, Mapping):
+        raise UsageError("`z` and `weights`: expected mappings {matrix name: tensor}")
+    missing = [n for n in z if n not in weights]
+    if missing:
+        raise UsageError(f"`weights` lacks {missing[0]!r}, which z names (pass every matrix z has a saliency of)")
     if spec.nm is not None:
+        for n in z:
+            check_weight("weights", n, weights[n])
         check_nm_divisible({n: tuple(weights[n].shape) for n in z}, spec.nm[1])
     cut = MaskCutter(z, dict.fromkeys(z, spec), spec, backend, weights=weights)
     for name in z:

@@ -22,15 +22,15 @@ from .masks import floor_count
 from .metrics import ActivationStats, step_key
 
 
-def mirror_step(z: torch.Tensor, t: float, hint: int, weight: torch.Tensor, stats: ActivationStats | None,
+def mirror_step(z: torch.Tensor, previous: tuple[float, int], weight: torch.Tensor, stats: ActivationStats | None,
                 config: PruneConfig, key: int, backend: str) -> tuple[float, int]:
     """One step for one matrix: S_k from W and the step's statistics, the z update, the new threshold.
-    Returns (t_k, hint): the hint lets a fused kernel gather t's candidates during the next update; the
-    result never depends on it."""
+    previous: the (t, hint) the last step returned; returns (t_k, hint): the hint lets a fused kernel
+    gather t's candidates during the next update; the result never depends on it."""
     sqsum, tokens = (stats.sqsum, stats.tokens) if stats is not None else (None, 0)
-    row_inv, col_inv, col_scale = ops.step_vectors(weight, sqsum, tokens, config.metric, key, backend)
+    vectors = ops.step_vectors(weight, sqsum, tokens, config.metric, key, backend)
     m = max(1, floor_count(config.lam, z.numel()))
-    return ops.mirror_step_(z, weight, row_inv, col_inv, col_scale, config.kappa, t, m, hint, backend=backend)
+    return ops.mirror_step_(z, weight, vectors, config.kappa, m, previous, backend=backend)
 
 
 class MirrorState:
@@ -56,8 +56,9 @@ class MirrorState:
             if st is not None and st.tokens == 0:
                 continue
             key = step_key(self.config.seed, name, k)
-            self.t[name], self._hints[name] = mirror_step(self.z[name], self.t[name], self._hints[name],
-                                                          weights[name], st, self.config, key, self.backend)
+            previous = (self.t[name], self._hints[name])
+            self.t[name], self._hints[name] = mirror_step(self.z[name], previous, weights[name], st, self.config,
+                                                          key, self.backend)
             self.steps[name] += 1
 
     def unseen(self) -> list[str]:

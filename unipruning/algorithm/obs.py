@@ -67,12 +67,17 @@ def inverse_factor(h: torch.Tensor, name: str, damp: float = DAMP) -> tuple[torc
     return None, dead
 
 
-def sweep_rule(spec: MaskSpec, numel: int, kept: int | None = None) -> dict:
-    """SparseGPT's mask rule for a matrix of `numel` entries: N:M, or a count per matrix (`kept`, when a
-    cross-block allocation settled it, else the spec's sparsity)."""
+def sweep_rule(spec: MaskSpec, numel: int, keep: torch.Tensor | None = None, prior: torch.Tensor | None = None,
+               kept: int | None = None) -> ops.SweepRule:
+    """What the sweep of a matrix of `numel` entries prunes: the mask `keep` when given; else SparseGPT's
+    rule under `spec`, N:M or a count per matrix (`kept`, when a cross-block allocation settled it, else
+    the spec's sparsity), its score times `prior` if given."""
+    if keep is not None:
+        return ops.SweepRule(keep=keep)
     if spec.nm is not None:
-        return {"nm": spec.nm}
-    return {"prune_count": numel - (keep_count(spec.sparsity, numel) if kept is None else kept)}
+        return ops.SweepRule(nm=spec.nm, prior=prior)
+    return ops.SweepRule(prune_count=numel - (keep_count(spec.sparsity, numel) if kept is None else kept),
+                         prior=prior)
 
 
 def guide_prior(z: torch.Tensor, weight: torch.Tensor, alpha: float, backend: str | None) -> torch.Tensor:
@@ -84,21 +89,19 @@ def guide_prior(z: torch.Tensor, weight: torch.Tensor, alpha: float, backend: st
     return (rank / keys.numel()).pow(alpha).to(torch.float32).reshape(weight.shape)
 
 
-def reconstruct_weight(weight: torch.Tensor, h: torch.Tensor, keep: torch.Tensor | None, spec: MaskSpec,
-                       name: str, backend: str | None, prior: torch.Tensor | None = None,
-                       kept: int | None = None, damp: float = DAMP,
-                       blocksize: int = BLOCKSIZE) -> tuple[torch.Tensor, torch.Tensor]:
-    """(reconstructed weight in float32, keep mask): kept entries updated, pruned ones +0.0. `keep` None:
-    SparseGPT's rule under `spec` (or keeping `kept` entries) chooses the mask during the sweep, its score
-    times `prior` if given."""
+def reconstruct_weight(weight: torch.Tensor, h: torch.Tensor, rule: ops.SweepRule, name: str,
+                       settings: ObsSettings | None = None, backend: str | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(reconstructed weight in float32, keep mask): kept entries updated, pruned ones +0.0. The mask is
+    `rule.keep`, or chosen during the sweep by SparseGPT's rule (`sweep_rule`); settings: dampening (the
+    mean-diagonal `damp`, and `diag_damp` through `dampen_diagonal`) and block size (default SparseGPT's)."""
+    settings = settings or ObsSettings()
     w = weight.to(torch.float32, copy=True)
-    u, dead = inverse_factor(h, name, damp)
+    u, dead = inverse_factor(dampen_diagonal(h, settings.diag_damp), name, settings.damp)
     if u is None:
-        if keep is not None:
-            return torch.where(keep, w, 0.0), keep
+        if rule.keep is not None:
+            return torch.where(rule.keep, w, 0.0), rule.keep
         u = torch.eye(w.shape[1], dtype=torch.float32, device=w.device)  # no curvature: rank by magnitude
     w[:, dead] = 0.0
-    rule = {} if keep is not None else sweep_rule(spec, w.numel(), kept)
-    keep = ops.obs_sweep_(w, u, keep, blocksize=blocksize, prior=None if keep is not None else prior,
-                          backend=backend, **rule)
+    keep = ops.obs_sweep_(w, u, rule, blocksize=settings.blocksize, backend=backend)
     return w, keep

@@ -13,14 +13,17 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Mapping
 
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from ..config import check_flag
 from ..data import model_context
 from ..errors import UsageError
+from ..files import check_plain_files, is_regular, read_regular
 from ..lazy import LazyMapping
 from ..models import (
     copy_stored,
@@ -37,6 +40,9 @@ from .identity import content_digest
 SAFE_SINGLE = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 DENSE_DTYPES = ("F32", "F16", "BF16")
+# config.json and an index are a few kB to a few MB (a 405B model's index: 1.5 MB): far beyond is not one
+MAX_JSON_BYTES = 64 << 20
+EXPERT_COUNTS = ("num_local_experts", "num_experts", "n_routed_experts")  # config keys of MoE expert counts
 
 
 def load_config(model_dir: str, trust_remote_code: bool = False):
@@ -45,15 +51,22 @@ def load_config(model_dir: str, trust_remote_code: bool = False):
     architecture without a family table."""
     from transformers import AutoConfig
 
+    check_flag("trust_remote_code", trust_remote_code)  # "no" is truthy: it must not run a checkpoint's code
     if not os.path.isdir(model_dir):
         raise UsageError(f"`model_dir`: {model_dir!r} is not a directory")
-    if not os.path.isfile(os.path.join(model_dir, "config.json")):
-        raise UsageError(f"`model_dir`: {model_dir!r} has no config.json (not a Hugging Face model directory)")
-    with open(os.path.join(model_dir, "config.json"), "rb") as f:
-        try:
-            raw = json.load(f)
-        except ValueError as exc:
-            raise UsageError(f"`model_dir`: {model_dir}/config.json is not valid JSON ({exc})") from None
+    path = os.path.join(model_dir, "config.json")
+    try:  # a directory we may not enter says so, rather than "no config.json"
+        os.lstat(path)
+    except FileNotFoundError:
+        raise UsageError(f"`model_dir`: {model_dir!r} has no config.json (not a Hugging Face model "
+                         "directory)") from None
+    except OSError as exc:
+        raise UsageError(f"`model_dir`: cannot read {model_dir}: {exc.strerror}") from None
+    check_plain_files(model_dir, "model_dir")
+    try:
+        raw = json.loads(read_regular(path, "model_dir", MAX_JSON_BYTES))
+    except (ValueError, RecursionError) as exc:
+        raise UsageError(f"`model_dir`: {path} is not valid JSON ({exc})") from None
     if not isinstance(raw, dict):
         raise UsageError(f"`model_dir`: {model_dir}/config.json is not a JSON object")
     if raw.get("auto_map") and not trust_remote_code:
@@ -86,6 +99,8 @@ def load_model(model_dir: str, dtype: torch.dtype, trust_remote_code: bool = Fal
 def load_tokenizer(directory: str):
     from transformers import AutoTokenizer
 
+    if os.path.isdir(directory):
+        check_plain_files(directory, "tokenizer_dir")
     try:
         return AutoTokenizer.from_pretrained(directory)
     except Exception as exc:  # noqa: BLE001 - missing or unreadable tokenizer files
@@ -97,18 +112,20 @@ def _index_shards(model_dir: str) -> list[str]:
     """The shard files named by a checkpoint's index, each present, or a one-line error."""
     index = os.path.join(model_dir, SAFE_INDEX)
     try:
-        with open(index, "rb") as f:
-            weight_map = json.load(f)["weight_map"]
+        weight_map = json.loads(read_regular(index, "model_dir", MAX_JSON_BYTES))["weight_map"]
         shards = sorted(set(weight_map.values()))
         if not all(isinstance(s, str) and s and os.sep not in s for s in shards):
             raise TypeError("shard names must be file names")
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
         raise UsageError(f"`model_dir`: {index} is not a valid safetensors index ({type(exc).__name__}: {exc}); "
                          "re-save the model with save_pretrained") from None
     for shard in shards:
-        if not os.path.isfile(os.path.join(model_dir, shard)):
-            raise UsageError(f"`model_dir`: {os.path.join(model_dir, shard)} is listed in {SAFE_INDEX} but missing: "
-                             "copy or download it again")
+        path = os.path.join(model_dir, shard)
+        if os.path.exists(path) and not is_regular(path):
+            raise UsageError(f"`model_dir`: {path} is not a regular file (a FIFO, device or directory): copy the "
+                             "shard again")
+        if not os.path.isfile(path):
+            raise UsageError(f"`model_dir`: {path} is listed in {SAFE_INDEX} but missing: copy or download it again")
     return shards
 
 
@@ -138,6 +155,7 @@ def shard_headers(model_dir: str) -> dict[str, tuple[str, str, list[int]]]:
     for shard in weight_shards(model_dir):
         path = os.path.join(model_dir, shard)
         try:
+            os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK))  # the OS's reason (safetensors' may be another)
             with safe_open(path, framework="pt") as handle:
                 for key in handle.keys():  # noqa: SIM118 - safe_open has no __iter__
                     info = handle.get_slice(key)
@@ -152,12 +170,41 @@ def _check_index(model_dir: str, headers: dict[str, tuple[str, str, list[int]]])
     """An index must say where each tensor really is (transformers' loader trusts it)."""
     if not os.path.isfile(os.path.join(model_dir, SAFE_INDEX)):
         return
-    with open(os.path.join(model_dir, SAFE_INDEX), "rb") as f:
-        weight_map = json.load(f)["weight_map"]
-    for name, shard in weight_map.items():
+    index = read_regular(os.path.join(model_dir, SAFE_INDEX), "model_dir", MAX_JSON_BYTES)
+    for name, shard in json.loads(index)["weight_map"].items():
         if headers.get(name, (None,))[0] != shard:
             raise UsageError(f"`model_dir`: {SAFE_INDEX} places {name!r} in {shard}, which does not hold it: "
                              "re-save the model with save_pretrained")
+
+
+def _expert_count(headers: Mapping[str, list[int]]) -> int:
+    """Experts the weights hold: stored one by one (`experts.E.`), or as 3-D tensors (E first)."""
+    count = 0
+    for name, shape in headers.items():
+        if (match := re.search(r"\.experts\.(\d+)\.", name)) is not None:
+            count = max(count, int(match.group(1)) + 1)
+        elif ".experts." in name and len(shape) == 3:
+            count = max(count, shape[0])
+    return count
+
+
+def check_counts(config, headers: Mapping[str, list[int]]) -> None:
+    """config.json's block and expert counts against the tensors the weights hold ({name: shape}), before
+    anything is built from it: a skeleton of a count far beyond the weights (another model's config, or a
+    hostile one) would take minutes and gigabytes before any shape could be compared."""
+    layers = getattr(config, "num_hidden_layers", None)
+    if not (isinstance(layers, int) and not isinstance(layers, bool) and layers >= 1):
+        raise UsageError(f"`model_dir`: config.json's num_hidden_layers is {layers!r}, expected a positive integer")
+    prefix = re.compile(re.escape(family_for(config).blocks) + r"\.(\d+)\.")
+    blocks = {int(match.group(1)) for name in headers if (match := prefix.match(name)) is not None}
+    if layers > len(blocks):
+        raise UsageError(f"`model_dir`: config.json says num_hidden_layers {layers}, but the weights hold "
+                         f"{len(blocks)} decoder blocks: the config does not describe these weights")
+    for key in EXPERT_COUNTS:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > (held := _expert_count(headers)):
+            raise UsageError(f"`model_dir`: config.json says {key} {value}, but the weights hold {held} experts: the "
+                             "config does not describe these weights")
 
 
 def check_finite(name: str, tensor: torch.Tensor, option: str = "model_dir") -> None:
@@ -218,16 +265,24 @@ class LazyCheckpoint:
         self.shards = sorted({shard for shard, _, _ in headers.values()})
         self.shard_of = {name: shard for name, (shard, _, _) in headers.items()}
         self.header = {name: (dtype, shape) for name, (_, dtype, shape) in headers.items()}
+        check_counts(config, {name: shape for name, (_, shape) in self.header.items()})
         self.matrices = resolve_stored(model_matrices(config), config, self.shard_of)
         self.matrix = {m.name: m for m in self.matrices}
         if not self.matrices:
             raise UsageError(f"`model_dir`: {model_dir}/config.json describes a model without prunable matrices")
-        first = self.matrices[0].stored
-        if (dtype := self.header[first][0]) not in DENSE_DTYPES:
-            raise UsageError(f"`model_dir`: {first} is stored as {dtype}; unipruning needs dense fp16/bf16/fp32 "
-                             "weights (FP8 and integer-quantized checkpoints are refused)")
+        self._check_dtypes()
         self._check_shapes()
         self._digest: str | None = None
+
+    def _check_dtypes(self) -> None:
+        """Every tensor the model is built from is stored dense (F32, F16 or BF16), not only the first: an
+        integer or FP8 matrix further on would be pruned as a number of another kind, or fail mid-run."""
+        names = [m.stored for m in self.matrices]
+        names += [n for p in parameter_shapes(self.config) if (n := stored_name(self.config, p, self.shard_of))]
+        for name in dict.fromkeys(names):
+            if (dtype := self.header[name][0]) not in DENSE_DTYPES:
+                raise UsageError(f"`model_dir`: {name} is stored as {dtype}; unipruning needs dense fp16/bf16/fp32 "
+                                 "weights (FP8 and integer-quantized checkpoints are refused)")
 
     def _check_shapes(self) -> None:
         """Every parameter of the config's model is stored with its shape (a config.json that disagrees

@@ -18,6 +18,9 @@ import os
 import struct
 import tempfile
 
+from ..errors import UsageError
+from ..files import read_regular
+
 log = logging.getLogger("unipruning")
 
 CACHE_FILE = "tensor-digests.json"
@@ -63,11 +66,10 @@ def _hash_tensors(path: str) -> dict[str, str]:
 
 
 def _load_cache(path: str) -> dict:
-    try:
-        with open(path) as f:
-            cache = json.load(f)
+    try:  # a regular file of bounded size, never blocking: anything else is no cache
+        cache = json.loads(read_regular(path, "UNIPRUNING_CACHE", 1 << 26))
         return cache if isinstance(cache, dict) else {}
-    except (OSError, ValueError):
+    except (UsageError, ValueError, RecursionError):
         return {}
 
 

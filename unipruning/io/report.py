@@ -76,6 +76,8 @@ class Report:
     peak_memory: dict | None = UNSET
     versions: dict | None = UNSET
     git_hash: str | None = UNSET
+    open_seconds: float | None = UNSET  # mask: reading the model's config, headers and the saliency
+    cut_seconds: float | None = UNSET  # mask: cutting the masks and writing the checkpoint
     wall_seconds: float | None = UNSET
 
     def to_dict(self) -> dict:
@@ -161,7 +163,10 @@ def print_summary(report: Report) -> None:
     if total.nm_valid is not None:
         line += f"; N:M valid: {total.nm_valid}"
     print(line)
-    print(f"wall time {report.wall_seconds:.1f} s, peak RSS {report.peak_memory['cpu_max_rss_bytes'] / 2**30:.2f} GiB")
+    cut = "" if report.cut_seconds is UNSET else (f" (masks cut and written in {report.cut_seconds:.1f} s; the "
+                                                   f"model and saliency opened in {report.open_seconds:.1f} s)")
+    print(f"wall time {report.wall_seconds:.1f} s{cut}, peak RSS "
+          f"{report.peak_memory['cpu_max_rss_bytes'] / 2**30:.2f} GiB")
 
 
 @dataclass

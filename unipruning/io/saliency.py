@@ -24,6 +24,7 @@ from torch import nn
 
 from ..algorithm.masks import compute_masks
 from ..errors import UsageError
+from ..files import read_regular
 from ..lazy import LazyMapping
 from ..models import model_matrices, weight_of
 from .staging import atomic_file
@@ -33,6 +34,7 @@ log = logging.getLogger("unipruning")
 FORMAT_VERSION = 2  # 2: stochria subsets as keyed cyclic windows; the closed-form update (metadata)
 SALIENCY_CONFIG = "saliency_config.json"
 SALIENCY_INDEX = "saliency.safetensors.index.json"
+MAX_JSON_BYTES = 64 << 20  # its config and index: kB to a few MB
 
 _BLOCK_OF = re.compile(r"^(.*?\.\d+)\.")
 
@@ -69,11 +71,14 @@ def _thresholds(path: str) -> dict[str, float]:
 def _shard_facts(path: str) -> tuple[dict[str, float], dict[str, tuple[int, ...]]]:
     """({name: t}, {name: shape of z}) of one saliency shard, or a one-line error naming it."""
     try:
+        os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK))  # the OS's own reason (permission denied...)
         with safe_open(path, framework="pt") as handle:
             keys = list(handle.keys())
             t = {key[:-2]: float(handle.get_tensor(key)[0]) for key in keys if key.endswith(".t")}
             shapes = {key[:-2]: tuple(handle.get_slice(key).get_shape()) for key in keys if key.endswith(".z")}
-    except (SafetensorError, OSError, IndexError, RuntimeError) as exc:
+    except OSError as exc:
+        raise UsageError(f"`saliency_dir`: cannot read {path}: {exc.strerror or exc}") from None
+    except (SafetensorError, IndexError, RuntimeError) as exc:
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UsageError(f"`saliency_dir`: {path} is not a readable saliency shard ({detail}): it is truncated or "
                          "corrupt; copy it again or recompute it with prune") from None
@@ -82,9 +87,8 @@ def _shard_facts(path: str) -> tuple[dict[str, float], dict[str, tuple[int, ...]
 
 def _read_json(path: str, what: str):
     try:
-        with open(path, "rb") as f:
-            return json.load(f)
-    except ValueError as exc:
+        return json.loads(read_regular(path, "saliency_dir", MAX_JSON_BYTES))
+    except (ValueError, RecursionError) as exc:
         raise UsageError(f"`saliency_dir`: {path} is not valid JSON ({exc}): copy it again or recompute the "
                          f"saliency with prune ({what})") from None
 
@@ -161,6 +165,8 @@ class Saliency:
 
 
 def _load_metadata(directory: str) -> dict:
+    if not isinstance(directory, (str, os.PathLike)) or not os.fspath(directory):
+        raise UsageError(f"`saliency_dir`: expected a directory path, got {directory!r}")
     meta_path = os.path.join(directory, SALIENCY_CONFIG)
     if not (os.path.isfile(meta_path) and os.path.isfile(os.path.join(directory, SALIENCY_INDEX))):
         raise UsageError(f"`saliency_dir`: {directory!r} is not a unipruning saliency directory")

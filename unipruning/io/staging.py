@@ -1,12 +1,13 @@
-"""How outputs reach the disk without losing anything: checks on --out, one run per --out at a time,
-staged and resumable output directories renamed into place when complete, files written whole or not
-at all.
+"""How outputs reach the disk without losing anything: one run per --out at a time, staged and resumable
+output directories renamed into place when complete, files written whole or not at all (the checks of
+`--out` itself are in io/places.py).
 
 `writing(out, ...)` is the one way a job writes an output directory:
 - it takes an advisory lock (`flock` on `.NAME.lock` next to `out`, holding the PID) for the whole run, so
-  a second run into the same `out` fails at once naming the first one's PID;
-- it checks `out` again under the lock (`check_out`: never an input, never a non-empty directory without
-  `overwrite`, and `overwrite` only replaces an earlier output);
+  a second run into the same `out` fails at once naming the first one's PID (the command line takes it
+  before loading anything: `held_from_start`; the lock is re-entrant within a process);
+- it checks `out` again under the lock (`check_out`: never an input, never a mount point, never a non-empty
+  directory without `overwrite`, and `overwrite` only replaces an earlier output);
 - it writes into a hidden directory next to `out`, renamed to `out` when complete: `.NAME.partial-<run
   key>` for a resumable run (named by a hash of everything that decides the output, kept when the run is
   interrupted or fails so that the same command, with or without `overwrite`, resumes from it), or
@@ -14,6 +15,11 @@ at all.
 - a full disk removes the partial directory (nothing half-written keeps the disk full), a bad input found
   mid-run removes a resumable one (it would fail the same way again), and a successful run removes the
   stale partial state other runs left for the same `out`.
+Nothing is ever removed by its name alone: every directory a run stages (and an earlier output it moves
+aside) holds a marker file naming the run's `out` and the directory itself (`MARKER`), and only a
+directory holding one is removed or reused; a directory of the same name without one is the user's, and
+the run is refused in one line before it would touch it. A lock file is truncated and removed only when
+it holds a PID and nothing else.
 Single files are written to `NAME.tmp`, flushed to the disk and renamed.
 """
 
@@ -26,90 +32,20 @@ import json
 import logging
 import os
 import re
+import secrets
 import shutil
+import stat
 import time
 from collections.abc import Iterator
 
 from ..errors import UsageError
+from .places import MARKER, check_out, target
 
 log = logging.getLogger("unipruning")
 
-# what prune/mask, pack and pack --format fp8-2:4 write last
-OUTPUT_MARKERS = ("pruning_report.json", "packing_report.json", "fp8_24_report.json")
 STAGED = "staged"
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
-
-
-def _inside(path: str, parent: str) -> bool:
-    return path == parent or path.startswith(parent.rstrip(os.sep) + os.sep)
-
-
-def target(out: str) -> str:
-    """The directory a run writes for `out`: its absolute path, or where it points when it is a link."""
-    return os.path.realpath(out) if os.path.islink(out) else os.path.abspath(out)
-
-
-def _is_output(directory: str) -> bool:
-    """Whether `directory` is something unipruning wrote: a report at its top, or only such directories
-    (the demo's outputs)."""
-    names = os.listdir(directory)
-    if any(name in names for name in OUTPUT_MARKERS):
-        return True
-    paths = [os.path.join(directory, name) for name in names]
-    return bool(paths) and all(os.path.isdir(p) and not os.path.islink(p) and _is_output(p) for p in paths)
-
-
-def _check_place(out: str) -> None:
-    if os.path.islink(out) and not os.path.exists(out):
-        raise UsageError(f"`out` {out!r} is a symbolic link to {os.readlink(out)!r}, which does not exist: "
-                         "create its target or pass another `out`")
-    parent = os.path.dirname(os.path.abspath(out))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise UsageError(f"`out` {out!r}: {parent!r} is not a directory")
-
-
-def _read_places(path: str) -> list[str]:
-    """Where reading `path` reads: its real path and, for a directory, the real paths its symbolic links
-    point to (a hub snapshot is a directory of links into the cache's blobs)."""
-    real = os.path.realpath(path)
-    if not os.path.isdir(path):
-        return [real]
-    with contextlib.suppress(OSError):
-        links = [os.path.join(path, name) for name in os.listdir(path) if os.path.islink(os.path.join(path, name))]
-        return [real, *(os.path.realpath(link) for link in links)]
-    return [real]
-
-
-def check_out(out: str, overwrite: bool, sources: dict[str, str | None]) -> None:
-    """Refuse an `out` that would lose or clobber data: equal to / inside / containing one of the inputs
-    ({parameter: path}; None and paths that do not exist are skipped), a file, a dangling link, non-empty
-    without overwrite, or, with overwrite, a non-empty directory that is not an earlier output."""
-    if not out:  # "" is the working directory to os.path.abspath, and exists() says False: refused
-        raise UsageError("`out`: expected a directory path, got an empty string")
-    out_real = os.path.realpath(out)
-    for option, path in sources.items():
-        if path is None or not os.path.exists(path):
-            continue
-        if _inside(out_real, os.path.realpath(path)):
-            raise UsageError(f"`out` {out!r} must not be `{option}` {path!r} or inside it")
-        for src in _read_places(path):
-            if _inside(src, out_real):
-                raise UsageError(f"`out` {out!r} contains `{option}` {path!r}"
-                                 f"{'' if src == os.path.realpath(path) else f' (its file {src})'}: writing it "
-                                 "would delete that input; choose another `out`")
-    _check_place(out)
-    if not os.path.exists(out):
-        return
-    if not os.path.isdir(out):
-        raise UsageError(f"`out` {out!r} exists and is not a directory")
-    if os.listdir(out) and not overwrite:
-        raise UsageError(f"`out` {out!r} is not empty (pass `overwrite` to replace it)")
-    if os.listdir(out) and not _is_output(out):
-        raise UsageError(f"`out` {out!r} is not empty and is not an earlier unipruning output (no "
-                         f"{' or '.join(OUTPUT_MARKERS)}): `overwrite` replaces only those; empty it yourself or "
-                         "choose another `out`")
+_LOCK_TEXT = re.compile(rb"^\d*\n?$")  # a lock file holds its holder's PID (or nothing yet)
 
 
 def _check_writable(out: str) -> None:
@@ -126,24 +62,53 @@ def _check_writable(out: str) -> None:
 
 def preflight(out: str, overwrite: bool, sources: dict[str, str | None], lock: bool = True) -> None:
     """The checks of `out` a job makes before its heavy reading (`writing` makes them again under the
-    lock): `check_out`, a writable place, and (`lock`) that no other run holds the lock. Writes nothing."""
+    lock): `check_out`, a writable place, no directory of the user's where the run would stage, and
+    (`lock`) that no other run holds the lock. Writes nothing."""
     check_out(out, overwrite, sources)
     _check_writable(out)
+    check_staging_place(out)
     if lock:
         probe_lock(out)
 
 
 # ------------------------------------------------------------------------------------------ the lock
+_HELD: set[str] = set()  # the lock files this process holds
+
+
 def lock_path(out: str) -> str:
     path = target(out)
     return os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.lock")
 
 
+def _read_small(path: str, limit: int = 4096) -> bytes:
+    """The first `limit` bytes of a file, never blocking (a FIFO or device gives what it has, or nothing)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    try:
+        return os.read(fd, limit) if stat.S_ISREG(os.fstat(fd).st_mode) else b""
+    finally:
+        os.close(fd)
+
+
+def _check_lock_file(out: str, path: str) -> None:
+    """A lock file is ours to truncate and remove only when it is a regular file holding a PID (or nothing:
+    a run killed as it opened it); anything else of that name is the user's."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    ours = stat.S_ISREG(st.st_mode) and st.st_size <= 32
+    with contextlib.suppress(OSError):
+        ours = ours and bool(_LOCK_TEXT.match(_read_small(path, 33)))
+    if not ours:
+        raise UsageError(f"`out` {out!r}: {path} exists and is not a unipruning lock file (a PID): it is not ours "
+                         "to replace; move it away or choose another `out`")
+
+
 def _busy(out: str, path: str) -> UsageError:
     pid = ""
     for _ in range(10):  # the holder writes its PID right after taking the lock
-        with contextlib.suppress(OSError), open(path) as f:
-            pid = f.read().strip()
+        with contextlib.suppress(OSError):
+            pid = _read_small(path, 32).decode(errors="replace").strip()
         if pid:
             break
         time.sleep(0.02)
@@ -175,8 +140,11 @@ def _same_file(fd: int, path: str) -> bool:
 def probe_lock(out: str) -> None:
     """Refuse `out` when another run holds its lock, writing nothing (for checks and `--dry-run`)."""
     path = lock_path(out)
+    if path in _HELD:
+        return
+    _check_lock_file(out, path)
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
         return  # no lock file: nobody holds it
     try:
@@ -188,28 +156,51 @@ def probe_lock(out: str) -> None:
         os.close(fd)
 
 
-@contextlib.contextmanager
-def out_lock(out: str, wait: bool = False) -> Iterator[None]:
-    """Hold the advisory lock of `out` (its file holds our PID; removed on release). Another holder:
-    a one-line error naming its PID, or, with `wait`, wait for it."""
-    path = lock_path(out)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+def _acquire(out: str, path: str, wait: bool) -> int:
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        _check_lock_file(out, path)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         if not _try_lock(fd, wait):
             os.close(fd)
             raise _busy(out, path)
         if _same_file(fd, path):
-            break
+            return fd
         os.close(fd)  # the holder removed the file as we opened it: lock the current one
+
+
+@contextlib.contextmanager
+def out_lock(out: str, wait: bool = False) -> Iterator[None]:
+    """Hold the advisory lock of `out` (its file holds our PID; removed on release). Another holder:
+    a one-line error naming its PID, or, with `wait`, wait for it. Held already by this process: nothing
+    more to do (the command line takes it before the job does)."""
+    path = lock_path(out)
+    if path in _HELD:
+        yield
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd = _acquire(out, path, wait)
+    _HELD.add(path)
     try:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         yield
     finally:
+        _HELD.discard(path)
         with contextlib.suppress(OSError):
             os.remove(path)
         os.close(fd)
+
+
+@contextlib.contextmanager
+def held_from_start(out) -> Iterator[None]:
+    """The lock of `out` taken before a command loads anything, so that a second run into it is refused at
+    once; only where the directory it lives in exists (nothing is created before the checks of `out`)."""
+    usable = isinstance(out, (str, os.PathLike)) and os.fspath(out)
+    if not usable or not os.path.isdir(os.path.dirname(lock_path(out))):
+        yield
+        return
+    with out_lock(out):
+        yield
 
 
 # ------------------------------------------------------------------------------------------ files
@@ -269,18 +260,63 @@ def partial_directory(out: str, run_key: str) -> str:
     return _sibling(out, f"partial-{run_key[:16]}")
 
 
+def _mark(directory: str, out: str, run: str) -> None:
+    """Write the marker that makes `directory` provably ours: it names `out` and the directory itself."""
+    write_json(os.path.join(directory, MARKER), {"unipruning": "staging", "out": os.path.basename(target(out)),
+                                                 "directory": os.path.basename(directory), "run": run,
+                                                 "pid": os.getpid()})
+
+
+def made_by_us(directory: str, out: str) -> bool:
+    """Whether `directory` is one a run of ours staged (or moved aside) for `out`: a directory, not a link,
+    holding our marker, which names `out` and this very directory (a copy under another name is not ours)."""
+    path = os.path.join(directory, MARKER)
+    try:
+        if not (stat.S_ISDIR(os.lstat(directory).st_mode) and stat.S_ISREG(os.lstat(path).st_mode)):
+            return False
+        marker = json.loads(_read_small(path))
+    except (OSError, ValueError):
+        return False
+    return (isinstance(marker, dict) and marker.get("unipruning") == "staging"
+            and marker.get("out") == os.path.basename(target(out))
+            and marker.get("directory") == os.path.basename(directory))
+
+
+def _not_ours(directory: str, out: str) -> UsageError:
+    return UsageError(f"`out` {out!r}: {directory} exists but no unipruning run made it (it holds no {MARKER} "
+                      "naming it): it may be yours, so it is left as it is; move it away or choose another `out`")
+
+
+def check_staging_place(out: str) -> None:
+    """Refuse, before any work, a directory of the user's where the run would stage (`.NAME.partial-staged`
+    without our marker); a resumable run's own directory is checked when its name is known."""
+    staged = _sibling(out, f"partial-{STAGED}")
+    if os.path.lexists(staged) and not made_by_us(staged, out):
+        raise _not_ours(staged, out)
+
+
 def _commit(tmp: str, out: str) -> None:
-    """Replace `out` by `tmp` in one rename (the old `out`, if any, is moved aside first and removed
-    only after): the directory appears complete or not at all."""
-    old = _sibling(out, "old-output")
-    if os.path.lexists(old):
-        shutil.rmtree(old)  # left by a run killed between the two renames below
+    """Replace `out` by `tmp` in one rename (the old `out`, if any, is moved aside first, marked as ours and
+    removed only after; put back if the rename fails): the directory appears complete or not at all."""
+    old = None
     if os.path.exists(out):
+        old = _sibling(out, f"old-{secrets.token_hex(4)}")
         os.rename(out, old)
-    os.rename(tmp, out)
+        with contextlib.suppress(OSError):  # unmarked, a killed run's old output is left, never removed
+            _mark(old, out, "replaced")
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        if old is not None:
+            os.rename(old, out)
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(out, MARKER))
+        raise
+    with contextlib.suppress(OSError):
+        os.remove(os.path.join(out, MARKER))
     _fsync_directory(os.path.dirname(out))
-    if os.path.lexists(old):
-        shutil.rmtree(old)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _ordinary_directory(directory: str) -> None:
@@ -291,18 +327,21 @@ def _ordinary_directory(directory: str) -> None:
 
 
 def remove_stale(out: str) -> None:
-    """Remove the partial state that earlier runs left for `out` (a successful run has replaced what
-    they were writing); each one is named with its size on stderr."""
+    """Remove the partial state that earlier runs left for `out` (a successful run has replaced what they
+    were writing): only directories holding our marker for `out`; each one is named with its size on
+    stderr. A directory of the same name pattern without one is the user's and is left alone."""
     path = target(out)
-    name = re.escape(os.path.basename(path))
-    stale = re.compile(rf"^\.{name}\.(partial-([0-9a-f]{{16}}|{STAGED}|[a-z0-9_]{{8}})|old-(output|[a-z0-9_]{{8}}))$")
-    parent = os.path.dirname(path)
+    prefix, parent = f".{os.path.basename(path)}.", os.path.dirname(path)
     for entry in sorted(os.listdir(parent)):
         full = os.path.join(parent, entry)
-        if stale.match(entry) and os.path.isdir(full) and not os.path.islink(full):
-            size = directory_bytes(full)
-            shutil.rmtree(full, ignore_errors=True)
-            log.info("removed stale partial state %s (%s)", full, mib(size))
+        if not entry.startswith((prefix + "partial-", prefix + "old-")):
+            continue
+        if not made_by_us(full, out):
+            log.debug("left %s: no unipruning run made it", full)
+            continue
+        size = directory_bytes(full)
+        shutil.rmtree(full, ignore_errors=True)
+        log.info("removed stale partial state %s (%s)", full, mib(size))
 
 
 def _disk_full(exc: BaseException) -> bool:
@@ -337,24 +376,28 @@ def _note(exc: BaseException, key: str, value: str) -> None:
 @contextlib.contextmanager
 def staged_directory(out: str, run_key: str | None = None) -> Iterator[str]:
     """Yield the directory `out` is written in, next to it; on success it replaces `out`. Without a
-    `run_key` it is `.NAME.partial-staged` (emptied first: the caller holds the lock, so any such directory
-    is a killed run's), removed on failure. With one it is named by `run_key` (a hash of everything that
-    decides the output) and kept when the run stops, so that the same command finds it again and resumes
-    (see `_stopped` for when it is not)."""
+    `run_key` it is `.NAME.partial-staged` (emptied first when it holds our marker: the caller holds the
+    lock, so it is a killed run's), removed on failure. With one it is named by `run_key` (a hash of
+    everything that decides the output) and kept when the run stops, so that the same command finds it
+    again and resumes (see `_stopped` for when it is not). A directory of that name without our marker is
+    refused, never emptied or reused."""
     out = target(out)
     keep = run_key is not None
     tmp = partial_directory(out, run_key) if keep else _sibling(out, f"partial-{STAGED}")
+    if os.path.lexists(tmp) and not made_by_us(tmp, out):
+        raise _not_ours(tmp, out)
     if not keep and os.path.lexists(tmp):
         shutil.rmtree(tmp)
     _ordinary_directory(tmp)
     try:
+        _mark(tmp, out, run_key or STAGED)
         yield tmp
+        _commit(tmp, out)
     except BaseException as exc:
         raised = _stopped(exc, tmp, keep)
         if raised is exc:
             raise
         raise raised from exc
-    _commit(tmp, out)
 
 
 @contextlib.contextmanager
@@ -363,6 +406,7 @@ def writing(out: str, overwrite: bool, sources: dict[str, str | None], run_key: 
     of `out`, with `out` checked again under it; success removes the stale partial directories."""
     with out_lock(out):
         check_out(out, overwrite, sources)
+        check_staging_place(out)
         with staged_directory(out, run_key) as staging:
             yield staging
         remove_stale(out)

@@ -11,7 +11,15 @@ from safetensors import safe_open
 from torch import nn
 
 from ..errors import UsageError
-from ..io.checkpoint import SAFE_INDEX, LazyCheckpoint, assign, empty_model, load_config, shard_headers
+from ..io.checkpoint import (
+    SAFE_INDEX,
+    LazyCheckpoint,
+    assign,
+    check_counts,
+    empty_model,
+    load_config,
+    shard_headers,
+)
 from ..io.staging import write_json
 from ..models import copy_stored, model_matrices, resolve_stored, stored_name
 
@@ -69,8 +77,10 @@ def fill_model(model_dir: str, config, dtype: torch.dtype, packed: set[str], suf
     NAME + `suffix` and companions) becomes `packed_weight(handle, NAME)`, every other tensor is copied
     to `device` (experts stored one by one into slices of their 3-D parameter); ties restored, buffers
     moved to `device`."""
+    headers = shard_headers(model_dir)
+    check_counts(config, {key: shape for key, (_, _, shape) in headers.items()})  # before any skeleton
     model = empty_model(config, dtype)
-    shard_of = {key: shard for key, (shard, _, _) in shard_headers(model_dir).items()}
+    shard_of = {key: shard for key, (shard, _, _) in headers.items()}
     whole, slices = _destinations(model, config, packed, shard_of, device)
     for shard in dict.fromkeys(shard_of.values()):
         with safe_open(os.path.join(model_dir, shard), framework="pt") as handle:

@@ -43,6 +43,8 @@ ROW_MULTIPLE, COL_MULTIPLE = 32, 64  # CUTLASS fp16/bf16 sparse GEMM limits (PyT
 # ------------------------------------------------------------------------------------- checks
 def check_packable(weight: torch.Tensor, mask: torch.Tensor | None = None, name: str = "weight") -> None:
     """Raise UsageError (one line) unless `weight` (with `mask`, if given) can be packed as 2:4."""
+    if not isinstance(weight, torch.Tensor) or (mask is not None and not isinstance(mask, torch.Tensor)):
+        raise UsageError(f"{name}: expected a tensor (and a bool tensor as mask), got {type(weight).__name__}")
     if weight.dim() != 2:
         raise UsageError(f"{name}: expected a 2-D weight, got {weight.dim()}-D shape {tuple(weight.shape)}")
     if weight.dtype not in PACKABLE_DTYPES:
@@ -145,21 +147,40 @@ def extension():
     return _EXTENSION
 
 
+def _check_fake_weight(weight: torch.Tensor, op: str) -> None:
+    """ops.cpp's check_weight, for fake tensors: the same refusals, in one line each."""
+    torch._check(weight.dim() == 2, lambda: f"{op}: weight must be 2-D, got {weight.dim()}-D")
+    torch._check(weight.dtype in (torch.float16, torch.bfloat16),
+                 lambda: f"{op}: weight must be float16 or bfloat16, got {weight.dtype}")
+    torch._check(weight.shape[0] % 32 == 0 and weight.shape[1] % 64 == 0,
+                 lambda: f"{op}: weight shape {tuple(weight.shape)} must have rows % 32 == 0 and cols % 64 == 0")
+
+
 def _register_fakes() -> None:
-    """Shapes of the extension's outputs for tracing (torch.compile, meta tensors)."""
+    """Shapes of the extension's outputs for tracing (torch.compile, meta tensors), with ops.cpp's checks."""
 
     @torch.library.register_fake("unipruning::pack24_cutlass")
     def _(weight, mask):
+        _check_fake_weight(weight, "pack24_cutlass")
+        if mask is not None:
+            torch._check(mask.dtype == torch.bool, lambda: f"pack24_cutlass: mask must be bool, got {mask.dtype}")
+            torch._check(mask.shape == weight.shape, lambda: f"pack24_cutlass: mask shape {tuple(mask.shape)} "
+                                                             f"differs from the weight's {tuple(weight.shape)}")
         rows, cols = weight.shape
         return weight.new_empty(rows, cols // 2), weight.new_empty(rows, cols // 16, dtype=torch.int16)
 
     @torch.library.register_fake("unipruning::cslt_compress")
     def _(dense):
+        _check_fake_weight(dense, "cslt_compress")
         return dense.new_empty(dense.numel() * 9 // 16)  # the size ops.cpp allocates, as torch does
 
 
 def _has_op(name: str) -> bool:
-    return extension() is not None and hasattr(torch.ops.unipruning, name)
+    """Whether the extension runs `name` (cslt_compress only when built with cuSPARSELt)."""
+    ext = extension()
+    if ext is None or not hasattr(torch.ops.unipruning, name):
+        return False
+    return name != "cslt_compress" or bool(getattr(ext, "with_cusparselt", 0))
 
 
 # -------------------------------------------------------------------------------- public API
@@ -253,6 +274,8 @@ def sparsify_(model: nn.Module, layout: str = "cutlass") -> dict[str, str | None
     the reason}. Needs the model on a CUDA GPU of compute capability 8.0 or newer."""
     if layout not in LAYOUTS:
         raise UsageError(f"layout: expected one of {', '.join(LAYOUTS)}, got {layout!r}")
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     devices = {m.weight.device for m in linears.values()}
     if any(d.type != "cuda" for d in devices):

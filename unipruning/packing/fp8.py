@@ -40,6 +40,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from ..config import check_flag
 from ..errors import UsageError
 from ..io.checkpoint import load_config, weight_shards
 from ..io.staging import preflight, write_json, writing
@@ -167,6 +168,7 @@ def export_fp8_24(model_dir: str, out: str, dtype: str = "auto", overwrite: bool
     start = time.perf_counter()
     if dtype not in COMPUTE_DTYPES:
         raise UsageError(f"`dtype`: the FP8 kernel outputs bfloat16 or float16, got {dtype!r}")
+    check_flag("overwrite", overwrite)
     _, prunable = packable(model_dir)
     preflight(out, overwrite, {"model_dir": model_dir})
     report = {"command": "pack", "format": "fp8-2:4", "model": os.path.abspath(model_dir), "packed": [], "dense": {},

@@ -17,26 +17,19 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .. import backends
 from ..algorithm import closed_form
 from ..algorithm.masks import floor_count
 from ..algorithm.metrics import ActivationStats, step_key
 from ..algorithm.mirror import MirrorState
 from ..config import PruneConfig
 from ..io import saliency as store
-from ..io.checkpoint import LazyCheckpoint
 from ..io.saliency import Saliency
 from ..models import Matrix, block_matrices, decoder_blocks, fingerprint, model_matrices, weight_of
-from ..progress import steps_of as steps_of_progress
 from . import distributed
+from .blocks import for_each_block, open_stream
 from .inputs import observe
-from .stream import BlockStream, capture_block_inputs, release_freed_memory
-
-
-def steps_of(windows: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
-    """The calibration steps: consecutive groups of `batch_size` windows (config.Calibration.steps
-    has checked that they divide evenly)."""
-    return list(windows.split(batch_size))
+from .job import Job
+from .stream import BlockStream
 
 
 def source_stats(model: nn.Module, matrices: list[Matrix], config: PruneConfig, backend: str) -> dict:
@@ -115,7 +108,8 @@ def _closed_form_block(model, matrices: list[Matrix], stream: BlockStream, index
         vectors = closed_form.step_vectors(weight, [records[k][0] for k in informative],
                                            [records[k][1] for k in informative], config.metric,
                                            [step_key(config.seed, m.name, k) for k in informative])
-        zm, tm = closed_form.saliency(weight, *vectors, config.kappa, max(1, floor_count(config.lam, weight.numel())))
+        zm, tm = closed_form.saliency(weight, vectors, config.kappa, max(1, floor_count(config.lam, weight.numel())),
+                                      backend)
         z[m.name], t[m.name] = zm.cpu(), float(tm)  # the host waits here, once per matrix and block
     return z, t, unseen
 
@@ -159,90 +153,67 @@ class _Block:
     resumed: bool
 
 
-def _run_block(model, stream: BlockStream, index: int, config: PruneConfig, backend: str, state_dir: str | None,
-               steps: int, start: float) -> _Block:
-    """Calibrate block `index` (already on the device), or replay it when `state_dir` has it."""
-    matrices = block_matrices(model, index)
-    saved = store.load_block(state_dir, index, [m.name for m in matrices]) if state_dir else None
-    if saved is None:
-        z, t, unseen = learn_block(model, matrices, stream, index, config, backend)
-        seconds = time.perf_counter() - start
-        if state_dir and distributed.is_main():
-            store.save_block(state_dir, index, z, t, seconds, unseen)
-        return _Block(z, t, seconds, unseen, resumed=False)
-    saved_t, seconds, unseen = saved  # the file lists names sorted: restore the family's order
-    block = decoder_blocks(model)[index]
-    for k in range(steps):
-        stream.advance(block, index, k)
-    return _Block(None, {m.name: saved_t[m.name] for m in matrices}, seconds, unseen, resumed=True)
+class _Calibration:
+    """The calibration pass over the blocks (blocks.BlockPass): each block's saliency learned over every step
+    (or, found in `state_dir`, replayed to rebuild the next block's inputs), collected into one Saliency;
+    on_block(index, z) once the block has left the device."""
 
+    def __init__(self, job: Job, model: nn.Module, config: PruneConfig, state_dir: str | None, on_block,
+                 keep: bool = True):
+        self.job, self.model, self.config, self.state_dir, self.on_block = job, model, config, state_dir, on_block
+        self.keep = keep  # False: a torchrun worker, which only takes its part in every step
+        self.stream = open_stream(job, model, shared=True)
+        self.z: dict = {}  # {name: z}; with a state_dir {name: (block file, key)}: memory holds one block's z
+        self.t: dict[str, float] = {}
+        self.unseen: list[str] = []  # matrices whose input never saw a token (experts never routed to)
+        self.done: _Block | None = None
 
-@torch.no_grad()
-def calibrate(
-    model: nn.Module,
-    windows: torch.Tensor,
-    config: PruneConfig,
-    device: torch.device,
-    checkpoint: LazyCheckpoint | None = None,
-    state_dir: str | None = None,
-    on_block: Callable[[int, Mapping[str, torch.Tensor]], None] | None = None,
-    offload: str = "auto",
-    progress: Callable[[int, int], None] | None = None,
-) -> tuple[Saliency, list[dict]]:
-    """Learn the saliency of every prunable matrix, block by block; returns it and per-block timings.
-
-    windows: (nsamples, seqlen) token ids; steps of `config.batch_size` windows each. The model's
-    weights are not changed. Each block is moved to `device` while it is calibrated (or, with a
-    `checkpoint`, read there). on_block(index, z of its matrices) is called when a block's saliency is
-    final (also for blocks found done in `state_dir`); offload: where the activations live between
-    blocks (stream.activation_home); progress(done, total) before the first block and after each (a
-    progress.Progress also shows the steps inside a block)."""
-    backend = backends.resolve(config.backend, device)
-    steps = steps_of(windows, config.batch_size)
-    stream = capture_block_inputs(model, [distributed.share(b) for b in steps], device, offload)
-    stream.on_step = steps_of_progress(progress)
-    z: dict = {}  # {name: z}; with a state_dir {name: (block file, key)}: memory holds one block's z
-    t: dict[str, float] = {}
-    unseen: list[str] = []  # matrices whose input never saw a token (experts never routed to)
-    per_block = []
-    blocks = decoder_blocks(model)
-    if progress is not None:
-        progress(0, len(blocks))  # the bar shows before block 0, the slowest (it waits for the first steps)
-    for index in range(len(blocks)):
-        done = _resident_block(model, checkpoint, index, device, stream, config, backend, state_dir, len(steps))
-        names = list(done.t)
-        z.update(store.block_entries(state_dir, index, names) if state_dir else done.z)
-        entry = {"block": index, "seconds": done.seconds, "matrices": len(names), "resumed": done.resumed}
-        if on_block is not None:  # prune writes the block's pruned shard here: timed apart from calibration
-            start = time.perf_counter()
-            on_block(index, done.z if done.z is not None else store.block_z(state_dir, index, names))
-            entry["write_seconds"] = time.perf_counter() - start
-        t.update(done.t)
-        unseen.extend(done.unseen)
-        per_block.append(entry)
-        del done
-        release_freed_memory()
-        if progress is not None:
-            progress(index + 1, len(blocks))
-    metadata = saliency_metadata(model, config, windows, list(z), unseen)
-    return Saliency(z=store.stored_tensors(z) if state_dir else z, t=t, metadata=metadata), per_block
-
-
-def _resident_block(model: nn.Module, checkpoint: LazyCheckpoint | None, index: int, device: torch.device,
-                    stream: BlockStream, config: PruneConfig, backend: str, state_dir: str | None,
-                    steps: int) -> _Block:
-    """Block `index` made resident on `device` (moved there, or read from the checkpoint), run, released."""
-    start = time.perf_counter()
-    block = decoder_blocks(model)[index]
-    home = next(block.parameters()).device
-    if checkpoint is None:
-        block.to(device)
-    else:
-        checkpoint.load_block(model, index, device, next(model.parameters()).dtype)
-    try:
-        return _run_block(model, stream, index, config, backend, state_dir, steps, start)
-    finally:
-        if checkpoint is None:
-            block.to(home)
+    def visit(self, index: int, block: nn.Module, started: float) -> dict:
+        matrices = block_matrices(self.model, index)
+        saved = store.load_block(self.state_dir, index, [m.name for m in matrices]) if self.state_dir else None
+        if not distributed.agree(saved is not None, self.job.device):  # rank 0's state decides for every process
+            z, t, unseen = learn_block(self.model, matrices, self.stream, index, self.config, self.job.backend)
+            seconds = time.perf_counter() - started
+            if self.state_dir and distributed.is_main():
+                store.save_block(self.state_dir, index, z, t, seconds, unseen)
+            self.done = _Block(z if self.keep else {}, t, seconds, unseen, resumed=False)
         else:
-            checkpoint.release_block(model, index)
+            for k in range(len(self.stream.hidden)):
+                self.stream.advance(block, index, k)
+            if saved is None:  # a worker, whose rank 0 replays this block: nothing of it to keep
+                self.done = _Block({}, {}, 0.0, [], resumed=True)
+            else:
+                saved_t, seconds, unseen = saved  # the file lists names sorted: restore the family's order
+                self.done = _Block(None, {m.name: saved_t[m.name] for m in matrices}, seconds, unseen, resumed=True)
+        return {"block": index, "seconds": self.done.seconds, "matrices": len(matrices),
+                "resumed": self.done.resumed}
+
+    def after(self, index: int, entry: dict) -> None:
+        done, names = self.done, list(self.done.t)
+        self.z.update(store.block_entries(self.state_dir, index, names) if self.state_dir else done.z)
+        if self.on_block is not None:  # prune writes the block's pruned shard here: timed apart from calibration
+            start = time.perf_counter()
+            self.on_block(index, done.z if done.z is not None else store.block_z(self.state_dir, index, names))
+            entry["write_seconds"] = time.perf_counter() - start
+        self.t.update(done.t)
+        self.unseen.extend(done.unseen)
+        self.done = None
+
+    def saliency(self) -> Saliency:
+        metadata = saliency_metadata(self.model, self.config, self.job.windows, list(self.z), self.unseen)
+        return Saliency(z=store.stored_tensors(self.z) if self.state_dir else self.z, t=self.t, metadata=metadata)
+
+
+def calibrate(job: Job, model: nn.Module, config: PruneConfig, state_dir: str | None = None,
+              on_block: Callable[[int, Mapping[str, torch.Tensor]], None] | None = None, keep: bool = True
+              ) -> tuple[Saliency, list[dict]]:
+    """Learn the saliency of every prunable matrix of `model` (the job's skeleton, or a model in memory),
+    block by block; returns it and per-block timings.
+
+    The job's windows make the steps (`job.batch_size` windows each; this process's share of each under
+    torchrun, where rank 0's `state_dir` says which blocks are done). The model's weights are not changed.
+    on_block(index, z of its matrices) is called when a block's saliency is final (also for blocks found
+    done in `state_dir`). keep False: a torchrun worker's part in the steps, no saliency kept."""
+    calibration = _Calibration(job, model, config, state_dir, on_block, keep)
+    per_block = for_each_block(job, model, calibration)
+    return calibration.saliency(), per_block

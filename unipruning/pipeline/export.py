@@ -16,12 +16,12 @@ import torch
 from ..algorithm.masks import MaskCutter, masked
 from ..algorithm.obs import ObsSettings, guide_prior
 from ..config import MaskSpec
-from ..io.checkpoint import LazyCheckpoint
 from ..io.report import REPORT, Report, Totals, git_hash, peak_memory, versions
 from ..io.saliency import Saliency
 from ..io.staging import write_json
 from ..io.writer import PrunedWriter, copy_side_files
 from ..models import NEVER_PRUNED, family_for
+from .job import Job
 from .reconstruct import reconstruct, reconstructed, reconstructed_files
 
 SALIENCY_DIR = "saliency"
@@ -47,10 +47,10 @@ def sparsity_config(spec: MaskSpec, plan: dict[str, MaskSpec], skipped: dict[str
     }
 
 
-def pruned_writer(checkpoint: LazyCheckpoint, staging: str, plan: dict[str, MaskSpec]) -> PrunedWriter:
-    """The writer of the pruned weights of the planned matrices (one shard per block, io/writer.py)."""
-    chosen = [m for m in checkpoint.matrices if m.name in plan]
-    return PrunedWriter(checkpoint, staging, chosen, {n: s.nm for n, s in plan.items()})
+def pruned_writer(job: Job, staging: str) -> PrunedWriter:
+    """The writer of the pruned weights of the job's planned matrices (one shard per block, io/writer.py)."""
+    chosen = [m for m in job.checkpoint.matrices if m.name in job.plan]
+    return PrunedWriter(job.checkpoint, staging, chosen, {n: s.nm for n, s in job.plan.items()})
 
 
 def masked_by(cut: Callable[[str, torch.Tensor], torch.Tensor]) -> Pruned:
@@ -63,24 +63,26 @@ def masked_by(cut: Callable[[str, torch.Tensor], torch.Tensor]) -> Pruned:
     return pruned
 
 
-def streamed_writes(writer: PrunedWriter, plan: dict[str, MaskSpec], spec: MaskSpec, backend: str,
-                    device: torch.device) -> Callable[[int, Mapping[str, torch.Tensor]], None]:
+OnBlock = Callable[[int, Mapping[str, torch.Tensor]], None]
+
+
+def streamed_writes(job: Job, writer: PrunedWriter, spec: MaskSpec) -> OnBlock:
     """on_block(index, z) for calibration: write block `index`'s pruned shard from its saliency as soon as
     the block is calibrated (masks per matrix or per row, or N:M, need nothing from later blocks)."""
 
     def on_block(index: int, z: Mapping[str, torch.Tensor]) -> None:
         if not writer.block_written(index):  # a resumed run wrote it before the kill
-            writer.write_block(index, masked_by(MaskCutter(z, plan, spec, backend, device)))
+            writer.write_block(index, masked_by(MaskCutter(z, job.plan, spec, job.backend, job.device)))
 
     return on_block
 
 
-def saliency_cutter(checkpoint: LazyCheckpoint, saliency: Saliency, plan: dict[str, MaskSpec], spec: MaskSpec,
-                    backend: str, device: torch.device) -> MaskCutter:
-    """The saliency's masks of the planned matrices, computed on `device`; with allocation global the
+def saliency_cutter(job: Job, saliency: Saliency, spec: MaskSpec) -> MaskCutter:
+    """The saliency's masks of the planned matrices, computed on the job's device; with allocation global the
     counts are settled over every planned matrix, reading one matrix at a time from the checkpoint."""
-    numels = {m.name: m.shape[0] * m.shape[1] for m in checkpoint.matrices}
-    return MaskCutter(saliency.z, plan, spec, backend, device, checkpoint.lazy(sorted(plan)), numels)
+    numels = {m.name: m.shape[0] * m.shape[1] for m in job.checkpoint.matrices}
+    return MaskCutter(saliency.z, job.plan, spec, job.backend, job.device, job.checkpoint.lazy(sorted(job.plan)),
+                      numels)
 
 
 def note_allocation(report: Report, cut: MaskCutter | None, spec: MaskSpec) -> None:
@@ -108,17 +110,14 @@ def obs_rule(cut: MaskCutter | None, guide_alpha: float | None) -> str:
     return "saliency mask" if guide_alpha is None else f"guided: smallest w^2/U_ii^2 * saliency rank^{guide_alpha}"
 
 
-def reconstruct_pass(staging: str, checkpoint: LazyCheckpoint, windows: torch.Tensor, batch_size: int,
-                     device: torch.device, dtype: torch.dtype, plan: dict[str, MaskSpec], choice: Callable | None,
-                     backend: str, progress=None, offload: str = "auto", obs=None) -> tuple[str, dict]:
+def reconstruct_pass(job: Job, staging: str, choice: Callable | None, obs: ObsSettings) -> tuple[str, dict]:
     """Run the OBS reconstruction (reconstruct.py) into `staging`; (its state directory, report entry).
-    obs: algorithm.obs.ObsSettings (default: SparseGPT's dampening and block size)."""
-    start, obs = time.perf_counter(), obs or ObsSettings()
+    obs: algorithm.obs.ObsSettings (SparseGPT's dampening and block size by default)."""
+    start = time.perf_counter()
     recon_dir = os.path.join(staging, RECON_STATE)
     os.makedirs(recon_dir, exist_ok=True)
-    blocks = reconstruct(checkpoint.skeleton(dtype), windows, batch_size, device, checkpoint, recon_dir, plan,
-                         choice, backend, progress, offload, obs)
-    groups = len(family_for(checkpoint.config).sequential)
+    blocks = reconstruct(job, job.skeleton(), choice, obs, recon_dir)
+    groups = len(family_for(job.checkpoint.config).sequential)
     # the order is recorded only when it is not the default, so that default reports stay as they were
     order = {} if obs.true_sequential else {"true_sequential": False}
     order.update({"diag_damp": obs.diag_damp} if obs.diag_damp else {})
@@ -135,20 +134,21 @@ def reconstructed_weights(recon_dir: str) -> Pruned:
     return lambda name, weight: reconstructed(files[name], name)
 
 
-def export_checkpoint(checkpoint: LazyCheckpoint, staging: str, writer: PrunedWriter, pruned: Pruned,
-                      plan: dict[str, MaskSpec], skipped: dict[str, str], saliency: Saliency | None, spec: MaskSpec,
-                      report: Report) -> Report:
+def export_checkpoint(job: Job, staging: str, writer: PrunedWriter, pruned: Pruned, saliency: Saliency | None,
+                      spec: MaskSpec, report: Report) -> Report:
     """Write the weights not written yet (`pruned` gives each planned matrix), the side files, the
     saliency (when there is one) and the report into `staging`; return the report."""
+    checkpoint = job.checkpoint
     matrices = writer.finish(pruned)
     settings = report.settings
-    copy_side_files(checkpoint.model_dir, staging, sparsity_config(spec, plan, skipped, settings.get("metric", ""),
+    copy_side_files(checkpoint.model_dir, staging, sparsity_config(spec, job.plan, job.skipped,
+                                                                   settings.get("metric", ""),
                                                                    settings.get("reconstruct", "none")))
     if saliency is not None:
         saliency.save(os.path.join(staging, SALIENCY_DIR))
     report.mask = {"sparsity": spec.sparsity, "pattern": spec.pattern, "allocation": spec.allocation,
                    "bounds": list(spec.bounds), **(report.mask or {})}
-    report.matrices, report.skipped = matrices, skipped
+    report.matrices, report.skipped = matrices, job.skipped
     report.total = Totals.of(matrices, checkpoint.num_parameters)
     report.peak_memory, report.versions, report.git_hash = peak_memory(), versions(), git_hash()
     write_json(os.path.join(staging, REPORT), report.to_dict())

@@ -21,14 +21,15 @@ import time
 import torch
 from torch import nn
 
-from .. import backends
 from ..config import PruneConfig
 from ..errors import UsageError
 from ..io.report import proc_bytes
 from ..io.saliency import Saliency
 from ..models import model_matrices
-from .calibrate import mirror_state, mirror_update, saliency_metadata, source_stats, steps_of
+from ..progress import steps_of
+from .calibrate import mirror_state, mirror_update, saliency_metadata, source_stats
 from .inputs import observe
+from .job import Job
 
 LR, BETAS, EPS, WARMUP, CLIP = 1e-4, (0.9, 0.999), 1e-10, 0.1, 1.0
 COPIES = 4  # weights, gradients and AdamW's two moments, each the size of the model
@@ -70,12 +71,12 @@ def _schedule(steps: int):
     return factor
 
 
-def _trajectory(model: nn.Module, steps: list[torch.Tensor], config: PruneConfig, device: torch.device,
-                backend: str, state, matrices, on_step=None) -> list[float]:
+def _trajectory(model: nn.Module, steps: list[torch.Tensor], state, matrices, on_step=None) -> list[float]:
     """Every step: forward and backward on the step's windows, the mirror step from W_k and that
     forward's activations, then AdamW moves the weights (on_step(done, steps) after each). Returns the losses."""
-    stats = source_stats(model, matrices, config, backend)
+    stats = source_stats(model, matrices, state.config, state.backend)
     params = list(model.parameters())
+    device = params[0].device
     optimizer = torch.optim.AdamW(params, lr=LR, betas=BETAS, eps=EPS, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(len(steps)))
     losses = []
@@ -103,26 +104,24 @@ def _trajectory(model: nn.Module, steps: list[torch.Tensor], config: PruneConfig
     return losses
 
 
-def calibrate_full(model: nn.Module, windows: torch.Tensor, config: PruneConfig, device: torch.device,
-                   restore: bool = True, on_step=None) -> tuple[Saliency, dict]:
+def calibrate_full(job: Job, model: nn.Module, config: PruneConfig, restore: bool = True) -> tuple[Saliency, dict]:
     """The saliency of every prunable matrix under feedback `full`, and a report entry (losses, timing).
-    The model is moved to `device`, fine-tuned step by step (on_step(done, steps) after each), and
-    (restore) given its weights back."""
+    The model is moved to the job's device, fine-tuned step by step on the job's windows (the job's progress
+    told of each step), and (restore) given its weights back."""
     start = time.perf_counter()
-    backend = backends.resolve(config.backend, device)
-    steps = steps_of(windows, config.batch_size)
+    steps = job.steps()
     home = next(model.parameters()).device
-    model.to(device)
+    model.to(job.device)
     originals = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()} if restore else None
     matrices = model_matrices(model)
-    state = mirror_state(model, matrices, config, backend)
+    state = mirror_state(model, matrices, config, job.backend)
     grad_flags = [p.requires_grad for p in model.parameters()]
     was_training = model.training
     model.eval()  # no dropout: the trajectory is a function of the windows and the seed
     try:
         for p in model.parameters():
             p.requires_grad_(True)
-        losses = _trajectory(model, steps, config, device, backend, state, matrices, on_step)
+        losses = _trajectory(model, steps, state, matrices, steps_of(job.progress))
     finally:
         for p, flag in zip(model.parameters(), grad_flags, strict=True):
             p.requires_grad_(flag)
@@ -133,7 +132,7 @@ def calibrate_full(model: nn.Module, windows: torch.Tensor, config: PruneConfig,
         model.train(was_training)
         model.to(home)
     z = {name: value.cpu() for name, value in state.z.items()}
-    saliency = Saliency(z=z, t=dict(state.t), metadata=saliency_metadata(model, config, windows, list(z),
+    saliency = Saliency(z=z, t=dict(state.t), metadata=saliency_metadata(model, config, job.windows, list(z),
                                                                          state.unseen()))
     report = {"mode": "full", "optimizer": "AdamW", "lr": LR, "betas": list(BETAS), "eps": EPS, "warmup": WARMUP,
               "clip": CLIP, "steps": len(steps), "loss_first": losses[0], "loss_last": losses[-1],

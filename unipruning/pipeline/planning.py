@@ -28,7 +28,8 @@ import torch
 from ..config import Calibration, PruneConfig
 from ..io.report import DryRun
 from ..models import block_matrices, num_blocks
-from .calibrate import learn_block, steps_of
+from .calibrate import learn_block
+from .job import Job
 from .stream import MAX_TOKENS, capture_block_inputs
 
 PROBE_STEPS = (1, 3)  # steps of the two probe runs of block 0: fixed cost and cost per step
@@ -107,28 +108,25 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _probe(checkpoint, config: PruneConfig, seqlen: int, device: torch.device, dtype: torch.dtype,
-           offload: str = "auto") -> dict:
+def _probe(job: Job, config: PruneConfig, seqlen: int) -> dict:
     """Block 0 read and calibrated for real on random windows, PROBE_STEPS[0] then PROBE_STEPS[1] steps of
     `config.batch_size` x `seqlen` tokens: {read_seconds, probe_seconds: {steps: seconds}}."""
-    from .. import backends
-
-    backend = backends.resolve(config.backend, device)
-    model = checkpoint.skeleton(dtype)
+    checkpoint, device = job.checkpoint, job.device
+    model = job.skeleton()
     vocab = int(checkpoint.config.vocab_size)
     windows = torch.randint(0, vocab, (max(PROBE_STEPS) * config.batch_size, seqlen),
                             generator=torch.Generator().manual_seed(0))
     seconds, read = {}, []
     for steps in (*[PROBE_STEPS[0]] * PROBE_WARMUP, *PROBE_STEPS):
         start = time.perf_counter()
-        checkpoint.load_block(model, 0, device, dtype)
+        checkpoint.load_block(model, 0, device, job.dtype)
         _sync(device)
         read.append(time.perf_counter() - start)
         try:
-            stream = capture_block_inputs(model, steps_of(windows[: steps * config.batch_size], config.batch_size),
-                                          device, offload)
+            stream = capture_block_inputs(model, list(windows[: steps * config.batch_size].split(config.batch_size)),
+                                          device, job.offload)
             start = time.perf_counter()
-            learn_block(model, block_matrices(model, 0), stream, 0, config, backend)
+            learn_block(model, block_matrices(model, 0), stream, 0, config, job.backend)
             _sync(device)
             seconds[steps] = time.perf_counter() - start
         finally:
@@ -147,27 +145,27 @@ def extrapolate(probe: dict, steps: int, blocks: int) -> dict:
             "step_seconds": per_step, "read_seconds": probe["read_seconds"]}
 
 
-def _lower_bound_terms(checkpoint, config: PruneConfig, tokens: int, device, dtype) -> dict:
+def _lower_bound_terms(job: Job, config: PruneConfig, tokens: int) -> dict:
     """Arithmetic for what the probe does not run: obs's second pass, feedback full, the sparsegpt metric."""
     if config.feedback == "none" and config.reconstruct == "none" and config.has_saliency:
         return {"seconds": 0.0}
-    flop_rate, _ = _throughput(device, dtype)
-    hidden = int(checkpoint.config.hidden_size)
-    block_params = checkpoint.num_parameters - int(checkpoint.config.vocab_size) * hidden  # all but the embedding
+    flop_rate, _ = _throughput(job.device, job.dtype)
+    model_config = job.checkpoint.config
+    hidden = int(model_config.hidden_size)
+    block_params = job.checkpoint.num_parameters - int(model_config.vocab_size) * hidden  # all but the embedding
     forwards = 3 * (config.feedback == "full") + (config.reconstruct == "obs")
     flops = 2 * tokens * block_params * forwards
     return {"seconds": flops / flop_rate, "forward_flops": flops, "measured_matmul_flops_per_s": flop_rate}
 
 
-def _time(checkpoint, config: PruneConfig, calibration: Calibration, device: torch.device,
-          dtype: torch.dtype) -> dict:
+def _time(job: Job, config: PruneConfig, calibration: Calibration) -> dict:
     tokens = calibration.nsamples * calibration.seqlen
-    extra = _lower_bound_terms(checkpoint, config, tokens, device, dtype)
+    extra = _lower_bound_terms(job, config, tokens)
     if config.feedback != "none" or not config.has_saliency:
         return {"seconds": extra["seconds"], "lower_bound": extra, "probe": None,
                 "note": "a lower bound from arithmetic (this mode has no layer-streamed calibration to probe)"}
-    probe = _probe(checkpoint, config, calibration.seqlen, device, dtype)
-    calib = extrapolate(probe, calibration.nsamples // config.batch_size, num_blocks(checkpoint.config))
+    probe = _probe(job, config, calibration.seqlen)
+    calib = extrapolate(probe, calibration.nsamples // config.batch_size, num_blocks(job.checkpoint.config))
     note = ("calibration from a timed probe of block 0 on this device" +
             ("; plus a lower bound for the reconstruction pass" if extra["seconds"] else "") +
             "; reading the calibration text and writing the output are not counted")
@@ -175,17 +173,17 @@ def _time(checkpoint, config: PruneConfig, calibration: Calibration, device: tor
             "lower_bound": extra, "note": note}
 
 
-def dry_run_plan(checkpoint, plan: dict, skipped: dict, config: PruneConfig, calibration: Calibration,
-                 device: torch.device, dtype: torch.dtype) -> DryRun:
+def dry_run_plan(job: Job, config: PruneConfig, calibration: Calibration) -> DryRun:
     """The dry-run report: every prunable matrix with its planned sparsity (or why it is skipped), and
     the memory and time estimate with the throughputs it assumed."""
+    checkpoint, plan = job.checkpoint, job.plan
     tokens = calibration.nsamples * calibration.seqlen
     removed = sum(m.shape[0] * m.shape[1] - round((1 - plan[m.name].sparsity) * m.shape[0] * m.shape[1])
                   for m in checkpoint.matrices if m.name in plan)
-    estimate = {"device": str(device), "dtype": str(dtype).removeprefix("torch."),
-                "memory": _memory(checkpoint, config, calibration.seqlen, tokens, dtype),
-                **_time(checkpoint, config, calibration, device, dtype)}
+    estimate = {"device": str(job.device), "dtype": str(job.dtype).removeprefix("torch."),
+                "memory": _memory(checkpoint, config, calibration.seqlen, tokens, job.dtype),
+                **_time(job, config, calibration)}
     return DryRun(model=checkpoint.model_dir, settings=config.to_dict(),
-                  matrices=_matrix_plan(checkpoint, plan, skipped), pruned=len(plan), skipped=len(skipped),
+                  matrices=_matrix_plan(checkpoint, plan, job.skipped), pruned=len(plan), skipped=len(job.skipped),
                   prunable_params=sum(m.shape[0] * m.shape[1] for m in checkpoint.matrices),
                   pruned_params_after=checkpoint.num_parameters - removed, estimate=estimate)

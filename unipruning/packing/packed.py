@@ -2,7 +2,7 @@
 
 A packed checkpoint is the Hugging Face directory of a 2:4-pruned model in which every 2:4-valid
 prunable matrix `X.weight` (m, k) is stored as `X.weight_packed` (m, k/2, the kept values) and
-`X.weight_meta` (m, k/16 int16, CUTLASS metadata; see packing.py): 9/16 of the dense bytes. Every
+`X.weight_meta` (m, k/16 int16, CUTLASS metadata; see formats.py): 9/16 of the dense bytes. Every
 other tensor is copied unchanged (cast only with --dtype). config.json gains an entry
 `unipruning_packed` {format_version, layout, dtype, packed: [names], dense: {name: reason}}. Plain
 `from_pretrained` cannot read it (the packed weights are not dense tensors): `load_packed` can.
@@ -24,7 +24,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from ..config import check_flag
 from ..errors import UsageError
+from ..files import read_regular
 from ..io.checkpoint import load_config, weight_shards
 from ..io.staging import preflight, write_json, writing
 from ..io.writer import copy_side_files
@@ -91,6 +93,7 @@ def pack_checkpoint(model_dir: str, out: str, dtype: str = "auto", overwrite: bo
     start = time.perf_counter()
     if dtype not in _DTYPES:
         raise UsageError(f"`dtype`: expected one of {', '.join(_DTYPES)}, got {dtype!r}")
+    check_flag("overwrite", overwrite)
     _, prunable = packable(model_dir)
     preflight(out, overwrite, {"model_dir": model_dir})
     target, found, index = _DTYPES[dtype], _Packed(), {}
@@ -153,7 +156,10 @@ def load_packed(model_dir: str, device: str | torch.device = "cuda", layout: str
     is handed to `fp8.load_fp8_24`."""
     if layout not in LAYOUTS:
         raise UsageError(f"`layout`: expected one of {', '.join(LAYOUTS)}, got {layout!r}")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise UsageError(f"`device`: {device!r} is not a device ({str(exc).splitlines()[0][:80]})") from None
     if _is_fp8(model_dir):
         return load_fp8_24(model_dir, device)
     why = sparse_device_problem(device)
@@ -168,10 +174,9 @@ def load_packed(model_dir: str, device: str | torch.device = "cuda", layout: str
 
 
 def _is_fp8(model_dir: str) -> bool:
-    try:
-        with open(os.path.join(model_dir, "config.json")) as f:
-            return FP8_KEY in json.load(f)
-    except (OSError, ValueError):  # load_config words the problem
+    try:  # never blocks (a FIFO named config.json): load_config words the problem
+        return FP8_KEY in json.loads(read_regular(os.path.join(model_dir, "config.json"), "model_dir", 1 << 26))
+    except (UsageError, ValueError, RecursionError, TypeError):
         return False
 
 
