@@ -4,11 +4,13 @@
 
 The protocol is benchmarks/quality_smollm2.py's (16 x 512 calibration windows of the Shakespeare plays minus
 three held-out ones, seed 0, batch 1: 16 steps), with obs_generalize.py's two check texts (calibration-domain
-windows at seed 1; Debian's licence texts). Per feedback mode ONE `prune` (stochria, --sparsity 0.5,
-allocation layer) computes the saliency, its wall time and peak RSS measured as a whole process; then `mask`
-cuts 0.5 and 0.7 with allocations layer and owl-row, and 2:4 (per group of 4), from each saliency. Every cut
-is evaluated on the check texts (what a preset may be chosen on) and on the held-out texts (their first 8
-windows, the sets of benchmarks/results/quality-smollm2-cpu.json).
+windows at seed 1; Debian's licence texts). Metric stochria, allocation owl-row (the default, auto) for the
+unstructured settings, per group of 4 at 2:4. Feedback none: ONE `prune` (--sparsity 0.5) computes the
+saliency (its saliency does not depend on the target), then `mask` cuts 0.5, 0.7 and 2:4 from it. Feedback
+full: the trajectory's saliency depends on the target mask, so one `prune --feedback full` per setting
+writes that setting's model. Each command's wall time and peak RSS are measured as a whole process. Every
+model is evaluated on the check texts (what a preset may be chosen on) and on the held-out texts (their
+first 8 windows, the sets of benchmarks/results/quality-smollm2-cpu.json).
 """
 
 from __future__ import annotations
@@ -22,35 +24,34 @@ import bench_peers as bp  # noqa: E402
 import obs_generalize as og  # noqa: E402
 import quality_smollm2 as qs  # noqa: E402
 
-FEEDBACKS = ("none", "full")
-CUTS = [("0.5", "layer"), ("0.5", "owl-row"), ("0.7", "layer"), ("0.7", "owl-row"), ("2:4", None)]
+SETTINGS = ("0.5", "0.7", "2:4")
+
+
+def cut_options(setting: str) -> list[str]:
+    return qs.setting_options(setting) + ([] if ":" in setting else ["--allocation", "owl-row"])
 
 
 def jobs(args, ctx) -> list[dict]:
-    """The two calibrations, then the cuts of each saliency."""
-    todo = []
-    for fb in FEEDBACKS:
-        where = f"{qs.saliency_dir(args, 'stochria')}-feedback-{fb}"  # both calibrated here, side by side
-        calibrate = ["-m", "unipruning", "prune", "--model", ctx["model"], "--out", where,
-                     *qs.window_options(args, ctx), "--sparsity", "0.5"] + ([] if fb == "none" else ["--feedback", fb])
-        todo.append({"name": f"calibrate-stochria-feedback-{fb}", "setting": "0.5", "keep": True, "eval": False,
-                     "cmd": calibrate})
-        for setting, alloc in CUTS:
-            cmd = ["-m", "unipruning", "mask", "--model", ctx["model"], "--out", "{out}", "--saliency",
-                   os.path.join(where, "saliency"), *qs.setting_options(setting)]
-            todo.append({"name": f"feedback-{fb}-{alloc or 'nm'}", "setting": setting,
-                         "cmd": cmd + (["--allocation", alloc] if alloc else [])})
+    """Feedback none's calibration and its cuts, then feedback full's runs, one per setting."""
+    where = f"{qs.saliency_dir(args, 'stochria')}-feedback-none"
+    prune = ["-m", "unipruning", "prune", "--model", ctx["model"], *qs.window_options(args, ctx)]
+    todo = [{"name": "calibrate-stochria-feedback-none", "setting": "0.5", "keep": True, "eval": False,
+             "cmd": prune[:5] + ["--out", where] + prune[5:] + ["--sparsity", "0.5"]}]
+    mask = ["-m", "unipruning", "mask", "--model", ctx["model"], "--out", "{out}", "--saliency",
+            os.path.join(where, "saliency")]
+    todo += [{"name": "feedback-none", "setting": s, "cmd": mask + cut_options(s)} for s in SETTINGS]
+    todo += [{"name": "feedback-full", "setting": s, "cmd": prune + ["--out", "{out}", "--feedback", "full",
+                                                                      *cut_options(s)]} for s in SETTINGS]
     return todo
 
 
 def table(records: list[dict], domain: str) -> str:
-    lines = [f"| cut ({domain}) | feedback none | feedback full | full / none |", "|---|---|---|---|"]
-    for setting, alloc in CUTS:
-        by = {r["method"].split("-")[1]: r["perplexity"][domain] for r in records
-              if r["setting"] == setting and r["method"].endswith(alloc or "nm") and "perplexity" in r}
+    lines = [f"| setting ({domain}) | feedback none | feedback full | full / none |", "|---|---|---|---|"]
+    for setting in SETTINGS:
+        by = {r["method"]: r["perplexity"][domain] for r in records if r["setting"] == setting and "perplexity" in r}
         if len(by) == 2:
-            lines.append(f"| {setting} {alloc or 'per group'} | {by['none']:.2f} | {by['full']:.2f} | "
-                         f"{by['full'] / by['none']:.3f} |")
+            none, full = by["feedback-none"], by["feedback-full"]
+            lines.append(f"| {setting} | {none:.2f} | {full:.2f} | {full / none:.3f} |")
     return "\n".join(lines)
 
 
