@@ -40,6 +40,7 @@ LICENSE_DIR = "/usr/share/common-licenses"
 # one text per licence family (the later versions; GPL-2/LGPL-2 and GFDL-1.2 repeat most of their successors)
 LICENSES = ("Apache-2.0", "Artistic", "BSD", "CC0-1.0", "GFDL-1.3", "GPL-3", "LGPL-2.1", "MPL-2.0")
 CHECK_WINDOWS = 16
+DIAG_DAMPS = (0.0, 0.3, 1.0)  # models: the candidates of --diag-damp under --preset quality
 LAYER_BLOCKS = range(0, 30, 3)
 GROUPS = {"self_attn.q_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
           "self_attn.o_proj": ("self_attn.o_proj",), "mlp.gate_proj": ("mlp.gate_proj", "mlp.up_proj"),
@@ -52,11 +53,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--settings", nargs="+", default=["0.5", "0.7", "2:4"])
     p.add_argument("--work", help="default: $UNIPRUNING_CACHE/bench-obs-generalize")
     p.add_argument("--out", help="default: benchmarks/results/obs-generalize-<mode>-<device>.json")
+    p.add_argument("--diag-damps", nargs="+", type=float, default=list(DIAG_DAMPS),
+                   help="models: the --diag-damp candidates of --preset quality (default 0 0.3 1)")
     args = p.parse_args(argv)
     base = os.environ.get("UNIPRUNING_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "unipruning")
     qargs = qs.parse_args(["--settings", *args.settings, "--work", args.work or
                            os.path.join(base, "bench-obs-generalize")])
-    return argparse.Namespace(**{**vars(qargs), "mode": args.mode, "out": args.out})
+    return argparse.Namespace(**{**vars(qargs), "mode": args.mode, "out": args.out, "diag_damps": args.diag_damps})
 
 
 def license_texts(work: str) -> tuple[str, dict]:
@@ -287,9 +290,6 @@ def header(args, ctx, mode: str) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- models
-DIAG_DAMPS = (0.0, 0.3, 1.0)  # the candidates of --diag-damp under --preset quality (3 dropped for time)
-
-
 def model_jobs(args, ctx, sal: str) -> list[dict]:
     """Per setting: --preset fast (owl-row mask; N:M per group) and --preset quality (owl counts, Γ-guided
     OBS) with each --diag-damp; checkpoints kept for the held-out evaluation of the choice."""
@@ -301,7 +301,7 @@ def model_jobs(args, ctx, sal: str) -> list[dict]:
                 *qs.setting_options(s)]
         todo.append({"name": "fast", "setting": s, "check": True, "keep": True,
                      "cmd": mask + ([] if ":" in s else ["--allocation", "owl-row"])})
-        for d in DIAG_DAMPS:
+        for d in args.diag_damps:
             todo.append({"name": f"quality-diag-damp-{d:g}", "setting": s, "check": True, "keep": True,
                          "cmd": mask + ([] if ":" in s else ["--allocation", "owl"]) + obs
                          + (["--diag-damp", f"{d:g}"] if d else [])})
