@@ -15,6 +15,7 @@ first 8 windows, the sets of benchmarks/results/quality-smollm2-cpu.json).
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
@@ -24,14 +25,14 @@ import bench_peers as bp  # noqa: E402
 import obs_generalize as og  # noqa: E402
 import quality_smollm2 as qs  # noqa: E402
 
-SETTINGS = ("0.5", "0.7", "2:4")
+SETTINGS = ("0.5", "2:4", "0.7")  # 0.7 last: the one to drop when time is short
 
 
 def cut_options(setting: str) -> list[str]:
     return qs.setting_options(setting) + ([] if ":" in setting else ["--allocation", "owl-row"])
 
 
-def jobs(args, ctx) -> list[dict]:
+def jobs(args, ctx, full_settings=SETTINGS) -> list[dict]:
     """Feedback none's calibration, then per setting feedback full's run and feedback none's cut."""
     where = f"{qs.saliency_dir(args, 'stochria')}-feedback-none"
     prune = ["-m", "unipruning", "prune", "--model", ctx["model"], *qs.window_options(args, ctx)]
@@ -39,7 +40,7 @@ def jobs(args, ctx) -> list[dict]:
              "cmd": prune[:5] + ["--out", where] + prune[5:] + ["--sparsity", "0.5"]}]
     mask = ["-m", "unipruning", "mask", "--model", ctx["model"], "--out", "{out}", "--saliency",
             os.path.join(where, "saliency")]
-    for s in ("0.5", "2:4", "0.7"):  # side by side per setting; 0.7 last (the one to drop when time is short)
+    for s in full_settings:  # side by side per setting
         todo += [{"name": "feedback-full", "setting": s, "cmd": prune + ["--out", "{out}", "--feedback", "full",
                                                                           *cut_options(s)]},
                  {"name": "feedback-none", "setting": s, "cmd": mask + cut_options(s)}]
@@ -48,7 +49,7 @@ def jobs(args, ctx) -> list[dict]:
 
 def table(records: list[dict], domain: str) -> str:
     lines = [f"| setting ({domain}) | feedback none | feedback full | full / none |", "|---|---|---|---|"]
-    for setting in SETTINGS:
+    for setting in dict.fromkeys(r["setting"] for r in records if r["method"] == "feedback-full"):
         by = {r["method"]: r["perplexity"][domain] for r in records if r["setting"] == setting and "perplexity" in r}
         if len(by) == 2:
             none, full = by["feedback-none"], by["feedback-full"]
@@ -64,16 +65,19 @@ def cost(records: list[dict]) -> str:
 
 
 def main(argv=None) -> None:
+    mine = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    mine.add_argument("--settings", nargs="+", default=list(SETTINGS), help="default 0.5 0.7 2:4")
+    mine, argv = mine.parse_known_args(argv)
     args = qs.parse_args(["--work", os.path.join(os.environ.get("UNIPRUNING_CACHE") or
                                                  os.path.join(os.path.expanduser("~"), ".cache", "unipruning"),
-                                                 "bench-obs-generalize"), *(argv or sys.argv[1:])])
+                                                 "bench-obs-generalize"), *argv])
     ctx = og.context(args)
     # every cut on the check texts and the held-out ones (their first 8 windows, as the earlier table)
     ctx = {**ctx, "eval": {**ctx["check"], **og.earlier_evals(ctx)}}
     dense = qs.run_dense({"name": "dense", "setting": "", "cmd": []}, args, ctx)
     records = [dense]
     out = os.path.join(ROOT, "benchmarks", "results", f"feedback-smollm2-{bp.device_name()[0]}.json")
-    for job in jobs(args, ctx):
+    for job in jobs(args, ctx, mine.settings):
         records.append(qs.run(job, args, ctx))
         head = og.header(args, ctx, "feedback")
         bp.write_json(out, {**head, "eval": ctx["eval"], "results": records})
