@@ -108,6 +108,48 @@ def test_dead_inputs_and_failed_factorisations_do_not_crash(caplog):
     assert u is None and "masked without reconstruction" in caplog.text
 
 
+def test_diagonal_dampening_adds_a_share_of_each_inputs_own_energy():
+    from unipruning.algorithm.obs import dampen_diagonal
+
+    h = torch.tensor([[4.0, 1.0], [1.0, 0.5]])
+    assert torch.equal(dampen_diagonal(h, 0.5), torch.tensor([[6.0, 1.0], [1.0, 0.75]]))
+    assert torch.equal(h, torch.tensor([[4.0, 1.0], [1.0, 0.5]]))  # a new tensor: the group's H is shared
+    assert dampen_diagonal(h, 0.0) is h
+
+
+def test_diagonal_dampening_trades_calibration_fit_for_inputs_without_its_correlations():
+    """Calibration inputs with strong cross-channel correlations; other inputs with the same channel energies
+    and none of them (Gram = diag H). There any update of the kept weights only adds error (mask-only is
+    optimal), so the stronger the diagonal dampening, the smaller the update and that excess, while the
+    calibration error grows toward mask-only's."""
+    from unipruning.algorithm.obs import ObsSettings, reconstruct_weight, sweep_rule
+    from unipruning.config import MaskSpec
+
+    x, w, h = problem(seed=4)
+    keep = torch.zeros_like(w, dtype=torch.bool)
+    score = (w.abs() * h.diagonal().sqrt()).reshape(-1)
+    keep.view(-1)[score.argsort(descending=True)[: w.numel() // 2]] = True
+    masked = torch.where(keep, w, 0.0)
+
+    def error(v, gram):
+        d = (w - v).double()
+        return float(((d @ gram.double()) * d).sum())
+
+    calib, other, update = [], [], []
+    for strength in (0.0, 0.3, 3.0, 1e5):
+        rule = sweep_rule(MaskSpec(0.5), w.numel(), keep)
+        v, kept = reconstruct_weight(w, h, rule, "m", ObsSettings(diag_damp=strength), "torch")
+        assert torch.equal(kept, keep)
+        calib.append(error(v, h))
+        other.append(error(v, torch.diag(h.diagonal())))
+        update.append(float((v - masked).norm() / w.norm()))
+    # from 0.3 on the calibration error grows toward mask-only's (below 0.3 it may even fall: the greedy sweep
+    # is not the least-squares optimum over the kept weights)
+    assert calib[1:] == sorted(calib[1:]) and max(calib[:3]) < 0.5 * error(masked, h)
+    assert other == sorted(other, reverse=True) and other[0] > 1.2 * error(masked, torch.diag(h.diagonal()))
+    assert update == sorted(update, reverse=True) and update[-1] < 1e-3 < update[0]
+
+
 # ---------------------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_llama, text_file):
@@ -190,6 +232,7 @@ def test_interrupted_reconstruction_resumes_to_the_same_bytes(runs, tiny_llama, 
         (["--metric", "sparsegpt"], "pass --reconstruct obs"),
         (["--metric", "sparsegpt", "--reconstruct", "obs", "--allocation", "row"], "--allocation row"),
         (["--reconstruct", "sgd"], "--reconstruct"),
+        (["--reconstruct", "obs", "--diag-damp", "-1"], "--diag-damp"),
     ],
 )
 def test_bad_reconstruction_settings(argv, needle, tiny_llama, text_file, tmp_path, capsys):
@@ -197,6 +240,22 @@ def test_bad_reconstruction_settings(argv, needle, tiny_llama, text_file, tmp_pa
     err = capsys.readouterr().err.strip()
     assert needle in err and len(err.splitlines()) == 1
     assert not os.listdir(tmp_path)
+
+
+def test_mask_with_diagonal_dampening_keeps_the_mask_and_records_it(runs, tiny_llama, text_file, tmp_path):
+    out = tmp_path / "diag"
+    assert run_cli("mask", "--model", tiny_llama, "--saliency", os.path.join(runs["obs"], "saliency"), "--out", out,
+                   "--sparsity", "0.7", "--allocation", "layer", "--reconstruct", "obs", "--calib", text_file,
+                   "--diag-damp", "0.5") == 0
+    a, b, masked_only = read_all(out), read_all(runs["obs"]), read_all(runs["mask"])
+    for name in prunable(tiny_llama):
+        assert torch.equal(a[name] == 0, b[name] == 0), name
+        # the update shrinks toward mask-only (the masked original weights) without reaching it
+        assert 0 < float((a[name] - masked_only[name]).norm()) < float((b[name] - masked_only[name]).norm()), name
+    with open(os.path.join(out, "pruning_report.json")) as f:
+        assert json.load(f)["reconstruction"]["diag_damp"] == 0.5
+    with open(os.path.join(runs["obs"], "pruning_report.json")) as f:
+        assert "diag_damp" not in json.load(f)["reconstruction"]  # the default leaves reports as they were
 
 
 def test_mask_reconstruction_needs_calib(runs, tiny_llama, tmp_path, capsys):

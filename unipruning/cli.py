@@ -27,6 +27,7 @@ from .config import (
     BLOCKSIZE,
     DEFAULT_ALLOCATION,
     DEVICES,
+    DIAG_DAMP,
     DTYPES,
     FEEDBACKS,
     METRICS,
@@ -131,6 +132,10 @@ def _overwrite_argument(p: argparse.ArgumentParser) -> None:
 def _obs_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--percdamp", type=float, default=PERCDAMP,
                    help="--reconstruct obs: dampening, a fraction of the mean Hessian diagonal (SparseGPT's)")
+    p.add_argument("--diag-damp", type=float, default=DIAG_DAMP,
+                   help="--reconstruct obs: dampening of each input by this fraction of its own Hessian diagonal "
+                        "(shrinks the update toward mask-only: it fits the calibration text's input correlations "
+                        "less; 0 = SparseGPT's Hessian)")
     p.add_argument("--blocksize", type=int, default=BLOCKSIZE,
                    help="--reconstruct obs: columns per lazy batch of the OBS sweep (SparseGPT's)")
     p.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=True,
@@ -522,7 +527,7 @@ def _prune(args) -> None:
                          backend=args.backend, reconstruct=args.reconstruct, feedback=args.feedback,
                          saliency_update=args.saliency_update, guide_alpha=args.guide_alpha,
                          percdamp=args.percdamp, blocksize=args.blocksize, true_sequential=args.true_sequential,
-                         refine=args.refine, refine_iters=args.refine_iters)
+                         diag_damp=args.diag_damp, refine=args.refine, refine_iters=args.refine_iters)
     with _lock_first(args):  # the options are settled: --out and its lock before anything is loaded
         _resolve_sources(args, "prune")
         calibration = Calibration(args.calib, args.nsamples, args.seqlen, args.tokenizer)
@@ -553,7 +558,7 @@ def _mask(args) -> None:
     config = MaskConfig(mask=_mask_spec(args), reconstruct=args.reconstruct, batch_size=args.batch_size,
                         device=args.device, dtype=args.dtype, backend=args.backend, guide_alpha=args.guide_alpha,
                         percdamp=args.percdamp, blocksize=args.blocksize, true_sequential=args.true_sequential,
-                        refine=args.refine, refine_iters=args.refine_iters)
+                        diag_damp=args.diag_damp, refine=args.refine, refine_iters=args.refine_iters)
     with _lock_first(args):
         _resolve_sources(args, "mask")
         calibration = None

@@ -39,8 +39,9 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 BACKENDS = ("auto", "torch", "triton")
 OFFLOAD_MODES = ("auto", "always", "never")
 SALIENCY_UPDATES = ("auto", "closed-form", "exact")
-# the OBS pass's defaults (SparseGPT's --percdamp and --blocksize; algorithm/obs.py)
-PERCDAMP, BLOCKSIZE = 0.01, 128
+# the OBS pass's defaults (SparseGPT's --percdamp and --blocksize; algorithm/obs.py), and the dampening
+# in proportion to each input's own H_ii (algorithm/obs.py, dampen_diagonal; 0: none, SparseGPT's Hessian)
+PERCDAMP, BLOCKSIZE, DIAG_DAMP = 0.01, 128, 0.0
 
 _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
@@ -303,19 +304,25 @@ def check_guide(guide_alpha: float | None, spec: MaskSpec) -> None:
                          f"{spec.allocation} does (use layer, global or owl, or an N:M pattern)")
 
 
-def _check_obs(percdamp, blocksize, true_sequential) -> None:
+def _check_obs(percdamp, blocksize, true_sequential, diag_damp) -> None:
     if not (_real(percdamp) and 0 < percdamp):
         raise UsageError(f"`percdamp`: expected a positive fraction of the mean Hessian diagonal, got {percdamp!r}")
+    if not (_real(diag_damp) and 0 <= diag_damp):
+        raise UsageError(f"`diag_damp`: expected a non-negative fraction of each input's Hessian diagonal, got "
+                         f"{diag_damp!r}")
     _positive_int("blocksize", blocksize)
     if not isinstance(true_sequential, bool):
         raise UsageError(f"`true_sequential`: expected true or false, got {true_sequential!r}")
 
 
-def obs_settings(percdamp: float, blocksize: int, true_sequential: bool) -> dict:
-    """The OBS settings as a report records them: only those that differ from the defaults, so that
-    reports (and run keys) of runs with the defaults are what they were before the settings existed."""
-    return {k: v for k, v in (("percdamp", percdamp), ("blocksize", blocksize), ("true_sequential", true_sequential))
-            if v != {"percdamp": PERCDAMP, "blocksize": BLOCKSIZE, "true_sequential": True}[k]}
+OBS_DEFAULTS = {"percdamp": PERCDAMP, "blocksize": BLOCKSIZE, "true_sequential": True, "diag_damp": DIAG_DAMP}
+
+
+def obs_settings(settings: dict) -> dict:
+    """The OBS settings (OBS_DEFAULTS' keys) of `settings` as a report records them: only those that differ
+    from the defaults, so that reports (and run keys) of runs with the defaults are what they were before
+    the settings existed. Removes them from `settings`."""
+    return {k: v for k in OBS_DEFAULTS if (v := settings.pop(k)) != OBS_DEFAULTS[k]}
 
 
 @dataclass(frozen=True)
@@ -332,7 +339,9 @@ class PruneConfig:
     every entry; 'closed-form' (feedback none only) gets the same saliency from per-step vectors in one
     product per matrix (docs/method.md, "The closed form"); 'auto' is closed-form for feedback none.
     percdamp, blocksize: the OBS pass's dampening (fraction of the mean Hessian diagonal) and columns per
-    lazy batch (SparseGPT's --percdamp and --blocksize); true_sequential: each group of a block (q/k/v, o,
+    lazy batch (SparseGPT's --percdamp and --blocksize); diag_damp: each input's H_ii grows by this fraction
+    of itself (the Hessian shrunk toward its diagonal: a smaller update that fits the calibration text's
+    input correlations less; 0 = SparseGPT's); true_sequential: each group of a block (q/k/v, o,
     gate/up, down) takes its Hessian from the block as reconstructed so far (GPTQ's --true-sequential), or,
     False, every group from the block as it came in, before any of it was pruned (llm-compressor's way).
     refine: 'swaps' improves the saliency's mask inside its budgets by swaps that lower each matrix's output
@@ -356,13 +365,14 @@ class PruneConfig:
     percdamp: float = PERCDAMP
     blocksize: int = BLOCKSIZE
     true_sequential: bool = True
+    diag_damp: float = DIAG_DAMP
     refine: str = "none"
     refine_iters: int | None = None
 
     def __post_init__(self) -> None:
         expect("mask", self.mask, MaskSpec)
         _choice("metric", self.metric, METRICS)
-        _check_obs(self.percdamp, self.blocksize, self.true_sequential)
+        _check_obs(self.percdamp, self.blocksize, self.true_sequential, self.diag_damp)
         _choice("saliency_update", self.saliency_update, SALIENCY_UPDATES)
         if not (_real(self.kappa) and 0 < self.kappa < MAX_KAPPA):
             raise UsageError(f"`kappa`: expected a step size in (0, {MAX_KAPPA:g}) (z - t is multiplied by 1 - kappa "
@@ -425,18 +435,17 @@ class PruneConfig:
 
     def to_dict(self) -> dict:
         settings = asdict(self)
-        for name in ("percdamp", "blocksize", "true_sequential", "refine", "refine_iters"):
-            del settings[name]
-        return {**settings, **obs_settings(self.percdamp, self.blocksize, self.true_sequential),
-                **refine_settings(self.refine, self.refine_iters)}
+        obs = obs_settings(settings)  # first: they take their settings out of `settings`
+        refine = refine_settings(settings.pop("refine"), settings.pop("refine_iters"))
+        return {**settings, **obs, **refine}
 
 
 @dataclass(frozen=True)
 class MaskConfig:
     """What `mask_checkpoint` cuts from a saved saliency (`mask`) and how it computes: reconstruct 'obs' runs
     the OBS pass (it needs a Calibration), batch_size its lanes (a multiple of the process count under
-    torchrun), guide_alpha, percdamp, blocksize, true_sequential, refine and refine_iters as PruneConfig's
-    (refine swaps needs a Calibration too), and where (device, dtype, backend)."""
+    torchrun), guide_alpha, percdamp, blocksize, true_sequential, diag_damp, refine and refine_iters as
+    PruneConfig's (refine swaps needs a Calibration too), and where (device, dtype, backend)."""
 
     mask: MaskSpec = field(default_factory=MaskSpec)
     reconstruct: str = "none"
@@ -448,13 +457,14 @@ class MaskConfig:
     percdamp: float = PERCDAMP
     blocksize: int = BLOCKSIZE
     true_sequential: bool = True
+    diag_damp: float = DIAG_DAMP
     refine: str = "none"
     refine_iters: int | None = None
 
     def __post_init__(self) -> None:
         expect("mask", self.mask, MaskSpec)
         _check_compute(self.device, self.dtype, self.backend, self.reconstruct, self.batch_size, self.guide_alpha)
-        _check_obs(self.percdamp, self.blocksize, self.true_sequential)
+        _check_obs(self.percdamp, self.blocksize, self.true_sequential, self.diag_damp)
         object.__setattr__(self, "mask", settle_for_sweep(self.mask, self.guide_alpha))
         check_guide(self.guide_alpha, self.mask)
         object.__setattr__(self, "refine_iters", settle_refine(self.refine, self.refine_iters, self.guide_alpha))

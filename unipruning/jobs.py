@@ -178,7 +178,7 @@ class _Source:
 
 def _pass_steps(config: PruneConfig | MaskConfig) -> PassSteps:
     """What the pass over the pruned blocks does (pipeline/reconstruct.py): refine the masks, sweep, or both."""
-    return PassSteps(ObsSettings(config.percdamp, config.blocksize, config.true_sequential),
+    return PassSteps(ObsSettings(config.percdamp, config.blocksize, config.true_sequential, config.diag_damp),
                      sweep=config.reconstruct == "obs", refine_iters=config.refine_iters)
 
 

@@ -18,7 +18,7 @@ import torch
 
 from .. import ops
 from ..config import BLOCKSIZE as _BLOCKSIZE
-from ..config import PERCDAMP, MaskSpec
+from ..config import DIAG_DAMP, PERCDAMP, MaskSpec
 from .masks import keep_count
 
 log = logging.getLogger("unipruning")
@@ -35,6 +35,21 @@ class ObsSettings:
     damp: float = DAMP
     blocksize: int = BLOCKSIZE
     true_sequential: bool = True  # each group's Hessian from the block as reconstructed so far
+    diag_damp: float = DIAG_DAMP  # `dampen_diagonal`'s strength
+
+
+def dampen_diagonal(h: torch.Tensor, strength: float) -> torch.Tensor:
+    """H + strength * Diag(H): each input dampened in proportion to its own energy (the mean-diagonal `damp`
+    is negligible beside the outlier channels of an LLM and dominant beside its quiet ones). A ridge on
+    the update that charges each kept weight's change by the output energy it moves, i.e. H shrunk toward
+    its diagonal (the inputs' correlations, which a calibration text of another domain does not share,
+    count 1 / (1 + strength) as much; strength -> inf leaves the mask with no update, chosen by Wanda's
+    w^2 H_ii). benchmarks/results/obs-generalize-*.md measures why and how much. A new tensor; 0 returns h."""
+    if strength == 0:
+        return h
+    out = h.clone()
+    out.diagonal().mul_(1.0 + strength)
+    return out
 
 
 def inverse_factor(h: torch.Tensor, name: str, damp: float = DAMP) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -78,11 +93,11 @@ def reconstruct_weight(weight: torch.Tensor, h: torch.Tensor, rule: ops.SweepRul
                        settings: ObsSettings | None = None, backend: str | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """(reconstructed weight in float32, keep mask): kept entries updated, pruned ones +0.0. The mask is
-    `rule.keep`, or chosen during the sweep by SparseGPT's rule (`sweep_rule`); settings: dampening and
-    block size (default SparseGPT's)."""
+    `rule.keep`, or chosen during the sweep by SparseGPT's rule (`sweep_rule`); settings: dampening (the
+    mean-diagonal `damp`, and `diag_damp` through `dampen_diagonal`) and block size (default SparseGPT's)."""
     settings = settings or ObsSettings()
     w = weight.to(torch.float32, copy=True)
-    u, dead = inverse_factor(h, name, settings.damp)
+    u, dead = inverse_factor(dampen_diagonal(h, settings.diag_damp), name, settings.damp)
     if u is None:
         if rule.keep is not None:
             return torch.where(rule.keep, w, 0.0), rule.keep

@@ -134,6 +134,7 @@ def reconstruct_pass(job: Job, staging: str, choice: Callable | None, steps: Pas
     obs = steps.obs
     # the order is recorded only when it is not the default, so that default reports stay as they were
     order = {} if obs.true_sequential else {"true_sequential": False}
+    order.update({"diag_damp": obs.diag_damp} if obs.diag_damp else {})
     return recon_dir, {"method": "obs", "damp": obs.damp, "blocksize": obs.blocksize, **order, "seconds": seconds,
                        "blocks": blocks, "cost": cost}, refinement
 
