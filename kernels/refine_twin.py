@@ -22,18 +22,9 @@ from __future__ import annotations
 
 import torch
 
+from .shared import check_refine_args
+
 INF = float("inf")
-
-
-def _check(keep: torch.Tensor, r: torch.Tensor, w: torch.Tensor, gram: torch.Tensor, iters: int) -> None:
-    rows, cols = w.shape
-    if w.dtype != torch.float32 or r.dtype != torch.float32 or gram.dtype != torch.float32:
-        raise ValueError(f"w, r and gram must be float32, got {w.dtype}, {r.dtype}, {gram.dtype}")
-    if keep.dtype != torch.bool or keep.shape != w.shape or r.shape != w.shape or gram.shape != (cols, cols):
-        raise ValueError(f"need keep (bool) and r shaped like w {tuple(w.shape)} and gram ({cols}, {cols}), got "
-                         f"{keep.dtype} {tuple(keep.shape)}, {tuple(r.shape)}, {tuple(gram.shape)}")
-    if not (isinstance(iters, int) and iters >= 0):
-        raise ValueError(f"iters must be a non-negative integer, got {iters!r}")
 
 
 def _scores(w: torch.Tensor, r: torch.Tensor, w2g: torch.Tensor, keep: torch.Tensor):
@@ -73,7 +64,7 @@ class _Active:
 
 def refine_rows_(keep: torch.Tensor, r: torch.Tensor, w: torch.Tensor, gram: torch.Tensor, iters: int) -> torch.Tensor:
     """Up to `iters` swaps in every row, in place on keep (bool) and r; returns the swaps per row (int32)."""
-    _check(keep, r, w, gram, iters)
+    check_refine_args(keep, r, w, gram, iters)
     swaps = torch.zeros(w.shape[0], dtype=torch.int32, device=w.device)
     act = _Active(keep, r, w, gram)
     for _ in range(iters):
@@ -101,7 +92,7 @@ def group_grams(gram: torch.Tensor, m: int) -> torch.Tensor:
 def refine_nm_(keep: torch.Tensor, r: torch.Tensor, w: torch.Tensor, gram: torch.Tensor, m: int,
                iters: int) -> torch.Tensor:
     """Up to `iters` swaps inside the groups of m of every row, in place; returns the swaps per row (int32)."""
-    _check(keep, r, w, gram, iters)
+    check_refine_args(keep, r, w, gram, iters)
     rows_n, cols = w.shape
     if not (isinstance(m, int) and 1 < m <= 16 and cols % m == 0):
         raise ValueError(f"m must be in 2..16 and divide in_features {cols}, got {m!r}")

@@ -365,3 +365,15 @@ def prune_block(w: torch.Tensor, keep: torch.Tensor, d: torch.Tensor, prune_coun
     score = w[:, i1:i2].square() / d[i1:i2].square()
     flat = (score if prior is None else score * prior[:, i1:i2]).reshape(-1).sort(stable=True).indices[:count]
     keep[:, i1:i2][flat // (i2 - i1), flat % (i2 - i1)] = False
+
+
+def check_refine_args(keep: torch.Tensor, r: torch.Tensor, w: torch.Tensor, gram: torch.Tensor, iters: int) -> None:
+    """The swap refinement's argument checks (kernels/refine.py and its twin alike)."""
+    rows, cols = w.shape
+    if w.dtype != torch.float32 or r.dtype != torch.float32 or gram.dtype != torch.float32:
+        raise ValueError(f"w, r and gram must be float32, got {w.dtype}, {r.dtype}, {gram.dtype}")
+    if keep.dtype != torch.bool or keep.shape != w.shape or r.shape != w.shape or gram.shape != (cols, cols):
+        raise ValueError(f"need keep (bool) and r shaped like w {tuple(w.shape)} and gram ({cols}, {cols}), got "
+                         f"{keep.dtype} {tuple(keep.shape)}, {tuple(r.shape)}, {tuple(gram.shape)}")
+    if not (isinstance(iters, int) and iters >= 0):
+        raise ValueError(f"iters must be a non-negative integer, got {iters!r}")
