@@ -11,7 +11,7 @@ error, a spill, an approximate float instruction where the kernels promise their
     python benchmarks/aot_compile.py                 # compile, write the JSON (about a minute on 2 cores)
     python benchmarks/aot_compile.py --check         # CI: also fail when the committed JSON is not what this
                                                      # code compiles to (run the line above and commit)
-    python benchmarks/aot_compile.py --table         # the README's table, from the committed JSON
+    python benchmarks/aot_compile.py --table         # docs/development.md's table, from the committed JSON
     python benchmarks/aot_compile.py --device-check OUT.json   # on a GPU: the driver's registers and spills of
                                                      # every variant, compiled for it, against the table
 
@@ -113,7 +113,7 @@ def _cases() -> dict[str, Callable[[], object]]:
     """{case label: a call of a launcher}, each launching one kernel first. Labels that differ only after
     DATA name launches that differ only in data (token counts, bracket bounds, hints): they must share one
     compiled variant, or a kernel would compile again in the middle of a run."""
-    from unipruning.kernels import act_stats, metrics, mirror, nm, obs, select
+    from unipruning.kernels import act_stats, metrics, mirror, nm, obs, refine, select
 
     cases: dict[str, Callable[[], object]] = {}
     for name, dtype in DTYPES.items():
@@ -161,7 +161,19 @@ def _cases() -> dict[str, Callable[[], object]]:
                              ("4:8 guided", lambda r, c: {"nm": (4, 8), "prior": _empty((r, c))})):
             cases[f"obs_sweep {rule} {shape}"] = lambda r=rows, c=cols, k=kwargs: obs.obs_sweep_triton(
                 _empty((r, c)), _empty((c, c)), **k(r, c))
+        for iters in (20, 16, 1):  # --refine-iters is data: one compile for every value (16 and 1 included)
+            cases[f"refine_rows {shape}{DATA}{iters} iters"] = lambda r=rows, c=cols, i=iters: \
+                refine.refine_rows_triton(*_refine_args(r, c), i)
+            for m in (4, 8):
+                cases[f"refine_nm m={m} {shape}{DATA}{iters} iters"] = lambda r=rows, c=cols, m=m, i=iters: \
+                    refine.refine_nm_triton(*_refine_args(r, c), m, i)
     return cases
+
+
+def _refine_args(rows: int, cols: int):
+    """keep, r, w and gram of the swap refinement (kernels/refine.py), empty."""
+    return (torch.zeros((rows, cols), dtype=torch.bool), _empty((rows, cols)), _empty((rows, cols)),
+            _empty((cols, cols)))
 
 
 def _vectors(rows: int, cols: int, metric: str):
@@ -326,7 +338,7 @@ def stable(doc: dict) -> list[dict]:
 
 
 def table(doc: dict) -> str:
-    """The README's table: one row per kernel and variant, sm_80 / sm_90 side by side."""
+    """docs/development.md's table: one row per kernel and variant, sm_80 / sm_90 side by side."""
     pairs: dict[tuple[str, str], dict[str, dict]] = {}
     for r in doc["results"]:
         pairs.setdefault((r["kernel"], r["variant"]), {})[r["arch"]] = r
@@ -376,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=RESULTS, help="where the JSON goes (default: %(default)s)")
     parser.add_argument("--check", action="store_true",
                         help="fail on an error, a spill or an inexact instruction, or when --out differs")
-    parser.add_argument("--table", action="store_true", help="print the README table of --out and exit")
+    parser.add_argument("--table", action="store_true", help="print docs/development.md's table of --out and exit")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--only", help="the cases whose label starts with this (e.g. mirror_step), not written")
     parser.add_argument("--device-check", metavar="OUT", help="on a GPU: the driver's registers against the table")
