@@ -1,7 +1,8 @@
 """UniPruningModifier inside llm-compressor's oneshot (the `llmcompressor` extra, 0.14): the masks of `unipruning
 prune` on the same windows when it has the calibration pass to itself, alone or before a quantization stage;
-what a shared pass changes; llm-compressor's names; one line when llm-compressor is absent. CI does not install
-llm-compressor (it pins transformers <= 5.17): these tests skip there, except the last."""
+what a shared pass changes; llm-compressor's names; one line when llm-compressor is absent. llm-compressor pins
+transformers <= 5.17, so the test extras (the newest transformers) leave it out and these tests skip there, except
+the last; CI runs them in a virtual environment of their own (.ci/llmcompressor), where a skip fails the step."""
 
 from __future__ import annotations
 
