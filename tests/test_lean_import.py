@@ -53,10 +53,13 @@ def test_unknown_names_are_attribute_errors():
     assert unipruning.progress.Progress is not None  # a submodule, imported on first use
 
 
-def test_the_clone_s_kernels_directory_does_not_shadow_hugging_face_kernels():
+@pytest.mark.parametrize("where", ["", "tests"])
+def test_the_clone_s_kernels_directory_does_not_shadow_hugging_face_kernels(where):
     """Run from the clone's root (`python -m`, a script beside the README), the repository root is on sys.path
     and `kernels/` is importable as bare `kernels`, the name of Hugging Face's package that transformers >= 5.25
-    imports: ours steps aside for the installed distribution, or says it is absent."""
+    imports: ours steps aside for the installed distribution, or says it is absent. A script in tests/ (torchrun
+    starts tests/torchrun_jobs.py) puts tests/ first: no `kernels` there (the twins' tests live in
+    tests/kernel_twins/; a tests/kernels/ package broke every torchrun test under transformers 5.25)."""
     import importlib.metadata
     import os
 
@@ -64,11 +67,13 @@ def test_the_clone_s_kernels_directory_does_not_shadow_hugging_face_kernels():
     code = ("import sys; sys.path.insert(0, sys.argv[1])\n"
             "try:\n    import kernels\nexcept ModuleNotFoundError:\n    print('absent')\n"
             "else:\n    print(kernels.__file__)")
-    out = subprocess.run([sys.executable, "-c", code, root], capture_output=True, text=True, timeout=300, check=True)
+    out = subprocess.run([sys.executable, "-c", code, os.path.join(root, where)], capture_output=True, text=True,
+                         timeout=300, check=True)
     try:
         importlib.metadata.distribution("kernels")
     except importlib.metadata.PackageNotFoundError:
         assert out.stdout.strip() == "absent"
     else:
-        assert not out.stdout.strip().startswith(os.path.join(root, "kernels")), out.stdout
+        ours = (os.path.join(root, "kernels"), os.path.join(root, "tests"))
+        assert not out.stdout.strip().startswith(ours), out.stdout
         assert out.stdout.strip().endswith("__init__.py")

@@ -33,7 +33,7 @@ def _kept(directory) -> dict[str, int]:
 def test_ignore_and_dense_layers_are_honoured_exactly(model, tmp_path, text_file):
     out = tmp_path / "out"
     assert main(["prune", "--model", model, "--out", str(out), "--calib", text_file, *COMMON, "--sparsity", "0.6",
-                 "--ignore", r"self_attn\.o_proj", "--dense-layers", "0,-1"]) == 0
+                 "--ignore", r"self_attn\.o_proj", "--dense-layers", "0,-1", "--allocation", "layer"]) == 0
     before, after = read_all(model), read_all(out)
     report = json.loads((out / "pruning_report.json").read_text())
     for name, tensor in after.items():
@@ -58,7 +58,7 @@ def test_targets_and_recipe_overrides_nm_on_mlp_only(model, saliency_run, tmp_pa
                       "  - {match: 'self_attn\\.', sparsity: 0.3}\n")
     out = tmp_path / "out"
     assert main(["mask", "--model", model, "--saliency", str(saliency_run / "saliency"), "--out", str(out),
-                 "--sparsity", "0.5", "--recipe", str(recipe)]) == 0
+                 "--sparsity", "0.5", "--recipe", str(recipe), "--allocation", "layer"]) == 0
     before, after = read_all(model), read_all(out)
     for name, tensor in after.items():
         if ".layers.1." not in name or not name.endswith("proj.weight"):

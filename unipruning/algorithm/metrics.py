@@ -6,7 +6,7 @@ kernels/metric_registry.py (`ops.REGISTRY`); the kernels never build S for the m
 per-step vectors (row_inv, col_inv, col_scale) in float64 so that S = (|W| * (row_inv + col_inv)) *
 col_scale (or |W| * col_scale), with the mean folded into col_scale, and evaluate that elementwise in
 float32 (`ops.step_vectors`). The formula written out (`metric_score` of kernels/reference.py, the oracle)
-is what tests/kernels/test_metrics.py holds the kernels' S to.
+is what tests/kernel_twins/test_metrics.py holds the kernels' S to.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ from unipruning.kernels import reference as R
 from unipruning.kernels.shared import obs_inverse_factor
 
 from tests._utils import assert_within_twin_error, requires_gpu
-from tests.kernels._common import T, device
+from tests.kernel_twins._common import T, device
 
 
 # ------------------------------------------------------------------------------ OBS reconstruction

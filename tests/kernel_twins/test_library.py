@@ -8,7 +8,7 @@ import pytest
 import torch
 from unipruning.kernels import reference as R
 
-from tests.kernels._common import device
+from tests.kernel_twins._common import device
 from unipruning import backends
 
 

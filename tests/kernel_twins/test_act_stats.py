@@ -6,7 +6,7 @@ import torch
 from unipruning.kernels import reference as R
 
 from tests._utils import assert_within_twin_error, exact_sums
-from tests.kernels._common import SHAPES, T, device
+from tests.kernel_twins._common import SHAPES, T, device
 
 
 @pytest.mark.parametrize("shape", SHAPES + [(3, 5, 40), (2000, 9)])

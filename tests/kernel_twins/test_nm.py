@@ -5,7 +5,7 @@ import pytest
 import torch
 from unipruning.kernels import reference as R
 
-from tests.kernels._common import T, device
+from tests.kernel_twins._common import T, device
 
 
 @pytest.mark.parametrize("n,m", [(1, 2), (2, 4), (3, 4), (4, 8), (1, 3), (5, 12), (15, 16)])

@@ -6,7 +6,7 @@ import pytest
 import torch
 from unipruning.kernels import refine_twin as R
 
-from tests.kernels._common import T, device
+from tests.kernel_twins._common import T, device
 
 
 def _problem(rows, cols, seed, nm=None):

@@ -11,7 +11,7 @@ from unipruning.kernels import shared
 from unipruning.kernels.metric_registry import METRICS, metric_spec, stochria_tau
 
 from tests._utils import assert_within_twin_error, exact_sums, requires_gpu
-from tests.kernels._common import SHAPES, T, device
+from tests.kernel_twins._common import SHAPES, T, device
 
 
 def _exact_step_sums(w, factor, metric, key):

@@ -7,7 +7,7 @@ import torch
 from unipruning.kernels import reference as R
 
 from tests._utils import requires_gpu
-from tests.kernels._common import SHAPES, T, device
+from tests.kernel_twins._common import SHAPES, T, device
 
 
 @pytest.mark.parametrize("shape", SHAPES)

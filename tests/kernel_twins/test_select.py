@@ -6,7 +6,7 @@ import pytest
 import torch
 from unipruning.kernels import reference as R
 
-from tests.kernels._common import SHAPES, T, device
+from tests.kernel_twins._common import SHAPES, T, device
 
 
 @pytest.mark.parametrize("n", [1, 5, 4097, 70000])
