@@ -10,8 +10,8 @@ process. Jobs:
   `--refine swaps` (its default iterations), evaluated on the check windows and the held-out texts;
 - `mask` / `mask-refine`: `mask` from the first setting's defaults' saliency (no recalibration: the same
   bytes as `prune` with the same options), every setting without and with `--refine swaps`; the held-out
-  texts only at the first setting; `mask-refine-itersN`: `--refine-iters N` there (check windows only:
-  how the default number of iterations is chosen).
+  texts at every setting; `mask-refine-itersN`: `--refine-iters N` there (how the default number of
+  iterations is chosen: on the check windows, the held-out texts beside them).
 Without --only every job runs in order in one process; on a loaded machine `--only NAME@SETTING ...` in
 parallel processes sharing --work (a stopped run skips what finished), then `--report`.
 """
@@ -38,6 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--only", nargs="*", metavar="NAME@SETTING",
                    help="run only these jobs (e.g. defaults-refine@2:4), others' records read if finished")
     p.add_argument("--check-only", action="store_true", help="evaluate every mask job on the check windows only")
+    p.add_argument("--load", help="the load the runs shared the machine with, for the table's header")
     p.add_argument("--report", action="store_true", help="write the results from the finished runs in --work only")
     p.add_argument("--work", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "refine-cli-smollm2"))
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "refine-smollm2-cpu.json"))
@@ -60,18 +61,19 @@ def jobs(args, ctx) -> list[dict]:
 
 def iter_jobs(args, ctx, saliency: str) -> list[dict]:
     """`mask` from the defaults' saliency (no recalibration): every setting cut as the defaults cut it, and
-    with `--refine swaps` (its default iterations, and --iters at the first setting). The held-out texts
-    only for the first setting's default refinement (`--check-only`: none); the others on the check windows."""
+    with `--refine swaps` (its default iterations, and --iters at the first setting). Every setting on the held-out
+    texts too (a setting that helps the check windows must not hurt another domain; `--check-only`: none); the
+    --iters runs too."""
     mask = ["-m", "unipruning", "mask", "--model", ctx["model"], "--out", "{out}", "--saliency", saliency]
     refine = [*q.window_options(args, ctx), "--refine", "swaps"]
     todo = []
     for s in args.settings:
         cut = mask + q.setting_options(s)
-        check_only = args.check_only or s != args.settings[0]
+        check_only = args.check_only
         todo += [{"name": "mask", "setting": s, "check_only": check_only, "cmd": cut},
                  {"name": "mask-refine", "setting": s, "check_only": check_only, "cmd": cut + refine}]
     first = mask + q.setting_options(args.settings[0]) + refine
-    return todo + [{"name": f"mask-refine-iters{n}", "setting": args.settings[0], "check_only": True,
+    return todo + [{"name": f"mask-refine-iters{n}", "setting": args.settings[0], "check_only": args.check_only,
                     "cmd": first + ["--refine-iters", str(n)]} for n in args.iters]
 
 
@@ -128,11 +130,11 @@ def markdown(result: dict) -> str:
                  f"{ref['error_after_over_before']:.3f}" if ref else "", str(ref.get("swaps", ""))]
         rows.append("| " + " | ".join(cells) + " |")
     head = (f"SmolLM2-135M-Instruct (float32), {result['calibration']}, {result['device']}, {result['date']}; "
-            "each command in its own process, one thread (OMP_NUM_THREADS=1), on a shared 2-core machine under heavy "
-            "load from other jobs (load average 10-14), several of these commands at once: wall times vary with "
-            "the load and compare only roughly. defaults: `unipruning prune` with no method options (stochria, "
-            "allocation auto = owl-row, N:M per group); mask: `unipruning mask` from the 0.5 defaults' saliency "
-            "with the same options (the bytes `prune` writes); -refine: with `--refine swaps` (default iterations "
+            "each command in its own process, one thread (OMP_NUM_THREADS=1), one command at a time, on a "
+            f"shared 2-core machine under load from other jobs ({result.get('load', 'load not recorded')}): wall "
+            "times vary with the load and compare only roughly. defaults: `unipruning prune` with no method "
+            "options (stochria, allocation auto = owl-row, N:M per group); mask: `unipruning mask` from the 0.5 "
+            "defaults' saliency with the same options (the bytes `prune` writes); -refine: with `--refine swaps` (default iterations "
             "unless -itersN); refine pass s: the report's refinement seconds (the second pass over the blocks). "
             "Commands: the json.")
     return head + "\n\n" + "\n".join(rows) + "\n"
@@ -169,7 +171,8 @@ def main(argv=None) -> None:
             records += [run(j, args, ctx) for j in todo[2:]]
     result = {"device": bp.device_name()[1], "date": datetime.date.today().isoformat(), "versions": bp.versions(),
               "unipruning_git": q.git_hash(), "calibration": "16 x 512 Shakespeare windows (seed 0)",
-              "windows": ctx["windows"], "check": ctx["check"], "results": records}
+              "windows": ctx["windows"], "check": ctx["check"], "results": records,
+              **({"load": args.load} if args.load else {})}
     bp.write_json(args.out, result)
     with open(args.out[:-5] + ".md", "w") as f:
         f.write(markdown(result))

@@ -19,8 +19,8 @@ SALIENCY_METRICS = metric_registry.METRICS
 METRICS = (*SALIENCY_METRICS, "sparsegpt")
 RECONSTRUCTIONS = ("none", "obs")
 REFINEMENTS = ("none", "swaps")
-# swaps per row of `refine` swaps (algorithm/refine.py), chosen on SmolLM2-135M's calibration-domain check
-# windows against the pass's time (docs/results.md)
+# swaps per row of `refine` swaps (algorithm/refine.py): on SmolLM2-135M at 50%, 5/20/50 swaps gave 58.4/54.0/52.2
+# on the calibration-domain check windows and 28.3/30.4/31.4 on another domain (docs/results.md, "Mask refinement")
 REFINE_ITERS = 20
 ALLOCATIONS = ("auto", "layer", "row", "global", "owl", "owl-row")
 # what `allocation` auto (the default) means for an unstructured mask: the best mask-only budget measured on
