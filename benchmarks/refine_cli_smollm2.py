@@ -130,13 +130,13 @@ def markdown(result: dict) -> str:
                  f"{ref['error_after_over_before']:.3f}" if ref else "", str(ref.get("swaps", ""))]
         rows.append("| " + " | ".join(cells) + " |")
     head = (f"SmolLM2-135M-Instruct (float32), {result['calibration']}, {result['device']}, {result['date']}; "
-            "each command in its own process, one thread (OMP_NUM_THREADS=1), one command at a time, on a "
-            f"shared 2-core machine under load from other jobs ({result.get('load', 'load not recorded')}): wall "
-            "times vary with the load and compare only roughly. defaults: `unipruning prune` with no method "
-            "options (stochria, allocation auto = owl-row, N:M per group); mask: `unipruning mask` from the 0.5 "
-            "defaults' saliency with the same options (the bytes `prune` writes); -refine: with `--refine swaps` (default iterations "
-            "unless -itersN); refine pass s: the report's refinement seconds (the second pass over the blocks). "
-            "Commands: the json.")
+            "each command in its own process, one thread (OMP_NUM_THREADS=1), one command at a time, on a shared "
+            f"2-core machine under load from other jobs ({result.get('load', 'load not recorded')}): wall times "
+            "vary with the load and compare only roughly. defaults: `unipruning prune` with no method options "
+            "(stochria, allocation auto = owl-row, N:M per group); mask: `unipruning mask` from the 0.5 defaults' "
+            "saliency with the same options (the bytes `prune` writes); -refine: with `--refine swaps` (default "
+            "iterations unless -itersN); refine pass s: the report's refinement seconds (the second pass over the "
+            "blocks). Commands: the json.")
     return head + "\n\n" + "\n".join(rows) + "\n"
 
 
