@@ -17,6 +17,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Iterable
 
 from .errors import UsageError
@@ -72,7 +73,7 @@ class Matches:
         child = subprocess.Popen([sys.executable, "-I", "-S", "-c", _CHILD.format(limit=MATCH_BYTES)],
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
-            out, err = child.communicate(job, timeout=MATCH_SECONDS)
+            out, err = _communicate(child, job, MATCH_SECONDS)
         except subprocess.TimeoutExpired:
             child.kill()
             out, err = child.communicate()
@@ -94,3 +95,17 @@ class Matches:
         started = [int(line) for line in err.splitlines() if line.strip().isdigit()]
         key = keys[started[-1] if started else 0]
         return UsageError(f"{self.patterns[key]}: {key[1]!r} {why}")
+
+
+def _communicate(child: subprocess.Popen, job: str, seconds: float) -> tuple[str, str]:
+    """child.communicate(job, timeout=seconds) in slices of 0.1 s: a Ctrl-C that the kernel hands to another
+    thread of the process (a progress heartbeat, a library's worker) does not interrupt the main thread's wait,
+    whose handler then runs only when the wait returns; a short slice bounds that delay."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return child.communicate(job, timeout=max(0.0, min(0.1, deadline - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            if time.monotonic() >= deadline:
+                raise
+            job = None  # sent with the first slice; communicate() keeps sending it
