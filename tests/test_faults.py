@@ -1140,10 +1140,17 @@ def test_ctrl_c_stops_a_catastrophic_match_at_once(monkeypatch):
     children = []
     real = subprocess.Popen
     monkeypatch.setattr(patterns.subprocess, "Popen", lambda *a, **k: children.append(real(*a, **k)) or children[-1])
+    # Python's own Ctrl-C handler, unblocked, as in a `unipruning` process (the package installs no SIGINT
+    # handler): in the whole suite, after other tests, the signal once raised nothing for 120 s
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT)).start()
     start = time.perf_counter()
-    with pytest.raises(KeyboardInterrupt):
-        patterns.Matches({(patterns.SEARCH, "(.+)+Z", re.compile("(.+)+Z").flags): "`targets`"}, names)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            patterns.Matches({(patterns.SEARCH, "(.+)+Z", re.compile("(.+)+Z").flags): "`targets`"}, names)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert time.perf_counter() - start < 10 and children[0].poll() is not None  # the child is gone too
 
 
