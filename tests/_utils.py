@@ -185,3 +185,18 @@ def without_progress(err: str) -> str:
     """stderr without the plain progress lines a slow pass prints off a terminal every 30 s (a loaded machine
     makes any test's pass slow): what is left is what the command said."""
     return "".join(line for line in err.splitlines(keepends=True) if not _PROGRESS_LINE.match(line.rstrip("\n")))
+
+
+def dies_after(monkeypatch, module, name: str, calls: int):
+    """`module.name` patched to raise KeyboardInterrupt from its call number calls + 1 on (a run killed in the
+    middle of a pass); returns the original, to put back for the resumed run."""
+    original, seen = getattr(module, name), {"n": 0}
+
+    def dying(*args, **kwargs):
+        seen["n"] += 1
+        if seen["n"] > calls:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, dying)
+    return original

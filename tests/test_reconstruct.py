@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 from unipruning.kernels.reference import hessian_accumulate_, nm_mask, obs_sweep_
 from unipruning.kernels.shared import obs_inverse_factor
 
-from tests._utils import prunable, read_all
+from tests._utils import dies_after, prunable, read_all
 from unipruning import PruneConfig, UsageError, prune
 from unipruning.algorithm.masks import keep_count
 from unipruning.algorithm.obs import inverse_factor
@@ -208,15 +208,7 @@ def test_interrupted_reconstruction_resumes_to_the_same_bytes(runs, tiny_llama, 
     out = tmp_path / "resumed"
     argv = ["prune", "--model", tiny_llama, "--out", out, "--sparsity", "0.7", "--calib", text_file, *SMALL,
             "--allocation", "layer", "--reconstruct", "obs"]
-    original, calls = recon.reconstruct_weight, {"n": 0}
-
-    def dies_in_block_1(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] > 7:  # block 0's seven matrices are done and saved
-            raise KeyboardInterrupt
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(recon, "reconstruct_weight", dies_in_block_1)
+    original = dies_after(monkeypatch, recon, "reconstruct_weight", 7)  # block 0's seven matrices are done and saved
     assert run_cli(*argv) == 130
     partial = [p for p in os.listdir(tmp_path) if p.startswith(".resumed.partial-")]
     assert len(partial) == 1 and os.listdir(tmp_path / partial[0] / ".recon") == ["block-00000.safetensors"]

@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from tests._utils import make_family_checkpoint, prunable, read_all
+from tests._utils import dies_after, make_family_checkpoint, prunable, read_all
 from unipruning import PruneConfig, UsageError, prune
 from unipruning.cli import main
 from unipruning.config import REFINE_ITERS, MaskConfig
@@ -108,15 +108,7 @@ def test_interrupted_refinement_resumes_to_the_same_bytes(runs, tiny_llama, text
 
     out = tmp_path / "resumed"
     argv = ["prune", "--model", tiny_llama, "--out", out, "--calib", text_file, *SMALL, "--refine", "swaps"]
-    original, calls = recon.refine_mask, {"n": 0}
-
-    def dies_in_block_1(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] > 7:  # block 0's seven matrices are done and saved
-            raise KeyboardInterrupt
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(recon, "refine_mask", dies_in_block_1)
+    original = dies_after(monkeypatch, recon, "refine_mask", 7)  # block 0's seven matrices are done and saved
     assert run_cli(*argv) == 130
     partial = [p for p in os.listdir(tmp_path) if p.startswith(".resumed.partial-")]
     assert len(partial) == 1 and os.listdir(tmp_path / partial[0] / ".recon") == ["block-00000.safetensors"]
